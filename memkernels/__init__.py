@@ -1,0 +1,8 @@
+"""memkernels: fused optimizer kernels with the memory correction of Cattaneo & Shigida (NeurIPS 2025)."""
+from . import _ops  # registers torch.ops.memkernels.*
+from . import backends
+from .backends import reference as _reference_backend  # noqa: F401  (the reference kernels)
+from .optim import SGD, AdamW, Lion
+
+__version__ = "0.1.0"
+__all__ = ["AdamW", "Lion", "SGD", "backends", "__version__"]

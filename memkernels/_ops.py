@@ -1,0 +1,166 @@
+"""The torch ops: schemas, argument checks and fake impls, defined once.
+
+Each op is in place and multi-tensor: one call updates a list of parameters of
+one device and dtype. The CPU and CUDA impls check every argument before any
+tensor is touched (a call that raises changes nothing), then run the kernel of
+the backend that memkernels.backends resolves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import NDIAG
+
+LIB = "memkernels"
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_COMMON = ("float correction=0., float hvp_scale=0., bool maximize=False, bool memoryless=False, "
+           "bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
+           "str backend=\"auto\"")
+
+# op name -> (state list names, scalar part of the schema)
+SCHEMAS = {
+    "adamw": (("exp_avgs", "exp_avg_sqs"),
+              "float lr, float beta1, float beta2, float eps, float weight_decay, "
+              "float bias_correction1, float bias_correction2, float mean_age1, float mean_age2, "
+              "bool decoupled=True, bool eps_inside_sqrt=False"),
+    "lion": (("exp_avgs",),
+             "float lr, float beta1, float beta2, float weight_decay, float smoothing, "
+             "float ema_weight, float age_weight"),
+    "sgd": (("momentum_buffers",),
+            "float lr, float momentum, float weight_decay, bool nesterov, "
+            "float update_scale, float memory_coef"),
+}
+
+
+def _schema(states: Sequence[str], scalars: str) -> str:
+    letters = iter("bcdefgh")
+    lists = ", ".join(f"Tensor({next(letters)}!)[] {name}" for name in (*states, "grad_refs"))
+    return (f"(Tensor(a!)[] params, Tensor[] grads, {lists}, Tensor({next(letters)}!)? diagnostics, *, "
+            f"{scalars}, {_COMMON}) -> ()")
+
+
+for _name, (_states, _scalars) in SCHEMAS.items():
+    torch.library.define(f"{LIB}::{_name}_", _schema(_states, _scalars))
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=True) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def check_hyperparameters(**values: float) -> None:
+    """The rules every entry point applies to its scalars, by name."""
+    for name, value in values.items():
+        if name in ("lr", "weight_decay", "smoothing", "hvp_scale"):
+            _check_range(name, value, 0.0, math.inf)
+        elif name in ("beta1", "beta2", "momentum"):
+            _check_range(name, value, 0.0, 1.0)
+        elif name == "eps":
+            _check_range(name, value, 0.0, math.inf, low_open=True)
+        elif name == "correction":
+            _check_range(name, value, -math.inf, math.inf, low_open=True)
+
+
+def _dense_layout(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one contiguous storage range."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+                  states: dict[str, Sequence[Tensor]], grad_refs: Sequence[Tensor],
+                  diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    where = f"memkernels.{op}_"
+    if len(grads) != len(params):
+        raise ValueError(f"{where}: grads has {len(grads)} tensors, params has {len(params)}")
+    for name, lst in states.items():
+        if len(lst) not in (len(params),) and not (name == "momentum_buffers" and len(lst) == 0):
+            raise ValueError(f"{where}: {name} has {len(lst)} tensors, params has {len(params)}")
+    if len(grad_refs) not in (0, len(params)):
+        raise ValueError(f"{where}: grad_refs has {len(grad_refs)} tensors, expected 0 or {len(params)}")
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in PARAM_DTYPES:
+        raise TypeError(f"{where}: params[0] has dtype {dtype}; supported: {PARAM_DTYPES}")
+    lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs}
+    for name, lst in lists.items():
+        list_dtype = lst[0].dtype if lst else None
+        for i, t in enumerate(lst):
+            label = f"{where}: {name}[{i}]"
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{label} is a {type(t).__name__}, not a Tensor")
+            if t.layout != torch.strided:
+                raise TypeError(f"{label} is {t.layout}; sparse tensors are not supported")
+            if t.device != device:
+                raise ValueError(f"{label} is on {t.device} but params[0] is on {device}")
+            if name in ("params", "grads") and t.dtype != dtype:
+                raise TypeError(f"{label} has dtype {t.dtype} but params[0] has {dtype}")
+            if t.dtype != list_dtype:
+                raise TypeError(f"{label} has dtype {t.dtype} but {name}[0] has {list_dtype}")
+            if name not in ("params", "grads") and t.dtype not in (dtype, torch.float32, torch.float64):
+                raise TypeError(f"{label} has dtype {t.dtype}; states are {dtype} or float32")
+            p = params[i]
+            if t.shape != p.shape:
+                raise ValueError(f"{label} has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+            if t.numel() > 1 and (t.stride() != p.stride() or not _dense_layout(t)):
+                raise ValueError(f"{label} must be dense with the strides of params[{i}] "
+                                 f"(strides {t.stride()} vs {p.stride()})")
+    if diagnostics is not None and (diagnostics.shape != (NDIAG,) or diagnostics.dtype != torch.float64
+                                    or diagnostics.device != device):
+        raise ValueError(f"{where}: diagnostics must be a float64 tensor of shape ({NDIAG},) on {device}")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.numel() != 1 or not t.is_floating_point()):
+            raise ValueError(f"{where}: {name} must be a one-element floating tensor")
+
+
+def _impl(op: str):
+    state_names = SCHEMAS[op][0]
+    schema = getattr(torch.ops.memkernels, f"{op}_").default._schema
+    defaults = {a.name: a.default_value for a in schema.arguments if a.kwarg_only and a.has_default_value()}
+
+    def impl(params, grads, *lists_and_diag, **kwargs):
+        kwargs = {**defaults, **kwargs}  # the dispatcher leaves defaulted kwargs out
+        *state_lists, grad_refs, diagnostics = lists_and_diag
+        check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
+                      kwargs.get("grad_scale"), kwargs.get("found_inf"))
+        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+        if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
+            raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
+        if kwargs["correction"] != 0.0 and not grad_refs:
+            raise ValueError(f"memkernels.{op}_: correction != 0 needs grad_refs")
+        if not params:
+            return
+        backend = kwargs.pop("backend")
+        _, kernel = backends.resolve(op, backend, params[0].device.type)
+        kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
+
+    return impl
+
+
+def _fake(*args, **kwargs) -> None:
+    return None
+
+
+for _name in SCHEMAS:
+    torch.library.impl(f"{LIB}::{_name}_", ("CPU", "CUDA"))(_impl(_name))
+    torch.library.register_fake(f"{LIB}::{_name}_")(_fake)
+
+adamw_ = torch.ops.memkernels.adamw_
+lion_ = torch.ops.memkernels.lion_
+sgd_ = torch.ops.memkernels.sgd_

@@ -1,0 +1,93 @@
+"""Backend registry: each backend module registers one kernel per (op, device type).
+
+The ops in memkernels._ops validate their arguments, then call resolve() to
+find the kernel. "auto" takes the first available backend of PREFERENCE for the
+tensors' device type; a faster backend that is present but cannot load is
+reported once as a warning and in `memkernels info`, never skipped silently.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import time
+import warnings
+from typing import Callable
+
+OPS = ("adamw", "lion", "sgd")
+PREFERENCE = {"cpu": ("numba", "reference"), "cuda": ("cuda", "triton", "reference")}
+BACKENDS = ("reference", "numba", "triton", "cuda")
+
+_kernels: dict[tuple[str, str, str], Callable] = {}
+_status: dict[str, str] = {}  # backend -> "available (...)" or the reason it is not
+_warned: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run here; the message says why."""
+
+
+def register(backend: str, op: str, device_types: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        for device_type in device_types:
+            _kernels[(op, backend, device_type)] = fn
+        return fn
+    return deco
+
+
+def unavailable(backend: str, reason: str) -> None:
+    """Called by a backend module that imports but cannot run (no GPU, no compiler...)."""
+    _status[backend] = "unavailable: " + reason
+
+
+def load(backend: str) -> str:
+    """Import a backend module once; return its status line."""
+    if backend not in _status:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        module = f"{__name__}.{backend}"
+        if importlib.util.find_spec(module) is None:
+            _status[backend] = "unavailable: not part of this version"
+        else:
+            start = time.perf_counter()
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # the reason is reported, not swallowed
+                _status[backend] = f"unavailable: {type(exc).__name__}: {exc}"
+            else:
+                _status.setdefault(backend, f"available (import {time.perf_counter() - start:.2f} s)")
+    return _status[backend]
+
+
+def status() -> dict[str, str]:
+    return {name: load(name) for name in BACKENDS}
+
+
+def requested(backend: str) -> str:
+    """The argument, or MEMKERNELS_BACKEND when the argument is "auto"."""
+    if backend == "auto":
+        backend = os.environ.get("MEMKERNELS_BACKEND", "auto")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
+    backend = requested(backend)
+    if backend != "auto":
+        state = load(backend)
+        kernel = _kernels.get((op, backend, device_type))
+        if kernel is None:
+            why = state if not state.startswith("available") else f"it has no kernel for {device_type} tensors"
+            raise BackendUnavailable(f"backend {backend!r} cannot run {op} on {device_type}: {why}")
+        return backend, kernel
+    for name in PREFERENCE.get(device_type, ("reference",)):
+        state = load(name)
+        kernel = _kernels.get((op, name, device_type))
+        if kernel is not None:
+            return name, kernel
+        if name != "reference" and not state.endswith("not part of this version") and name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"memkernels: backend {name!r} skipped on {device_type} ({state}); "
+                          "see `memkernels info`", RuntimeWarning, stacklevel=4)
+    raise BackendUnavailable(f"no memkernels backend can run {op} on {device_type} tensors")

@@ -1,0 +1,62 @@
+"""The reference backend: reference.py's math looped over tensors, for any device.
+
+Half-precision tensors are computed in fp32 and rounded once on write-back.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import register
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _inv_scale(grad_scale: Tensor | None) -> float:
+    return 1.0 if grad_scale is None else 1.0 / grad_scale.item()
+
+
+def _run(math, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
+         grad_scale, found_inf, **scalars) -> None:
+    if found_inf is not None and found_inf.item() != 0.0:
+        return  # AMP found an inf: skip the step exactly, as torch's fused path does
+    inv_scale = _inv_scale(grad_scale)
+    totals = [0.0] * reference.NDIAG
+    for i, p in enumerate(params):
+        dtype = _compute_dtype(p)
+        g = reference.load_grad(grads[i].to(dtype), inv_scale, maximize)
+        g_ref = None
+        if grad_refs:
+            g_ref = grad_refs[i].to(dtype)
+            if not update_grad_refs:  # a probe or exact gradient arrives raw, like grads
+                g_ref = reference.load_grad(g_ref, inv_scale, maximize)
+        states = [lst[i].to(dtype) if lst else None for lst in state_lists]
+        step = math(p.to(dtype), g, *states, g_ref, **scalars)
+        p.copy_(step.p)
+        for lst, new in zip((lst for lst in state_lists if lst), step.states):
+            lst[i].copy_(new)
+        if update_grad_refs and grad_refs:
+            grad_refs[i].copy_(step.g)
+        if diagnostics is not None:
+            for k, term in enumerate(step.diag):
+                totals[k] += term.double().sum().item()
+    if diagnostics is not None:
+        diagnostics.add_(torch.tensor(totals, dtype=torch.float64, device=diagnostics.device))
+
+
+@register("reference", "adamw", ("cpu", "cuda"))
+def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, **kw) -> None:
+    _run(reference.adamw, params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, **kw)
+
+
+@register("reference", "lion", ("cpu", "cuda"))
+def lion(params, grads, exp_avgs, grad_refs, diagnostics, **kw) -> None:
+    _run(reference.lion, params, grads, (exp_avgs,), grad_refs, diagnostics, **kw)
+
+
+@register("reference", "sgd", ("cpu", "cuda"))
+def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, **kw) -> None:
+    _run(reference.sgd, params, grads, (momentum_buffers,), grad_refs, diagnostics, **kw)

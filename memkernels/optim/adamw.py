@@ -1,0 +1,63 @@
+"""mk.AdamW: torch.optim.AdamW plus the memory correction of THEORY.md section 3."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._ops import check_hyperparameters
+from ..coefficients import EMAAge
+from ._base import MemoryOptimizer, check_betas
+
+
+class AdamW(MemoryOptimizer):
+    """AdamW (or Adam with coupled L2 when decoupled_weight_decay=False) with memory correction.
+
+    memory_correction=0 is torch.optim.AdamW; -1 cancels the implicit
+    anti-regularization of Adam's memory (THEORY.md section 6). state_dict keys
+    match torch's, so checkpoints move both ways.
+    """
+
+    op = "adamw"
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
+                 decoupled_weight_decay: bool = True, memory_correction: float = 0.0, hvp: str = "trajectory",
+                 track_memory: bool = False, maximize: bool = False, backend: str = "auto") -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_inside_sqrt=eps_inside_sqrt,
+                        decoupled_weight_decay=decoupled_weight_decay, memory_correction=memory_correction,
+                        hvp=hvp, maximize=maximize)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        beta1, beta2 = check_betas(group["betas"])
+        check_hyperparameters(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                              weight_decay=float(group["weight_decay"]))
+
+    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        return {"step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        first = self.track(gi, ("exp_avg", beta1), lambda: EMAAge(beta1), n)
+        second = self.track(gi, ("exp_avg_sq", beta2), lambda: EMAAge(beta2), n)
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    bias_correction1=first.bias_correction, bias_correction2=second.bias_correction,
+                    mean_age1=first.mean_age, mean_age2=second.mean_age,
+                    decoupled=bool(group["decoupled_weight_decay"]),
+                    eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
+
+    def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
+        return reference.adamw_direction(p, g, eps=kwargs["eps"], weight_decay=kwargs["weight_decay"],
+                                         decoupled=kwargs["decoupled"], eps_inside_sqrt=kwargs["eps_inside_sqrt"])
+
+    def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
+        """R = h (A_n - B_n) Psi_eps(g): negative when beta1 < beta2 (anti-regularization)."""
+        return kwargs["lr"] * (kwargs["mean_age1"] - kwargs["mean_age2"])

@@ -1,0 +1,57 @@
+"""mk.Lion: lion-pytorch's Lion, Lion-K with a smooth sign, and the correction of THEORY.md section 4."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._ops import check_hyperparameters
+from ..coefficients import LionWeights
+from ._base import MemoryOptimizer, check_betas
+
+
+class Lion(MemoryOptimizer):
+    """Lion with optional smooth sign phi(x) = x / sqrt(x^2 + smoothing).
+
+    With smoothing=0 (sign) the memory correction is exactly zero wherever the
+    EMA is nonzero: Lion's memory does not (anti-)regularize; memory_stats()
+    then reports the fraction of coordinates where sign(c) != sign(g).
+    """
+
+    op = "lion"
+    state_keys = ("exp_avg",)
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
+                 hvp: str = "trajectory", track_memory: bool = False, maximize: bool = False,
+                 backend: str = "auto") -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, smoothing=smoothing,
+                        memory_correction=memory_correction, hvp=hvp, maximize=maximize)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        beta1, beta2 = check_betas(group["betas"])
+        check_hyperparameters(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                              weight_decay=float(group["weight_decay"]), smoothing=float(group["smoothing"]))
+
+    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        return {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        weights = self.track(gi, ("lion", beta1, beta2), lambda: LionWeights(beta1, beta2), n)
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
+                    smoothing=float(group["smoothing"]), ema_weight=weights.w, age_weight=weights.c)
+
+    def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
+        return reference.lion_direction(p, g, weight_decay=kwargs["weight_decay"], smoothing=kwargs["smoothing"],
+                                        ema_weight=kwargs["ema_weight"])
+
+    def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
+        """R = h (C_n / W_n) sum sqrt((W_n g)^2 + eps) for the smooth sign; 0 for sign (M = 0)."""
+        if kwargs["smoothing"] == 0.0:
+            return 0.0
+        return kwargs["lr"] * kwargs["age_weight"] / kwargs["ema_weight"]

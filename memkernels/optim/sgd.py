@@ -1,0 +1,59 @@
+"""mk.SGD: torch.optim.SGD (heavy ball or Nesterov, dampening 0) plus the correction of THEORY.md section 2."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._ops import check_hyperparameters
+from ..coefficients import HeavyBall
+from ._base import MemoryOptimizer
+
+
+class SGD(MemoryOptimizer):
+    """SGD with momentum whose memory regularizes: R = h c_n / (2 S_n) ||grad L~||^2."""
+
+    op = "sgd"
+    state_keys = ("momentum_buffer",)
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = False, *, memory_correction: float = 0.0, hvp: str = "trajectory",
+                 track_memory: bool = False, maximize: bool = False, backend: str = "auto") -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        memory_correction=memory_correction, hvp=hvp, maximize=maximize)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        check_hyperparameters(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                              weight_decay=float(group["weight_decay"]))
+        if group["nesterov"] and group["momentum"] == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        state = {"step": torch.tensor(0.0)}
+        if group["momentum"] != 0.0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _heavy_ball(self, group: dict, gi: int, n: int) -> HeavyBall:
+        momentum, nesterov = float(group["momentum"]), bool(group["nesterov"])
+        return self.track(gi, ("sgd", momentum, nesterov), lambda: HeavyBall(momentum, nesterov), n)
+
+    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+        hb = self._heavy_ball(group, gi, n)
+        return dict(lr=float(group["lr"]), momentum=hb.momentum, weight_decay=float(group["weight_decay"]),
+                    nesterov=hb.nesterov, update_scale=hb.update_scale, memory_coef=hb.c)
+
+    def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
+        return reference.sgd_direction(p, g, weight_decay=kwargs["weight_decay"])
+
+    def trajectory_ratio(self, group: dict, gi: int, n: int) -> float:
+        """The previous update was ~ S_{n-1} g~ (heavy ball) or S_n g~ (Nesterov)."""
+        hb = self._heavy_ball(group, gi, n)
+        return hb.s if hb.nesterov else hb.s_prev
+
+    def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
+        return kwargs["lr"] * kwargs["memory_coef"] / kwargs["update_scale"]
