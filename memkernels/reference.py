@@ -29,6 +29,7 @@ class Step(NamedTuple):
     p: Tensor
     states: tuple[Tensor, ...]
     g: Tensor  # the processed gradient, stored as the next trajectory reference
+    M: Tensor  # the memory correction (tests and the theory engine read it)
     diag: tuple[Tensor, ...]  # one term per DIAGNOSTICS slot
 
 
@@ -93,7 +94,7 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_ref: Tens
         p = descend(p, shrink, lr, g / a, M, lr, correction)
     else:
         p = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction)
-    return Step(p, (exp_avg, exp_avg_sq), g_raw, diag)
+    return Step(p, (exp_avg, exp_avg_sq), g_raw, M, diag)
 
 
 def smooth_sign(x: Tensor, smoothing: float) -> Tensor:
@@ -131,7 +132,7 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, g_ref: Tensor | None, *,
     sign_flips = (torch.sign(c) != torch.sign(g)).to(p.dtype)
     diag = diagnostics(F, u, M, lr, penalty, sign_flips)
     p = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction)
-    return Step(p, (exp_avg,), g, diag)
+    return Step(p, (exp_avg,), g, M, diag)
 
 
 def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, g_ref: Tensor | None, *,
@@ -156,7 +157,7 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, g_ref: Tensor | No
         M = memory_coef * hvp
     diag = diagnostics(F, u, M, lr, 0.5 * g * g, torch.zeros_like(p))
     p = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction)
-    return Step(p, states, g_raw, diag)
+    return Step(p, states, g_raw, M, diag)
 
 
 # Memoryless directions d = F(theta, ..., theta), evaluated by the optimizers before a

@@ -35,7 +35,11 @@ class Bucket:
 
 
 class MemoryOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses name their op, their state and their coefficients."""
+    """Base class; subclasses name their op, their state and their coefficients.
+
+    memoryless=True steps with F(theta, ..., theta) in place of the update with
+    memory (the theory harness's memoryless approximation, THEORY.md section 6).
+    """
 
     op: str
     state_keys: tuple[str, ...]  # the op's state lists, in schema order, by torch's state_dict names
@@ -134,7 +138,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _call(self, group: dict, gi: int, bucket: Bucket, grad_scale: Tensor | None) -> tuple[dict[str, Any], list]:
         kwargs = self.op_kwargs(group, gi, bucket.n)
         kwargs.update(correction=float(group["memory_correction"]), hvp_scale=0.0,
-                      maximize=bool(group["maximize"]), memoryless=False,
+                      maximize=bool(group["maximize"]), memoryless=bool(group["memoryless"]),
                       update_grad_refs=group["hvp"] == "trajectory", grad_scale=grad_scale,
                       backend=self.backend)
         lists = [[s[k] for s in bucket.states if k in s] for k in self.state_keys]

@@ -25,10 +25,10 @@ class Lion(MemoryOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
-                 hvp: str = "trajectory", track_memory: bool = False, maximize: bool = False,
+                 hvp: str = "trajectory", track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
                  backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, smoothing=smoothing,
-                        memory_correction=memory_correction, hvp=hvp, maximize=maximize)
+                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
