@@ -45,8 +45,9 @@ def _schema(states: Sequence[str], scalars: str) -> str:
             f"{scalars}, {_COMMON}) -> ()")
 
 
+_lib = torch.library.Library(LIB, "DEF")
 for _name, (_states, _scalars) in SCHEMAS.items():
-    torch.library.define(f"{LIB}::{_name}_", _schema(_states, _scalars))
+    _lib.define(f"{_name}_{_schema(_states, _scalars)}")
 
 
 # ---------------------------------------------------------------- argument checks
@@ -158,7 +159,8 @@ def _fake(*args, **kwargs) -> None:
 
 
 for _name in SCHEMAS:
-    torch.library.impl(f"{LIB}::{_name}_", ("CPU", "CUDA"))(_impl(_name))
+    for _key in ("CPU", "CUDA", "SparseCPU", "SparseCUDA"):  # sparse: so the check can name the tensor
+        _lib.impl(f"{_name}_", _impl(_name), _key)
     torch.library.register_fake(f"{LIB}::{_name}_")(_fake)
 
 adamw_ = torch.ops.memkernels.adamw_

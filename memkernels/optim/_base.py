@@ -169,9 +169,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for gi, group, buckets, _ in plans:
             for bucket in buckets.values():
                 kwargs, lists = self._call(group, gi, bucket, grad_scale)
-                _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(self.state_keys, lists)),
+                _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
                                    bucket.grad_refs, None, grad_scale, None)
                 _ops.check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+                backends.resolve(self.op, self.backend, bucket.params[0].device.type)
                 calls.append((gi, group, bucket, kwargs, lists))
         for _, _, _, created in plans:  # everything checked: now state may change
             for p, state in created.items():

@@ -1,0 +1,150 @@
+"""Bad input raises a clear error naming what is wrong, and a step that raises changes nothing."""
+import copy
+
+import pytest
+import torch
+
+import memkernels as mk
+from memkernels import _ops, backends
+
+
+def _adamw_args(n=2, shape=(3, 4), dtype=torch.float32):
+    params = [torch.randn(shape, dtype=dtype) for _ in range(n)]
+    grads = [torch.randn(shape, dtype=dtype) for _ in range(n)]
+    return params, grads, [torch.zeros(shape, dtype=dtype) for _ in range(n)], \
+        [torch.zeros(shape, dtype=dtype) for _ in range(n)], []
+
+
+_SCALARS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=0.1,
+                bias_correction2=0.001, mean_age1=0.0, mean_age2=0.0)
+
+
+def _call(params, grads, m, v, refs, diag=None, **over):
+    torch.ops.memkernels.adamw_(params, grads, m, v, refs, diag, **{**_SCALARS, **over})
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a[1].pop(), ValueError, "grads has 1 tensors"),
+    (lambda a: a[2].pop(), ValueError, "exp_avgs has 1 tensors"),
+    (lambda a: a[4].append(torch.zeros(3, 4)), ValueError, "grad_refs has 1 tensors"),
+    (lambda a: a[1].__setitem__(1, torch.randn(4, 3)), ValueError, r"grads\[1\] has shape \(4, 3\)"),
+    (lambda a: a[1].__setitem__(0, torch.randn(3, 4, dtype=torch.float64)), TypeError, r"grads\[0\] has dtype"),
+    (lambda a: a[1].__setitem__(0, torch.randn(3, 4).to_sparse()), TypeError, "sparse"),
+    (lambda a: a[3].__setitem__(0, torch.zeros(4, 3).t()), ValueError, r"exp_avg_sqs\[0\] must be dense"),
+    (lambda a: a[0].__setitem__(0, a[0][0].int()), TypeError, "dtype"),
+])
+def test_op_rejects_bad_tensors_and_changes_nothing(mutate, error, match):
+    args = list(_adamw_args())
+    mutate(args)
+    before = copy.deepcopy([[t for t in lst if t.device.type != "meta" and not t.is_sparse] for lst in args])
+    with pytest.raises(error, match=match):
+        _call(*args)
+    after = [[t for t in lst if t.device.type != "meta" and not t.is_sparse] for lst in args]
+    for xs, ys in zip(before, after):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def test_mixed_devices_are_named():
+    """CPU and CUDA can't meet here, so the check the CPU and CUDA impls run is called directly."""
+    params, grads, m, v, refs = _adamw_args()
+    m[1] = torch.zeros(3, 4, device="meta")
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] is on meta"):
+        _ops.check_tensors("adamw", params, grads, {"exp_avgs": m, "exp_avg_sqs": v}, refs, None, None, None)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(lr=-1e-3), "lr"), (dict(beta1=1.0), "beta1"), (dict(beta2=-0.1), "beta2"),
+    (dict(eps=0.0), "eps"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(correction=float("inf")), "correction"), (dict(correction=1.0), "grad_refs"),
+])
+def test_op_rejects_bad_scalars(over, match):
+    with pytest.raises(ValueError, match=match):
+        _call(*_adamw_args(), **over)
+
+
+def test_op_rejects_bad_diagnostics_and_backend():
+    with pytest.raises(ValueError, match="diagnostics"):
+        _call(*_adamw_args(), diag=torch.zeros(3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _call(*_adamw_args(), backend="fortran")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: mk.AdamW(p, lr=-1.0), "lr"), (lambda p: mk.AdamW(p, betas=(0.9, 1.0)), "beta2"),
+    (lambda p: mk.AdamW(p, betas=(0.9,)), "betas"), (lambda p: mk.AdamW(p, eps=0.0), "eps"),
+    (lambda p: mk.AdamW(p, hvp="finite"), "hvp"), (lambda p: mk.AdamW(p, backend="fortran"), "backend"),
+    (lambda p: mk.Lion(p, smoothing=-1.0), "smoothing"), (lambda p: mk.Lion(p, betas=(1.5, 0.9)), "beta1"),
+    (lambda p: mk.SGD(p, momentum=1.0), "momentum"), (lambda p: mk.SGD(p, momentum=0.0, nesterov=True), "nesterov"),
+    (lambda p: mk.SGD(p, memory_correction=float("nan")), "memory_correction"),
+])
+def test_constructor_names_the_bad_hyperparameter(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.nn.Parameter(torch.randn(3))])
+
+
+def _model_and_opt(**kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ps = list(model.parameters())
+    opt = mk.AdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, **kw)
+    return model, opt
+
+
+def _backward(model):
+    model.zero_grad()
+    model(torch.randn(5, 4)).square().sum().backward()
+
+
+def _unchanged(model, opt, error, match):
+    """opt.step() raises error, and no parameter or state moved."""
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert str(state) == str(opt.state_dict())
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("breakage, error, match", [
+    (lambda model, opt: opt.param_groups[1].__setitem__("lr", -0.5), ValueError, "lr"),
+    (lambda model, opt: opt.param_groups[1].__setitem__("betas", (0.9, 1.2)), ValueError, "beta2"),
+    (lambda model, opt: opt.param_groups[1].__setitem__("hvp", "nope"), ValueError, "hvp"),
+    (lambda model, opt: setattr(model[1].weight, "grad", model[1].weight.grad.to_sparse()), TypeError, "sparse"),
+])
+def test_failed_step_changes_no_parameter_or_state(first_step, breakage, error, match):
+    model, opt = _model_and_opt(memory_correction=-1.0)
+    if not first_step:
+        for _ in range(3):
+            _backward(model)
+            opt.step()
+    _backward(model)
+    breakage(model, opt)
+    _unchanged(model, opt, error, match)
+
+
+def test_probe_without_closure_and_unavailable_backend():
+    model, opt = _model_and_opt(memory_correction=1.0, hvp="probe")
+    _backward(model)
+    _unchanged(model, opt, ValueError, "closure")
+    model, opt = _model_and_opt(backend="cuda")
+    _backward(model)
+    _unchanged(model, opt, backends.BackendUnavailable, "cuda")
+
+
+def test_exact_hvp_needs_a_graph():
+    model, opt = _model_and_opt(memory_correction=1.0, hvp="exact")
+    _backward(model)
+    with pytest.raises(ValueError, match="create_graph"):
+        opt.step()
+
+
+def test_trajectory_hvp_warns_about_minibatch_noise():
+    with pytest.warns(UserWarning, match="noise"):
+        mk.SGD([torch.nn.Parameter(torch.randn(3))], memory_correction=-1.0)
+
+
+def test_memory_stats_needs_tracking():
+    _, opt = _model_and_opt()
+    with pytest.raises(RuntimeError, match="track_memory"):
+        opt.memory_stats()
