@@ -83,6 +83,24 @@ def _dense_layout(t: Tensor) -> bool:
     return True
 
 
+def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: torch.dtype) -> bool:
+    """The per-tensor rules below in a few aggregated passes: the common case costs microseconds per tensor."""
+    params = lists["params"]
+    if not all(isinstance(t, Tensor) and t.layout == torch.strided for lst in lists.values() for t in lst):
+        return False
+    layout = [(t.shape, t.stride()) for t in params]
+    for name, lst in lists.items():
+        if not lst:
+            continue
+        dtypes = {t.dtype for t in lst}
+        allowed = (dtype,) if name in ("params", "grads") else (dtype, torch.float32, torch.float64)
+        if len(dtypes) != 1 or lst[0].dtype not in allowed or any(t.device != device for t in lst):
+            return False
+        if lst is not params and [(t.shape, t.stride()) for t in lst] != layout:
+            return False
+    return all(t.is_contiguous() or _dense_layout(t) for t in params)
+
+
 def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   states: dict[str, Sequence[Tensor]], grad_refs: Sequence[Tensor],
                   diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -100,28 +118,29 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     if dtype not in PARAM_DTYPES:
         raise TypeError(f"{where}: params[0] has dtype {dtype}; supported: {PARAM_DTYPES}")
     lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs}
-    for name, lst in lists.items():
-        list_dtype = lst[0].dtype if lst else None
-        for i, t in enumerate(lst):
-            label = f"{where}: {name}[{i}]"
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{label} is a {type(t).__name__}, not a Tensor")
-            if t.layout != torch.strided:
-                raise TypeError(f"{label} is {t.layout}; sparse tensors are not supported")
-            if t.device != device:
-                raise ValueError(f"{label} is on {t.device} but params[0] is on {device}")
-            if name in ("params", "grads") and t.dtype != dtype:
-                raise TypeError(f"{label} has dtype {t.dtype} but params[0] has {dtype}")
-            if t.dtype != list_dtype:
-                raise TypeError(f"{label} has dtype {t.dtype} but {name}[0] has {list_dtype}")
-            if name not in ("params", "grads") and t.dtype not in (dtype, torch.float32, torch.float64):
-                raise TypeError(f"{label} has dtype {t.dtype}; states are {dtype} or float32")
-            p = params[i]
-            if t.shape != p.shape:
-                raise ValueError(f"{label} has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
-            if t.numel() > 1 and (t.stride() != p.stride() or not _dense_layout(t)):
-                raise ValueError(f"{label} must be dense with the strides of params[{i}] "
-                                 f"(strides {t.stride()} vs {p.stride()})")
+    if not _all_ok(lists, device, dtype):  # find and name the culprit
+        for name, lst in lists.items():
+            list_dtype = lst[0].dtype if lst else None
+            for i, t in enumerate(lst):
+                label = f"{where}: {name}[{i}]"
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{label} is a {type(t).__name__}, not a Tensor")
+                if t.layout != torch.strided:
+                    raise TypeError(f"{label} is {t.layout}; sparse tensors are not supported")
+                if t.device != device:
+                    raise ValueError(f"{label} is on {t.device} but params[0] is on {device}")
+                if name in ("params", "grads") and t.dtype != dtype:
+                    raise TypeError(f"{label} has dtype {t.dtype} but params[0] has {dtype}")
+                if t.dtype != list_dtype:
+                    raise TypeError(f"{label} has dtype {t.dtype} but {name}[0] has {list_dtype}")
+                if name not in ("params", "grads") and t.dtype not in (dtype, torch.float32, torch.float64):
+                    raise TypeError(f"{label} has dtype {t.dtype}; states are {dtype} or float32")
+                p = params[i]
+                if t.shape != p.shape:
+                    raise ValueError(f"{label} has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+                if t.numel() > 1 and (t.stride() != p.stride() or not _dense_layout(t)):
+                    raise ValueError(f"{label} must be dense with the strides of params[{i}] "
+                                     f"(strides {t.stride()} vs {p.stride()})")
     if diagnostics is not None and (diagnostics.shape != (NDIAG,) or diagnostics.dtype != torch.float64
                                     or diagnostics.device != device):
         raise ValueError(f"{where}: diagnostics must be a float64 tensor of shape ({NDIAG},) on {device}")

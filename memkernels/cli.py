@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -21,9 +22,11 @@ def info() -> str:
     lines.append("backends:")
     for name, state in backends.status().items():
         lines.append(f"  {name:<10} {state}")
-    for device_type, order in backends.PREFERENCE.items():
-        chosen = next((n for n in order if any(k[1:] == (n, device_type) for k in backends._kernels)), "none")
-        lines.append(f"auto on {device_type}: {chosen}")
+    for device_type in backends.PREFERENCE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reasons are listed above
+            chosen, _ = backends.resolve("adamw", "auto", device_type)
+        lines.append(f"auto on {device_type} tensors: {chosen}")
     return "\n".join(lines)
 
 

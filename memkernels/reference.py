@@ -33,6 +33,11 @@ class Step(NamedTuple):
     diag: tuple[Tensor, ...]  # one term per DIAGNOSTICS slot
 
 
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """fp64 tensors are computed in fp64, every other dtype in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def load_grad(grad: Tensor, inv_scale: float, maximize: bool) -> Tensor:
     """Unscale (AMP) and orient the raw gradient so that the optimizer descends."""
     g = grad * inv_scale if inv_scale != 1.0 else grad

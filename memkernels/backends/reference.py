@@ -11,10 +11,6 @@ from .. import reference
 from . import register
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _inv_scale(grad_scale: Tensor | None) -> float:
     return 1.0 if grad_scale is None else 1.0 / grad_scale.item()
 
@@ -26,7 +22,7 @@ def _run(math, params, grads, state_lists, grad_refs, diagnostics, *, maximize, 
     inv_scale = _inv_scale(grad_scale)
     totals = [0.0] * reference.NDIAG
     for i, p in enumerate(params):
-        dtype = _compute_dtype(p)
+        dtype = reference.compute_dtype(p)
         g = reference.load_grad(grads[i].to(dtype), inv_scale, maximize)
         g_ref = None
         if grad_refs:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _ops, backends
 from ..coefficients import replay
-from ..reference import DIAGNOSTICS, NDIAG, load_grad
+from ..reference import DIAGNOSTICS, NDIAG, compute_dtype, load_grad
 
 HVP_MODES = ("trajectory", "probe", "exact")
 _TRAJECTORY_NOTE = ("memkernels: hvp='trajectory' estimates H d from the change of the gradient between "
@@ -123,7 +123,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 state = created[p] = {**state, "step": torch.tensor(0.0)}
             fresh_refs = False
             if measures and group["hvp"] == "trajectory" and "prev_grad" not in state:
-                state = created[p] = {**state, "prev_grad": torch.zeros_like(p, dtype=_compute_dtype(p))}
+                state = created[p] = {**state, "prev_grad": torch.zeros_like(p, dtype=compute_dtype(p))}
                 fresh_refs = True  # no previous gradient yet (e.g. loaded from torch.optim): no HVP this step
             n = int(state["step"].item())
             key = (p.device, p.dtype, n, fresh_refs)
@@ -185,11 +185,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for gi, group, bucket, kwargs, lists in calls:
             kwargs["hvp_scale"] = self._hvp_scale(group, gi, bucket, refs)
             grad_refs = refs[id(bucket)][0] if id(bucket) in refs else bucket.grad_refs
-            diagnostics = self._diagnostics_for(gi, bucket) if self.measures(group) else None
+            diagnostics = self._diagnostics_for(gi, bucket) if self.track_memory else None
             getattr(_ops, self.op + "_")(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
             for state in bucket.states:
                 state["step"] += 1
-            if self.measures(group):
+            if self.track_memory:
                 numel = sum(p.numel() for p in bucket.params)
                 numel += self._stats_meta.get(gi, (0, 0.0, 0))[2]
                 self._stats_meta[gi] = (bucket.n, self.penalty_prefactor(group, kwargs), numel)
@@ -233,7 +233,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale.item()
         out = []
         for p, g in zip(bucket.params, bucket.grads):
-            dtype = _compute_dtype(p)
+            dtype = compute_dtype(p)
             g = load_grad(g.detach().to(dtype), inv_scale, kwargs["maximize"])
             out.append(self.direction(kwargs, p.to(dtype), g))
         return out
@@ -258,7 +258,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         steps = []
         for _, _, bucket, kwargs, _ in calls:
             d = self._directions(kwargs, bucket)
-            eps = max(torch.finfo(_compute_dtype(p)).eps for p in bucket.params)
+            eps = max(torch.finfo(compute_dtype(p)).eps for p in bucket.params)
             theta_norm = math.sqrt(sum(float(p.double().square().sum()) for p in bucket.params))
             d_norm = math.sqrt(sum(float(x.double().square().sum()) for x in d))
             tau = math.sqrt(eps) * (1.0 + theta_norm) / d_norm if d_norm > 0 else 0.0
@@ -313,6 +313,3 @@ def check_betas(betas: Any) -> tuple[float, float]:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     return float(betas[0]), float(betas[1])
 
-
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
