@@ -1,4 +1,62 @@
-"""setup.py: the place where the nvcc build of csrc/ goes; for now a pure-Python install."""
-from setuptools import setup
+"""setup.py: builds libmemkernels_cuda.so from csrc/ with nvcc when nvcc is there.
 
-setup()
+Without nvcc the install is pure Python (the cuda backend then builds the library
+on first use if nvcc appears later, or reports itself unavailable). The build
+logic lives in memkernels/backends/_cuda_build.py, loaded here by path because
+importing the package needs torch. Environment:
+  MEMKERNELS_CUDA_ARCHS   architectures, default "sm_80;sm_90+PTX"
+  MEMKERNELS_CUDA_BUILD=0 skip the nvcc build even when nvcc is there
+"""
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import Distribution, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("_memkernels_cuda_build",
+                                                  ROOT / "memkernels" / "backends" / "_cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_build = _load_build_module()
+WANT_CUDA = os.environ.get("MEMKERNELS_CUDA_BUILD", "1") != "0" and cuda_build.find_nvcc() is not None
+
+
+class BuildPyWithCuda(build_py):
+    """build_py, plus the CUDA library (when nvcc is there) and the CUDA sources (for first-use builds)."""
+
+    def run(self):
+        super().run()
+        editable = getattr(self, "editable_mode", False)
+        package = ROOT / "memkernels" if editable else Path(self.build_lib) / "memkernels"
+        if not editable:  # a wheel carries csrc/ so that a later first use can build with nvcc
+            shutil.copytree(ROOT / "csrc", package / "_csrc", dirs_exist_ok=True)
+        if WANT_CUDA:
+            out = package / "_lib" / cuda_build.LIB_NAME
+            print(f"memkernels: building {out} for {cuda_build.requested_archs()} with nvcc")
+            try:
+                result = cuda_build.build(out, src=ROOT / "csrc")
+            except cuda_build.BuildError as exc:
+                raise SystemExit(f"{exc}\nmemkernels: the nvcc build failed; set MEMKERNELS_CUDA_BUILD=0 "
+                                 "for a pure-Python install") from exc
+            print(f"memkernels: built {out} in {result.seconds:.0f} s")
+
+
+class PlatformDistribution(Distribution):
+    """A wheel holding the compiled library is platform-specific."""
+
+    def has_ext_modules(self):
+        return WANT_CUDA
+
+
+setup(cmdclass={"build_py": BuildPyWithCuda}, distclass=PlatformDistribution)

@@ -160,12 +160,12 @@ def _impl(op: str):
         check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
                       kwargs.get("grad_scale"), kwargs.get("found_inf"))
         check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+        if not params:
+            return
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
         if kwargs["correction"] != 0.0 and not grad_refs:
             raise ValueError(f"memkernels.{op}_: correction != 0 needs grad_refs")
-        if not params:
-            return
         backend = kwargs.pop("backend")
         _, kernel = backends.resolve(op, backend, params[0].device.type)
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
@@ -180,6 +180,8 @@ def _fake(*args, **kwargs) -> None:
 for _name in SCHEMAS:
     for _key in ("CPU", "CUDA", "SparseCPU", "SparseCUDA"):  # sparse: so the check can name the tensor
         _lib.impl(f"{_name}_", _impl(_name), _key)
+    # reached only by a call without any tensor (every list empty, no diagnostics): a no-op
+    _lib.impl(f"{_name}_", _impl(_name), "CompositeExplicitAutograd")
     torch.library.register_fake(f"{LIB}::{_name}_")(_fake)
 
 adamw_ = torch.ops.memkernels.adamw_

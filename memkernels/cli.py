@@ -1,4 +1,4 @@
-"""The `memkernels` command: `info` (what runs here and why the rest does not)."""
+"""The `memkernels` command: `bench` (speed, theory and implicit-regularization suites) and `info`."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,9 @@ def info() -> str:
     lines.append("backends:")
     for name, state in backends.status().items():
         lines.append(f"  {name:<10} {state}")
+    if backends.status()["cuda"].startswith("available"):
+        from .backends import cuda
+        lines.append(f"  cuda library: {cuda.LIBRARY_ORIGIN}")
     for device_type in backends.PREFERENCE:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the reasons are listed above
@@ -30,13 +33,55 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench", help="speed vs anchors, order of accuracy, implicit regularization: JSON, PNGs, report.md",
+        description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="the default: all three suites in about 3 minutes on 2 CPU cores")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="64M (CPU) or 256M (GPU) parameters, the real GPT-2-small shapes, more repeats and steps")
+    mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help="seconds: checks that the harness runs; its figures mean nothing")
+    bench.set_defaults(mode="quick")
+    bench.add_argument("--suite", nargs="+", choices=("speed", "theory", "implicit", "all"), default=["all"],
+                       help="which suites to run (default: all)")
+    bench.add_argument("--out", default="bench-out", help="output folder (default: ./bench-out)")
+    bench.add_argument("--backends", nargs="+", choices=backends.BACKENDS,
+                       help="memkernels backends the speed suite times (default: every one available)")
+    bench.add_argument("--size", type=int, help="parameters of the speed suite's large tensor")
+    bench.add_argument("--device", default="auto", help="speed suite device: auto (CUDA if present), cpu, cuda")
+    bench.add_argument("--math-backend", default="reference", choices=("auto",) + backends.BACKENDS,
+                       help="backend of the theory and implicit suites' optimizers, whose tensors are tiny "
+                            "(default: reference, the executable spec)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench.run import SUITES, configs, run
+
+    suites = list(SUITES) if "all" in args.suite else args.suite
+    options = dict(device=args.device, backends=args.backends, size=args.size, math_backend=args.math_backend)
+    try:
+        configs(args.mode, **options)
+    except ValueError as exc:  # a bad option: say which, without a traceback
+        parser.error(str(exc))
+    path = run(suites, args.mode, args.out, progress=not args.no_progress, **options)
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, backends and why the others are unavailable")
+    add_bench(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "bench":
+        return bench(args, parser)
     return 0
 
 

@@ -1,0 +1,32 @@
+// mk_adamw: AdamW / Adam-L2 with the memory correction, one launch per op call.
+#include "memkernels/multi_tensor.cuh"
+
+namespace memkernels {
+namespace {
+
+struct AdamWOp {
+  using Args = mk_adamw_args;
+  static constexpr int NSTATE = 2;  // exp_avg, exp_avg_sq
+  template <typename T>
+  using Scalars = AdamWScalars<T>;
+
+  template <typename T>
+  static AdamWScalars<T> scalars(const Args& a) {
+    return make_adamw_scalars<T>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.bias_correction1,
+                                 a.bias_correction2, a.mean_age1, a.mean_age2, a.correction, a.hvp_scale,
+                                 a.decoupled != 0, a.eps_inside_sqrt != 0, a.memoryless != 0);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static Step<T, 2> step(T p, T g, const T (&states)[2], bool, T g_ref,
+                                                    bool has_ref, const AdamWScalars<T>& s) {
+    return adamw(p, g, states[0], states[1], g_ref, has_ref, s);
+  }
+};
+
+}  // namespace
+}  // namespace memkernels
+
+extern "C" MK_API int mk_adamw(const mk_launch* launch, const mk_adamw_args* args) {
+  return memkernels::launch<memkernels::AdamWOp>(launch, args);
+}

@@ -1,0 +1,49 @@
+// Library-wide entry points: ABI checks, build identity and error strings.
+#include <cuda_runtime.h>
+
+#include "memkernels/api.h"
+#include "memkernels/multi_tensor.cuh"
+
+#ifndef MK_SOURCE_HASH
+#error "build with -DMK_SOURCE_HASH=\"...\" (memkernels/backends/_cuda_build.py does)"
+#endif
+#ifndef MK_ARCHS
+#error "build with -DMK_ARCHS=\"...\" (memkernels/backends/_cuda_build.py does)"
+#endif
+
+// The hash sits behind a marker so that _cuda_build.embedded_hash() can read it from the file.
+static const char kSourceHash[] = "memkernels-source-hash:" MK_SOURCE_HASH;
+static const char kHashMarker[] = "memkernels-source-hash:";
+
+extern "C" {
+
+MK_API int64_t mk_struct_size(int64_t which) {
+  switch (which) {
+    case 0: return sizeof(mk_launch);
+    case 1: return sizeof(mk_adamw_args);
+    case 2: return sizeof(mk_lion_args);
+    case 3: return sizeof(mk_sgd_args);
+    default: return -1;
+  }
+}
+
+MK_API int64_t mk_abi_version(void) { return MK_ABI_VERSION; }
+
+MK_API int64_t mk_chunk_elems(void) { return memkernels::kChunkElems; }
+
+MK_API const char* mk_source_hash(void) { return kSourceHash + sizeof(kHashMarker) - 1; }
+
+MK_API const char* mk_archs(void) { return MK_ARCHS; }
+
+MK_API const char* mk_error_string(int code) {
+  switch (code) {
+    case 0: return "no error";
+    case MK_ERR_ARGUMENT: return "memkernels: invalid mk_launch (counts, table pointer)";
+    case MK_ERR_PARAM_DTYPE: return "memkernels: unsupported params dtype code";
+    case MK_ERR_STATE_DTYPE: return "memkernels: a state or grad_ref dtype is neither the params' dtype, float32 nor float64";
+    case MK_ERR_SCALAR_DTYPE: return "memkernels: unsupported grad_scale or found_inf dtype code";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  }
+}
+
+}  // extern "C"

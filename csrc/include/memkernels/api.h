@@ -1,0 +1,102 @@
+/* The C ABI of libmemkernels_cuda.so, loaded by memkernels/backends/_cuda_abi.py with ctypes.
+ *
+ * Plain C types only (no torch headers), so one build serves every torch version.
+ * Every struct field is 8 bytes wide so the ctypes mirror has no padding to get
+ * wrong; mk_struct_size() lets the loader check the layout it mirrors.
+ * Entry points return 0 or an error code; mk_error_string() says what it means.
+ */
+#ifndef MEMKERNELS_API_H
+#define MEMKERNELS_API_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MK_API __attribute__((visibility("default")))
+
+#define MK_ABI_VERSION 1
+
+/* dtype codes */
+#define MK_F32 0
+#define MK_F16 1
+#define MK_BF16 2
+#define MK_F64 3
+
+/* A table row (int64 each) per tensor with numel > 0, in device memory. Chunks of
+ * mk_chunk_elems() elements are numbered across the rows: row t owns chunks
+ * [chunk_begin, chunk_begin + ceil(numel / chunk_elems)). vec_ok is 1 when every
+ * pointer of the row is 16-byte aligned (vector loads), else 0 (scalar loads). */
+enum mk_table_column {
+  MK_COL_PARAM = 0,
+  MK_COL_GRAD = 1,
+  MK_COL_STATE0 = 2,
+  MK_COL_STATE1 = 3,
+  MK_COL_GRAD_REF = 4,
+  MK_COL_NUMEL = 5,
+  MK_COL_CHUNK_BEGIN = 6,
+  MK_COL_VEC_OK = 7,
+  MK_TABLE_COLS = 8
+};
+
+/* Error codes beyond CUDA's (cudaError_t values are returned as they are). */
+#define MK_ERR_ARGUMENT 100001    /* a count or pointer of mk_launch is invalid */
+#define MK_ERR_PARAM_DTYPE 100002 /* param_dtype is not a dtype code */
+#define MK_ERR_STATE_DTYPE 100003 /* a state or grad_ref dtype is neither the params' nor f32/f64 */
+#define MK_ERR_SCALAR_DTYPE 100004 /* grad_scale or found_inf has no dtype code */
+
+/* What every op call passes besides its hyperparameters. */
+typedef struct mk_launch {
+  const int64_t* table;     /* device pointer: n_tensors rows of MK_TABLE_COLS */
+  int64_t n_tensors;
+  int64_t n_chunks;         /* total chunks over all rows */
+  int64_t device;           /* CUDA device index of every pointer */
+  void* stream;             /* cudaStream_t to launch on (torch's current stream) */
+  int64_t param_dtype;      /* params and grads */
+  int64_t state_dtype[2];   /* the op's state lists, in schema order */
+  int64_t state_present[2]; /* 0 for an absent list (sgd without momentum) or one the op lacks */
+  int64_t ref_dtype;
+  int64_t has_grad_refs;    /* grad_refs given: M uses them, trajectory mode rewrites them */
+  int64_t update_grad_refs; /* trajectory mode: read g_ref as is, then store the processed g */
+  int64_t maximize;
+  const void* grad_scale;   /* device scalar or NULL: g = grad / grad_scale */
+  int64_t grad_scale_dtype;
+  const void* found_inf;    /* device scalar or NULL: nonzero means change nothing */
+  int64_t found_inf_dtype;
+  double* diagnostics;      /* device float64[6] to add the diagnostic sums to, or NULL */
+} mk_launch;
+
+typedef struct mk_adamw_args {
+  double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, mean_age1,
+      mean_age2, correction, hvp_scale;
+  int64_t decoupled, eps_inside_sqrt, memoryless;
+} mk_adamw_args;
+
+typedef struct mk_lion_args {
+  double lr, beta1, beta2, weight_decay, smoothing, ema_weight, age_weight, correction, hvp_scale;
+  int64_t memoryless;
+} mk_lion_args;
+
+typedef struct mk_sgd_args {
+  double lr, momentum, weight_decay, update_scale, memory_coef, correction, hvp_scale;
+  int64_t nesterov, memoryless;
+} mk_sgd_args;
+
+/* The struct mk_struct_size(k) measures: k = 0 launch, 1 adamw, 2 lion, 3 sgd; -1 otherwise. */
+MK_API int64_t mk_struct_size(int64_t which);
+MK_API int64_t mk_abi_version(void);
+MK_API int64_t mk_chunk_elems(void);
+MK_API const char* mk_source_hash(void); /* hash of the sources it was built from */
+MK_API const char* mk_archs(void);       /* the MEMKERNELS_CUDA_ARCHS it was built for */
+MK_API const char* mk_error_string(int code);
+
+MK_API int mk_adamw(const mk_launch* launch, const mk_adamw_args* args);
+MK_API int mk_lion(const mk_launch* launch, const mk_lion_args* args);
+MK_API int mk_sgd(const mk_launch* launch, const mk_sgd_args* args);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MEMKERNELS_API_H */

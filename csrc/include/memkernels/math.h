@@ -1,0 +1,270 @@
+// Per-element math of the fused steps, for the CUDA kernels and the host test module.
+//
+// Mirrors memkernels/reference.py line by line, with the same variable names and
+// the same order of operations: rounding then matches torch's float32 (or float64)
+// evaluation of reference.py. Python-side scalar expressions (1 - beta1,
+// correction * lr * lr, bias_correction2 ** 0.5, ...) are evaluated in double on
+// the host by make_*_scalars and rounded once to T, as torch does when a Python
+// float meets a tensor. Branches that reference.py takes on Python scalars are
+// taken on flags computed from the double values.
+//
+// T is the compute type: float for fp16/bf16/fp32 parameters, double for fp64.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define MK_HD __host__ __device__ __forceinline__
+#else
+#define MK_HD inline
+#endif
+
+namespace memkernels {
+
+constexpr int NDIAG = 6;  // update_sq, correction_sq, memory_sq, residual_sq, penalty_sum, sign_flips
+
+MK_HD float mk_sqrt(float x) { return sqrtf(x); }
+MK_HD double mk_sqrt(double x) { return sqrt(x); }
+MK_HD float mk_abs(float x) { return fabsf(x); }
+MK_HD double mk_abs(double x) { return fabs(x); }
+MK_HD float mk_log1p(float x) { return log1pf(x); }
+MK_HD double mk_log1p(double x) { return log1p(x); }
+
+// A Python float divided by a tensor: torch evaluates `scalar / x` as x.reciprocal() * scalar.
+template <typename T>
+MK_HD T rdiv(T scalar, T x) { return (T(1) / x) * scalar; }
+
+// torch.sign: 0 for +-0 and for NaN.
+template <typename T>
+MK_HD T mk_sign(T x) { return T(T(0) < x) - T(x < T(0)); }
+
+template <typename T>
+struct Diag {
+  T terms[NDIAG];
+};
+
+// What one element's step produces (reference.Step): new p and states, the
+// processed gradient g (next trajectory reference), M and the diagnostic terms.
+template <typename T, int NSTATE>
+struct Step {
+  T p;
+  T states[NSTATE];
+  T g;
+  T M;
+  Diag<T> diag;
+};
+
+// How raw gradients are turned into g (reference.load_grad) and how g_ref arrives.
+template <typename T>
+struct GradArgs {
+  T inv_scale;
+  bool unscale;           // inv_scale != 1.0, decided in double
+  bool maximize;
+  bool update_grad_refs;  // trajectory mode: g_ref is read as is and then overwritten by g
+};
+
+template <typename T>
+MK_HD GradArgs<T> make_grad_args(double inv_scale, bool maximize, bool update_grad_refs) {
+  return {T(inv_scale), inv_scale != 1.0, maximize, update_grad_refs};
+}
+
+// reference.load_grad
+template <typename T>
+MK_HD T load_grad(T grad, const GradArgs<T>& a) {
+  T g = a.unscale ? grad * a.inv_scale : grad;
+  return a.maximize ? -g : g;
+}
+
+// backends/reference.py: a probe or exact gradient arrives raw, like grads.
+template <typename T>
+MK_HD T load_ref(T grad_ref, const GradArgs<T>& a) {
+  return a.update_grad_refs ? grad_ref : load_grad(grad_ref, a);
+}
+
+// reference.descend: p <- p * shrink - step_size * step - correction * lr^2 * M.
+template <typename T>
+MK_HD T descend(T p, T shrink, bool shrink_on, T step_size, T step, T M, T correction_lr2,
+                bool correction_on) {
+  if (shrink_on) p = p * shrink;
+  p = p - step_size * step;
+  if (correction_on) p = p - correction_lr2 * M;
+  return p;
+}
+
+// reference.diagnostics
+template <typename T>
+MK_HD Diag<T> diagnostics(T F, T u, T M, T lr, T penalty, T sign_flips) {
+  T hM = lr * M;
+  T memory = F - u;
+  T residual = memory - hM;
+  return {{F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips}};
+}
+
+// ------------------------------------------------------------------------ adamw
+
+template <typename T>
+struct AdamWScalars {
+  T lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
+  T bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale;
+  T shrink, step_size, correction_lr2;
+  bool shrink_on, correction_on, decoupled, eps_inside_sqrt, memoryless;
+};
+
+template <typename T>
+inline AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2, double eps,
+                                          double weight_decay, double bias_correction1,
+                                          double bias_correction2, double mean_age1, double mean_age2,
+                                          double correction, double hvp_scale, bool decoupled,
+                                          bool eps_inside_sqrt, bool memoryless) {
+  double shrink = decoupled ? 1 - lr * weight_decay : 1.0;
+  double step_size = memoryless ? lr : lr / bias_correction1;
+  return {T(lr), T(beta2), T(1 - beta1), T(1 - beta2), T(eps), T(weight_decay),
+          T(bias_correction1), T(bias_correction2), T(std::pow(bias_correction2, 0.5)),
+          T(mean_age1), T(mean_age2), T(hvp_scale),
+          T(shrink), T(step_size), T(correction * lr * lr),
+          shrink != 1.0, correction != 0.0, decoupled, eps_inside_sqrt, memoryless};
+}
+
+// reference.adamw; has_ref false stands for g_ref is None (M = 0).
+template <typename T>
+MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T g_ref, bool has_ref,
+                       const AdamWScalars<T>& s) {
+  T g_raw = g;
+  if (!s.decoupled) g = g + s.weight_decay * p;  // coupled L2: the EMAs see g~ = g + lambda theta
+  exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg);
+  exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
+  T decay = s.decoupled ? s.weight_decay * p : T(0);
+  T denom, a, coef, penalty;
+  if (s.eps_inside_sqrt) {
+    denom = mk_sqrt(exp_avg_sq / s.bias_correction2 + s.eps);
+    a = mk_sqrt(g * g + s.eps);
+    coef = rdiv(s.mean_age1, a) - s.mean_age2 * (g * g) / (a * a * a);
+    penalty = a;
+  } else {
+    denom = mk_sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+    a = mk_abs(g) + s.eps;
+    coef = rdiv(s.mean_age1, a) - s.mean_age2 * mk_abs(g) / (a * a);
+    penalty = mk_abs(g) - s.eps * mk_log1p(mk_abs(g) / s.eps);
+  }
+  T F = exp_avg / s.bias_correction1 / denom + decay;
+  T u = g / a + decay;
+  T M;
+  if (!has_ref) {
+    M = T(0);
+  } else {
+    T hvp = (g_ref - g_raw) * s.hvp_scale;
+    if (!s.decoupled) hvp = hvp + s.weight_decay * u;  // H~ = H + lambda I
+    M = coef * hvp;
+  }
+  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0));
+  if (s.memoryless) {
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, g / a, M, s.correction_lr2, s.correction_on);
+  } else {
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, exp_avg / denom, M, s.correction_lr2,
+                s.correction_on);
+  }
+  return {p, {exp_avg, exp_avg_sq}, g_raw, M, diag};
+}
+
+// ------------------------------------------------------------------------- lion
+
+// reference.smooth_sign: phi_eps(x) = x / sqrt(x^2 + eps); eps = 0 is sign(x).
+template <typename T>
+MK_HD T smooth_sign(T x, T smoothing, bool smoothing_on) {
+  return !smoothing_on ? mk_sign(x) : x / mk_sqrt(x * x + smoothing);
+}
+
+// reference.smooth_sign_slope: phi'_eps(x) = eps / (x^2 + eps)^(3/2); zero for sign.
+template <typename T>
+MK_HD T smooth_sign_slope(T x, T smoothing, bool smoothing_on) {
+  if (!smoothing_on) return T(0);
+  T s = x * x + smoothing;
+  return rdiv(smoothing, s * mk_sqrt(s));
+}
+
+template <typename T>
+struct LionScalars {
+  T lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, smoothing;
+  T ema_weight, age_weight, hvp_scale, shrink, correction_lr2;
+  bool smoothing_on, shrink_on, correction_on, memoryless;
+};
+
+template <typename T>
+inline LionScalars<T> make_lion_scalars(double lr, double beta1, double beta2, double weight_decay,
+                                        double smoothing, double ema_weight, double age_weight,
+                                        double correction, double hvp_scale, bool memoryless) {
+  double shrink = 1 - lr * weight_decay;
+  return {T(lr), T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(weight_decay), T(smoothing),
+          T(ema_weight), T(age_weight), T(hvp_scale), T(shrink), T(correction * lr * lr),
+          smoothing != 0.0, shrink != 1.0, correction != 0.0, memoryless};
+}
+
+// reference.lion
+template <typename T>
+MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T g_ref, bool has_ref, const LionScalars<T>& s) {
+  T c = s.beta1 * exp_avg + s.one_minus_beta1 * g;
+  T wg = s.ema_weight * g;  // W_n g: c_n with every past gradient replaced by the current one
+  T decay = s.weight_decay * p;
+  T phi_c = smooth_sign(c, s.smoothing, s.smoothing_on);
+  T phi_wg = smooth_sign(wg, s.smoothing, s.smoothing_on);
+  T F = phi_c + decay;
+  T u = phi_wg + decay;
+  T M;
+  if (!has_ref) {
+    M = T(0);
+  } else {
+    T hvp = (g_ref - g) * s.hvp_scale;
+    M = smooth_sign_slope(wg, s.smoothing, s.smoothing_on) * s.age_weight * hvp;
+  }
+  exp_avg = s.beta2 * exp_avg + s.one_minus_beta2 * g;
+  T penalty = mk_sqrt(wg * wg + s.smoothing);
+  T sign_flips = T(mk_sign(c) != mk_sign(g));
+  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, sign_flips);
+  p = descend(p, s.shrink, s.shrink_on, s.lr, s.memoryless ? phi_wg : phi_c, M, s.correction_lr2,
+              s.correction_on);
+  return {p, {exp_avg}, g, M, diag};
+}
+
+// -------------------------------------------------------------------------- sgd
+
+template <typename T>
+struct SGDScalars {
+  T lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2;
+  bool correction_on, nesterov, memoryless;
+};
+
+template <typename T>
+inline SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, bool nesterov,
+                                      double update_scale, double memory_coef, double correction,
+                                      double hvp_scale, bool memoryless) {
+  return {T(lr), T(momentum), T(weight_decay), T(update_scale), T(memory_coef), T(hvp_scale),
+          T(correction * lr * lr), correction != 0.0, nesterov, memoryless};
+}
+
+// reference.sgd; has_momentum false stands for momentum_buffer is None (states[0] is unused).
+template <typename T>
+MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T g_ref, bool has_ref,
+                     const SGDScalars<T>& s) {
+  T g_raw = g;
+  g = g + s.weight_decay * p;  // g~
+  T F;
+  if (!has_momentum) {
+    F = g;
+  } else {
+    momentum_buffer = s.momentum * momentum_buffer + g;
+    F = s.nesterov ? g + s.momentum * momentum_buffer : momentum_buffer;
+  }
+  T u = s.update_scale * g;
+  T M;
+  if (!has_ref) {
+    M = T(0);
+  } else {
+    T hvp = (g_ref - g_raw) * s.hvp_scale + s.weight_decay * g;  // H~ g~ = H g~ + lambda g~
+    M = s.memory_coef * hvp;
+  }
+  Diag<T> diag = diagnostics(F, u, M, s.lr, T(0.5) * g * g, T(0));
+  p = descend(p, T(1), false, s.lr, s.memoryless ? u : F, M, s.correction_lr2, s.correction_on);
+  return {p, {momentum_buffer}, g_raw, M, diag};
+}
+
+}  // namespace memkernels

@@ -1,0 +1,31 @@
+// mk_lion: Lion / Lion-K with the memory correction, one launch per op call.
+#include "memkernels/multi_tensor.cuh"
+
+namespace memkernels {
+namespace {
+
+struct LionOp {
+  using Args = mk_lion_args;
+  static constexpr int NSTATE = 1;  // exp_avg
+  template <typename T>
+  using Scalars = LionScalars<T>;
+
+  template <typename T>
+  static LionScalars<T> scalars(const Args& a) {
+    return make_lion_scalars<T>(a.lr, a.beta1, a.beta2, a.weight_decay, a.smoothing, a.ema_weight,
+                                a.age_weight, a.correction, a.hvp_scale, a.memoryless != 0);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static Step<T, 1> step(T p, T g, const T (&states)[1], bool, T g_ref,
+                                                    bool has_ref, const LionScalars<T>& s) {
+    return lion(p, g, states[0], g_ref, has_ref, s);
+  }
+};
+
+}  // namespace
+}  // namespace memkernels
+
+extern "C" MK_API int mk_lion(const mk_launch* launch, const mk_lion_args* args) {
+  return memkernels::launch<memkernels::LionOp>(launch, args);
+}

@@ -1,0 +1,31 @@
+// mk_sgd: heavy-ball / Nesterov SGD with the memory correction, one launch per op call.
+#include "memkernels/multi_tensor.cuh"
+
+namespace memkernels {
+namespace {
+
+struct SGDOp {
+  using Args = mk_sgd_args;
+  static constexpr int NSTATE = 1;  // momentum_buffer; absent when momentum == 0
+  template <typename T>
+  using Scalars = SGDScalars<T>;
+
+  template <typename T>
+  static SGDScalars<T> scalars(const Args& a) {
+    return make_sgd_scalars<T>(a.lr, a.momentum, a.weight_decay, a.nesterov != 0, a.update_scale,
+                               a.memory_coef, a.correction, a.hvp_scale, a.memoryless != 0);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static Step<T, 1> step(T p, T g, const T (&states)[1], bool has_momentum,
+                                                    T g_ref, bool has_ref, const SGDScalars<T>& s) {
+    return sgd(p, g, states[0], has_momentum, g_ref, has_ref, s);
+  }
+};
+
+}  // namespace
+}  // namespace memkernels
+
+extern "C" MK_API int mk_sgd(const mk_launch* launch, const mk_sgd_args* args) {
+  return memkernels::launch<memkernels::SGDOp>(launch, args);
+}

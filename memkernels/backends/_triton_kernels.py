@@ -1,0 +1,439 @@
+"""Triton kernels: reference.py's adamw, lion and sgd, one launch per op call.
+
+Each program updates one tile of BLOCK elements of one tensor. The launch reads
+two int64 tables built by _triton_table.py: a pointer table (one row per
+tensor: the data address of each list's tensor, then its numel) and a block
+map (per program: the table row and the first element of its tile). The
+addresses are cast to typed pointers in the kernel; this works compiled and
+under TRITON_INTERPRET=1 on CPU tensors, where the interpreter dereferences
+the host addresses directly.
+
+Full tiles take an unmasked path (with a 16-byte alignment hint when every
+tensor of the call is 16-byte aligned, so that loads and stores vectorize);
+only the last tile of a tensor is masked. Every flag that is constant for a
+call is a tl.constexpr, so a disabled feature costs nothing. Math is fp32 with
+IEEE division and square root (tl.div_rn, tl.sqrt_rn) in the order of
+reference.py; results are rounded once to each list's dtype on write-back.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Slots of the diagnostics tensor (reference.DIAGNOSTICS).
+_UPDATE_SQ, _CORRECTION_SQ, _MEMORY_SQ, _RESIDUAL_SQ, _PENALTY_SUM, _SIGN_FLIPS = (tl.constexpr(k) for k in range(6))
+
+
+# ------------------------------------------------------------------ memory access
+
+@triton.jit
+def _tile(table, row, col: tl.constexpr, start, DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Pointers to the tile [start, start + BLOCK) of the tensor in column col of a table row."""
+    base = tl.load(table + row + col).to(tl.pointer_type(DT))
+    ptrs = (base + start) + tl.arange(0, BLOCK)
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, 16)
+    return ptrs
+
+
+@triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> bf16 rounded to nearest even in integer arithmetic (NaN stays NaN).
+
+    The interpreter's own fp32 -> bf16 conversion truncates; compiled code uses
+    the hardware conversion, which rounds to nearest even.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
+def _store(ptrs, x, mask, DT: tl.constexpr, MASKED: tl.constexpr, SOFT_BF16: tl.constexpr):
+    if DT == tl.bfloat16 and SOFT_BF16:
+        y = _round_bf16(x)
+    else:
+        y = x.to(DT)
+    if MASKED:
+        tl.store(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y)
+
+
+@triton.jit
+def _load_grad(ptrs, mask, inv_scale, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """reference.load_grad: unscale (AMP), then negate when maximizing."""
+    g = _load(ptrs, mask, MASKED)
+    if HAS_SCALE:
+        g = g * inv_scale
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def _load_ref(ptrs, mask, inv_scale, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+              UPDATE_REFS: tl.constexpr):
+    """g_ref: a stored processed gradient (trajectory) as is, a raw probe/exact gradient like grads."""
+    if UPDATE_REFS:
+        g_ref = _load(ptrs, mask, MASKED)
+    else:
+        g_ref = _load_grad(ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+    return g_ref
+
+
+# ------------------------------------------------------------------ shared math
+
+@triton.jit
+def _descend(p, shrink, step_size, step, M, correction_lr2, SHRINK: tl.constexpr, CORRECTION: tl.constexpr):
+    """reference.descend; shrink and correction * lr^2 come precomputed from the host."""
+    if SHRINK:
+        p = p * shrink
+    p = p - step_size * step
+    if CORRECTION:
+        p = p - correction_lr2 * M
+    return p
+
+
+@triton.jit
+def _sum_into(diagnostics, slot: tl.constexpr, term, mask, MASKED: tl.constexpr):
+    """Add this tile's float64 sum of one diagnostic term to its slot."""
+    if MASKED:
+        term = tl.where(mask, term, 0.0)
+    tl.atomic_add(diagnostics + slot, tl.sum(term.to(tl.float64), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, mask, MASKED: tl.constexpr,
+                 HAS_FLIPS: tl.constexpr):
+    """reference.diagnostics, reduced per tile; sign_flips is all zeros unless HAS_FLIPS."""
+    hM = lr * M
+    memory = F - u
+    residual = memory - hM
+    _sum_into(diagnostics, _UPDATE_SQ, F * F, mask, MASKED)
+    _sum_into(diagnostics, _CORRECTION_SQ, hM * hM, mask, MASKED)
+    _sum_into(diagnostics, _MEMORY_SQ, memory * memory, mask, MASKED)
+    _sum_into(diagnostics, _RESIDUAL_SQ, residual * residual, mask, MASKED)
+    _sum_into(diagnostics, _PENALTY_SUM, penalty, mask, MASKED)
+    if HAS_FLIPS:
+        _sum_into(diagnostics, _SIGN_FLIPS, sign_flips, mask, MASKED)
+
+
+@triton.jit
+def _rdiv(scalar, x):
+    """scalar / x as torch evaluates it for a Python scalar: reciprocal(x) * scalar."""
+    return tl.div_rn(1.0, x) * scalar
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) without cancellation for small x (core Triton has no log1p)."""
+    w = 1.0 + x
+    exact = w == 1.0
+    return tl.where(exact, x, tl.div_rn(tl.log(w) * x, tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _sign(x):
+    """torch.sign as the reference computes it on the CPU: -1, 0 or 1 (0 for NaN)."""
+    return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+@triton.jit
+def _program(blocks, found_inf, HAS_INF: tl.constexpr):
+    """This program's tensor (its row of the pointer table) and tile start; go is False when AMP found an inf."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(blocks + 2 * pid)
+    start = tl.load(blocks + 2 * pid + 1)
+    go = True
+    if HAS_INF:
+        go = tl.load(found_inf).to(tl.float32) == 0.0
+    return row, start, go
+
+
+@triton.jit
+def _inv_scale(grad_scale, HAS_SCALE: tl.constexpr):
+    """1 / grad_scale in float64, rounded to fp32 like the reference's python scalar."""
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
+    return inv_scale
+
+
+# ------------------------------------------------------------------ adamw
+
+@triton.jit
+def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
+                lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2,
+                hvp_scale, shrink, step_size, correction_lr2,
+                MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr,
+                HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+                DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    mask = tl.arange(0, BLOCK) < n - start
+    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
+    m_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
+    v_ptrs = _tile(table, row, 3, start, S2, ALIGNED, BLOCK)
+    p = _load(p_ptrs, mask, MASKED)
+    g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+    exp_avg = _load(m_ptrs, mask, MASKED)
+    exp_avg_sq = _load(v_ptrs, mask, MASKED)
+
+    g_raw = g
+    if not DECOUPLED:
+        g = g + weight_decay * p
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    decay = 0.0
+    if DECOUPLED:
+        decay = weight_decay * p
+    NEED_M: tl.constexpr = HAS_REF and (CORRECTION or DIAG)
+    if EPS_INSIDE_SQRT:
+        denom = tl.sqrt_rn(tl.div_rn(exp_avg_sq, bias_correction2) + eps)
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    if MEMORYLESS or DIAG or NEED_M:
+        if EPS_INSIDE_SQRT:
+            a = tl.sqrt_rn(g * g + eps)
+            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * (g * g), a * a * a)
+            penalty = a
+        else:
+            a = tl.abs(g) + eps
+            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * tl.abs(g), a * a)
+            penalty = tl.abs(g) - eps * _log1p(tl.div_rn(tl.abs(g), eps))
+        u = tl.div_rn(g, a) + decay
+    M = tl.zeros_like(p)
+    if NEED_M:
+        r_ptrs = _tile(table, row, 4, start, R, ALIGNED, BLOCK)
+        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
+        hvp = (g_ref - g_raw) * hvp_scale
+        if not DECOUPLED:
+            hvp = hvp + weight_decay * u
+        M = coef * hvp
+    if DIAG:
+        F = tl.div_rn(tl.div_rn(exp_avg, bias_correction1), denom) + decay
+        _diagnostics(diagnostics, F, u, M, lr, penalty, 0.0, mask, MASKED, False)
+    if MEMORYLESS:
+        p = _descend(p, shrink, lr, tl.div_rn(g, a), M, correction_lr2, DECOUPLED, CORRECTION)
+    else:
+        p = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, DECOUPLED, CORRECTION)
+
+    _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
+    _store(m_ptrs, exp_avg, mask, S1, MASKED, SOFT_BF16)
+    _store(v_ptrs, exp_avg_sq, mask, S2, MASKED, SOFT_BF16)
+    if HAS_REF and UPDATE_REFS:
+        _store(_tile(table, row, 4, start, R, ALIGNED, BLOCK), g_raw, mask, R, MASKED, SOFT_BF16)
+
+
+@triton.jit
+def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+                 lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                 bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2,
+                 hvp_scale, shrink, step_size, correction_lr2,
+                 P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr,
+                 HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                 MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
+                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_INF: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                 NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, go = _program(blocks, found_inf, HAS_INF)
+    if go:
+        row = row * NCOL
+        n = tl.load(table + row + NCOL - 1)
+        inv_scale = _inv_scale(grad_scale, HAS_SCALE)
+        if start + BLOCK <= n:
+            _adamw_tile(table, row, start, n, diagnostics, inv_scale, lr, beta2, one_minus_beta1,
+                        one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                        bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale, shrink, step_size,
+                        correction_lr2, False, P, S1, S2, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS,
+                        CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+        else:
+            _adamw_tile(table, row, start, n, diagnostics, inv_scale, lr, beta2, one_minus_beta1,
+                        one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                        bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale, shrink, step_size,
+                        correction_lr2, True, P, S1, S2, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS,
+                        CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+
+
+# ------------------------------------------------------------------ lion
+
+@triton.jit
+def _smooth_sign(x, smoothing, SIGN: tl.constexpr):
+    """reference.smooth_sign: sign(x), or x / sqrt(x^2 + smoothing)."""
+    if SIGN:
+        y = _sign(x)
+    else:
+        y = tl.div_rn(x, tl.sqrt_rn(x * x + smoothing))
+    return y
+
+
+@triton.jit
+def _smooth_sign_slope(x, smoothing, SIGN: tl.constexpr):
+    """reference.smooth_sign_slope: smoothing / (x^2 + smoothing)^(3/2); zero for sign."""
+    if SIGN:
+        y = tl.zeros_like(x)
+    else:
+        s = x * x + smoothing
+        y = _rdiv(smoothing, s * tl.sqrt_rn(s))
+    return y
+
+
+@triton.jit
+def _lion_tile(table, row, start, n, diagnostics, inv_scale,
+               lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, smoothing,
+               ema_weight, age_weight, hvp_scale, shrink, correction_lr2,
+               MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+               MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, SIGN: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+               ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    mask = tl.arange(0, BLOCK) < n - start
+    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
+    m_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
+    p = _load(p_ptrs, mask, MASKED)
+    g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+    exp_avg = _load(m_ptrs, mask, MASKED)
+
+    c = beta1 * exp_avg + one_minus_beta1 * g
+    decay = weight_decay * p
+    phi_c = _smooth_sign(c, smoothing, SIGN)
+    NEED_M: tl.constexpr = HAS_REF and (CORRECTION or DIAG)
+    if MEMORYLESS or DIAG or NEED_M:
+        wg = ema_weight * g
+        phi_wg = _smooth_sign(wg, smoothing, SIGN)
+    M = tl.zeros_like(p)
+    if NEED_M:
+        r_ptrs = _tile(table, row, 3, start, R, ALIGNED, BLOCK)
+        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
+        hvp = (g_ref - g) * hvp_scale
+        M = _smooth_sign_slope(wg, smoothing, SIGN) * age_weight * hvp
+    exp_avg = beta2 * exp_avg + one_minus_beta2 * g
+    if DIAG:
+        F = phi_c + decay
+        u = phi_wg + decay
+        penalty = tl.sqrt_rn(wg * wg + smoothing)
+        sign_flips = (_sign(c) != _sign(g)).to(tl.float32)
+        _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, mask, MASKED, True)
+    if MEMORYLESS:
+        p = _descend(p, shrink, lr, phi_wg, M, correction_lr2, True, CORRECTION)
+    else:
+        p = _descend(p, shrink, lr, phi_c, M, correction_lr2, True, CORRECTION)
+
+    _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
+    _store(m_ptrs, exp_avg, mask, S1, MASKED, SOFT_BF16)
+    if HAS_REF and UPDATE_REFS:
+        _store(_tile(table, row, 3, start, R, ALIGNED, BLOCK), g, mask, R, MASKED, SOFT_BF16)
+
+
+@triton.jit
+def lion_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+                lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, smoothing,
+                ema_weight, age_weight, hvp_scale, shrink, correction_lr2,
+                P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+                HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, SIGN: tl.constexpr,
+                MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, go = _program(blocks, found_inf, HAS_INF)
+    if go:
+        row = row * NCOL
+        n = tl.load(table + row + NCOL - 1)
+        inv_scale = _inv_scale(grad_scale, HAS_SCALE)
+        if start + BLOCK <= n:
+            _lion_tile(table, row, start, n, diagnostics, inv_scale, lr, beta1, beta2, one_minus_beta1,
+                       one_minus_beta2, weight_decay, smoothing, ema_weight, age_weight, hvp_scale, shrink,
+                       correction_lr2, False, P, S1, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION,
+                       SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+        else:
+            _lion_tile(table, row, start, n, diagnostics, inv_scale, lr, beta1, beta2, one_minus_beta1,
+                       one_minus_beta2, weight_decay, smoothing, ema_weight, age_weight, hvp_scale, shrink,
+                       correction_lr2, True, P, S1, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION,
+                       SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+
+
+# ------------------------------------------------------------------ sgd
+
+@triton.jit
+def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
+              lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2,
+              MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+              HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+              HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+              MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
+              HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    mask = tl.arange(0, BLOCK) < n - start
+    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
+    p = _load(p_ptrs, mask, MASKED)
+    g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+
+    g_raw = g
+    g = g + weight_decay * p
+    if HAS_MOMENTUM:
+        b_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
+        momentum_buffer = momentum * _load(b_ptrs, mask, MASKED) + g
+        if NESTEROV:
+            F = g + momentum * momentum_buffer
+        else:
+            F = momentum_buffer
+    else:
+        F = g
+    u = update_scale * g
+    M = tl.zeros_like(p)
+    if HAS_REF and (CORRECTION or DIAG):
+        r_ptrs = _tile(table, row, 3, start, R, ALIGNED, BLOCK)
+        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
+        hvp = (g_ref - g_raw) * hvp_scale + weight_decay * g
+        M = memory_coef * hvp
+    if DIAG:
+        _diagnostics(diagnostics, F, u, M, lr, 0.5 * g * g, 0.0, mask, MASKED, False)
+    if MEMORYLESS:
+        p = _descend(p, 1.0, lr, u, M, correction_lr2, False, CORRECTION)
+    else:
+        p = _descend(p, 1.0, lr, F, M, correction_lr2, False, CORRECTION)
+
+    _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
+    if HAS_MOMENTUM:
+        _store(b_ptrs, momentum_buffer, mask, S1, MASKED, SOFT_BF16)
+    if HAS_REF and UPDATE_REFS:
+        _store(_tile(table, row, 3, start, R, ALIGNED, BLOCK), g_raw, mask, R, MASKED, SOFT_BF16)
+
+
+@triton.jit
+def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+               lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2,
+               P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+               MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr,
+               SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, go = _program(blocks, found_inf, HAS_INF)
+    if go:
+        row = row * NCOL
+        n = tl.load(table + row + NCOL - 1)
+        inv_scale = _inv_scale(grad_scale, HAS_SCALE)
+        if start + BLOCK <= n:
+            _sgd_tile(table, row, start, n, diagnostics, inv_scale, lr, momentum, weight_decay, update_scale,
+                      memory_coef, hvp_scale, correction_lr2, False, P, S1, R, HAS_MOMENTUM, NESTEROV,
+                      HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED,
+                      SOFT_BF16, BLOCK)
+        else:
+            _sgd_tile(table, row, start, n, diagnostics, inv_scale, lr, momentum, weight_decay, update_scale,
+                      memory_coef, hvp_scale, correction_lr2, True, P, S1, R, HAS_MOMENTUM, NESTEROV,
+                      HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED,
+                      SOFT_BF16, BLOCK)

@@ -1,0 +1,126 @@
+"""Host side of the Triton backend: scalars as reference.py computes them, one launch per op call.
+
+Every scalar the reference derives in Python (1 - beta1, lr / bias_correction1,
+1 - lr * weight_decay, correction * lr * lr, ...) is derived here the same way
+in float64 and handed to the kernel, where it is rounded to fp32 exactly as
+torch rounds a Python scalar against an fp32 tensor. grad_scale and found_inf
+stay on the device: the kernel reads them, so a step never syncs the host.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from . import _triton_kernels as kernels
+from . import register
+from ._triton_table import block_map, pointer_table
+from .triton import interpreting
+
+BLOCK = 1024  # elements per program (one tile)
+NUM_WARPS = 4  # 128 threads: 8 fp32 elements, two 16-byte vectors per array, per thread
+
+# CPU tensors only under the interpreter: compiled kernels would dereference host addresses on the GPU.
+DEVICE_TYPES = ("cpu", "cuda") if interpreting() else ("cuda",)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
+
+
+def _check_device(op: str, params: Sequence[Tensor]) -> torch.device:
+    p = params[0]
+    if p.dtype == torch.float64:
+        raise TypeError(f"memkernels.{op}_: the triton backend computes in fp32 and does not take float64 "
+                        "params; use backend='reference' (or 'numba' on CPU) for float64")
+    if interpreting() and p.device.type != "cpu":
+        raise RuntimeError(f"memkernels.{op}_: TRITON_INTERPRET=1 runs Triton on the CPU, which cannot read "
+                           f"the device addresses of {p.device} tensors; unset it to run on {p.device}")
+    return p.device
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def _launch(kernel, op: str, lists: Sequence[Sequence[Tensor]], diagnostics: Tensor | None,
+            grad_scale: Tensor | None, found_inf: Tensor | None, scalars: dict[str, float],
+            flags: dict[str, Any]) -> None:
+    """One launch over every tensor of the call; lists are params, grads, then the op's state lists."""
+    params = lists[0]
+    device = _check_device(op, params)
+    numels = [p.numel() for p in params]
+    blocks = block_map(numels, BLOCK, device)
+    if blocks.numel() == 0:
+        return  # every tensor is empty
+    table, aligned = pointer_table(lists, numels, device)
+    grad_scale, found_inf = _on(grad_scale, device), _on(found_inf, device)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current device's current stream
+        kernel[(blocks.numel() // 2,)](
+            table, blocks,
+            blocks if diagnostics is None else diagnostics,  # an unused pointer stands in for absent tensors
+            blocks if grad_scale is None else grad_scale,
+            blocks if found_inf is None else found_inf,
+            **scalars, **flags,
+            DIAG=diagnostics is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+            ALIGNED=aligned, SOFT_BF16=interpreting(), NCOL=len(lists) + 1, BLOCK=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
+
+
+def _dtype(lst: Sequence[Tensor], fallback: Tensor) -> tl.dtype:
+    return _TL_DTYPES[(lst[0] if lst else fallback).dtype]
+
+
+def _ref_flags(grad_refs: Sequence[Tensor], update_grad_refs: bool, correction: float, memoryless: bool,
+               maximize: bool) -> dict[str, Any]:
+    return dict(HAS_REF=bool(grad_refs), UPDATE_REFS=update_grad_refs, CORRECTION=correction != 0.0,
+                MEMORYLESS=memoryless, MAXIMIZE=maximize)
+
+
+@register("triton", "adamw", DEVICE_TYPES)
+def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, beta1, beta2, eps, weight_decay,
+          bias_correction1, bias_correction2, mean_age1, mean_age2, decoupled, eps_inside_sqrt, correction,
+          hvp_scale, maximize, memoryless, update_grad_refs, grad_scale, found_inf) -> None:
+    p = params[0]
+    scalars = dict(lr=lr, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, eps=eps,
+                   weight_decay=weight_decay, bias_correction1=bias_correction1,
+                   bias_correction2=bias_correction2, bias_correction2_sqrt=bias_correction2 ** 0.5,
+                   mean_age1=mean_age1, mean_age2=mean_age2, hvp_scale=hvp_scale,
+                   shrink=1 - lr * weight_decay if decoupled else 1.0, step_size=lr / bias_correction1,
+                   correction_lr2=correction * lr * lr)
+    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), S2=_dtype(exp_avg_sqs, p), R=_dtype(grad_refs, p),
+                 EPS_INSIDE_SQRT=eps_inside_sqrt, DECOUPLED=decoupled,
+                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
+    _launch(kernels.adamw_kernel, "adamw", (params, grads, exp_avgs, exp_avg_sqs, grad_refs), diagnostics,
+            grad_scale, found_inf, scalars, flags)
+
+
+@register("triton", "lion", DEVICE_TYPES)
+def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, weight_decay, smoothing,
+         ema_weight, age_weight, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
+         found_inf) -> None:
+    p = params[0]
+    scalars = dict(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2,
+                   weight_decay=weight_decay, smoothing=smoothing, ema_weight=ema_weight, age_weight=age_weight,
+                   hvp_scale=hvp_scale, shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)
+    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), R=_dtype(grad_refs, p), SIGN=smoothing == 0.0,
+                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
+    _launch(kernels.lion_kernel, "lion", (params, grads, exp_avgs, grad_refs), diagnostics, grad_scale,
+            found_inf, scalars, flags)
+
+
+@register("triton", "sgd", DEVICE_TYPES)
+def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum, weight_decay, nesterov,
+        update_scale, memory_coef, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
+        found_inf) -> None:
+    p = params[0]
+    scalars = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, update_scale=update_scale,
+                   memory_coef=memory_coef, hvp_scale=hvp_scale, correction_lr2=correction * lr * lr)
+    flags = dict(P=_dtype(params, p), S1=_dtype(momentum_buffers, p), R=_dtype(grad_refs, p),
+                 HAS_MOMENTUM=bool(momentum_buffers), NESTEROV=nesterov,
+                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
+    _launch(kernels.sgd_kernel, "sgd", (params, grads, momentum_buffers, grad_refs), diagnostics, grad_scale,
+            found_inf, scalars, flags)

@@ -1,0 +1,136 @@
+"""The CUDA C++ backend: libmemkernels_cuda.so (csrc/) through ctypes, one launch per op call.
+
+The library is found or built by _cuda_build (packaged at install, or built once
+into ~/.cache/memkernels when nvcc is there) and loaded by _cuda_abi. Each call
+passes a device-side table of the tensors' pointers and sizes; tables are cached
+while the data pointers stay the same, so a training loop uploads them once.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _cuda_abi, _cuda_build, register, unavailable
+
+_DTYPE_CODES = {getattr(torch, name): code for name, code in _cuda_abi.DTYPE_CODES.items()}
+
+
+class _Table(NamedTuple):
+    rows: Tensor | None  # int64 [n_tensors, TABLE_COLS] on the device; None when every tensor is empty
+    n_tensors: int
+    n_chunks: int
+    streams: set[int]  # streams it was used on (record_stream keeps it alive for them)
+
+
+class _TableCache:
+    """Pointer tables keyed by every data pointer and size they hold, least recently used first out."""
+
+    def __init__(self, chunk_elems: int, capacity: int = 64) -> None:
+        self.chunk_elems, self.capacity = chunk_elems, capacity
+        self._tables: OrderedDict[tuple, _Table] = OrderedDict()
+
+    def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]], stream: torch.cuda.Stream) -> _Table:
+        """columns: params, grads, state0, state1, grad_refs (an absent list is empty)."""
+        n = len(columns[0])
+        pointers = [[t.data_ptr() for t in col] if col else [0] * n for col in columns]
+        sizes = [p.numel() for p in columns[0]]
+        key = (device.index, *map(tuple, pointers), tuple(sizes))
+        table = self._tables.get(key)
+        if table is None:
+            table = self._build(device, pointers, sizes, stream)
+            self._tables[key] = table
+            if len(self._tables) > self.capacity:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+            if table.rows is not None and stream.cuda_stream not in table.streams:
+                table.rows.record_stream(stream)
+                table.streams.add(stream.cuda_stream)
+        return table
+
+    def _build(self, device, pointers, sizes, stream) -> _Table:
+        rows, chunk = [], 0
+        for i, numel in enumerate(sizes):
+            if numel == 0:
+                continue
+            ptrs = [col[i] for col in pointers]
+            vec_ok = int(all(p % 16 == 0 for p in ptrs))
+            rows.append([*ptrs, numel, chunk, vec_ok])
+            chunk += -(-numel // self.chunk_elems)
+        if not rows:
+            return _Table(None, 0, 0, set())
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        return _Table(table, len(rows), chunk, {stream.cuda_stream})
+
+
+def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | None]:
+    """(data pointer, dtype code, the tensor kept alive) of grad_scale / found_inf on the device."""
+    if t is None:
+        return 0, 0, None
+    if t.device != device or t.dtype not in _DTYPE_CODES:
+        t = t.to(device=device, dtype=t.dtype if t.dtype in _DTYPE_CODES else torch.float32)
+    return t.data_ptr(), _DTYPE_CODES[t.dtype], t
+
+
+def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequence[list[Tensor]],
+         grad_refs: list[Tensor], diagnostics: Tensor | None, *, maximize: bool, update_grad_refs: bool,
+         grad_scale: Tensor | None, found_inf: Tensor | None, **scalars) -> None:
+    device = params[0].device
+    stream = torch.cuda.current_stream(device)
+    states = [*state_lists, *([[]] * (2 - len(state_lists)))]
+    table = _TABLES.get(device, [params, grads, *states, grad_refs], stream)
+    if table.n_chunks == 0:
+        return  # only empty tensors: nothing changes and the diagnostics sums gain nothing
+    scale_ptr, scale_dtype, _scale = _scalar(grad_scale, device)
+    inf_ptr, inf_dtype, _inf = _scalar(found_inf, device)
+    param_dtype = _DTYPE_CODES[params[0].dtype]
+    launch = _cuda_abi.Launch(
+        table=table.rows.data_ptr(), n_tensors=table.n_tensors, n_chunks=table.n_chunks, device=device.index,
+        stream=stream.cuda_stream, param_dtype=param_dtype,
+        state_dtype=(ctypes.c_int64 * 2)(*(_DTYPE_CODES[s[0].dtype] if s else param_dtype for s in states)),
+        state_present=(ctypes.c_int64 * 2)(*(int(bool(s)) for s in states)),
+        ref_dtype=_DTYPE_CODES[grad_refs[0].dtype] if grad_refs else param_dtype,
+        has_grad_refs=int(bool(grad_refs)), update_grad_refs=int(update_grad_refs), maximize=int(maximize),
+        grad_scale=scale_ptr, grad_scale_dtype=scale_dtype, found_inf=inf_ptr, found_inf_dtype=inf_dtype,
+        diagnostics=diagnostics.data_ptr() if diagnostics is not None else 0)
+    args_type = _cuda_abi.ARGS[op]
+    args = args_type(**{name: scalars[name] for name, _ in args_type._fields_})
+    _LIB.call(op, launch, args)
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, **kw) -> None:
+    _run("adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, **kw)
+
+
+def lion(params, grads, exp_avgs, grad_refs, diagnostics, **kw) -> None:
+    _run("lion", params, grads, (exp_avgs,), grad_refs, diagnostics, **kw)
+
+
+def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, **kw) -> None:
+    _run("sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics, **kw)
+
+
+def _load() -> tuple[_cuda_abi.Library | None, str]:
+    """The library, or None and why the backend cannot run here."""
+    if not torch.cuda.is_available():
+        return None, "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    path, how = _cuda_build.locate()
+    if path is None:
+        return None, how
+    try:
+        return _cuda_abi.Library(path), how
+    except (OSError, _cuda_abi.AbiMismatch) as exc:
+        return None, f"cannot load {path}: {exc}"
+
+
+_LIB, LIBRARY_ORIGIN = _load()
+if _LIB is None:
+    unavailable("cuda", LIBRARY_ORIGIN)
+else:
+    _TABLES = _TableCache(_LIB.chunk_elems)
+    for _op, _kernel in (("adamw", adamw), ("lion", lion), ("sgd", sgd)):
+        register("cuda", _op, ("cuda",))(_kernel)

@@ -1,0 +1,224 @@
+"""The CUDA library builds with nvcc (sm_90 only, to stay fast), exports the C ABI that
+memkernels/backends/_cuda_abi.py mirrors, and its Python side behaves without a GPU.
+
+Skipped only where nvcc is absent; a failing compile fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memkernels import backends
+from memkernels.backends import _cuda_abi, _cuda_build
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = _cuda_build.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> _cuda_build.BuildResult:
+    if NVCC is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
+    out = tmp_path_factory.mktemp("mk_cuda") / _cuda_build.LIB_NAME
+    try:
+        return _cuda_build.build(out, "sm_90", resource_usage=True)
+    except _cuda_build.BuildError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def lib(built) -> _cuda_abi.Library:
+    return _cuda_abi.Library(built.path)
+
+
+@needs_nvcc
+def test_library_identity(built, lib):
+    assert lib.archs == "sm_90"
+    assert lib.source_hash == _cuda_build.source_hash(ROOT / "csrc") == _cuda_build.embedded_hash(built.path)
+    assert lib.chunk_elems > 0 and lib.chunk_elems % 8 == 0  # whole vectors of every dtype
+
+
+@needs_nvcc
+def test_every_kernel_is_built_without_spills(built):
+    """3 ops x 4 param dtypes x diagnostics on/off, no local-memory spills."""
+    reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", built.log)
+    assert len(reports) == 3 * 4 * 2, built.log
+    assert all(r == ("0", "0", "0") for r in reports), built.log
+
+
+@needs_nvcc
+def test_only_the_c_abi_is_exported(built):
+    """cudart is linked statically and hidden: the library exports mk_* and nothing that could clash."""
+    if shutil.which("nm") is None or shutil.which("ldd") is None:
+        pytest.skip("nm or ldd (binutils, libc-bin) not installed")
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(built.path)], capture_output=True, text=True)
+    assert nm.returncode == 0, nm.stderr
+    names = {line.split()[-1] for line in nm.stdout.splitlines() if line.strip()}
+    assert names == {"mk_struct_size", "mk_abi_version", "mk_chunk_elems", "mk_source_hash", "mk_archs",
+                     "mk_error_string", "mk_adamw", "mk_lion", "mk_sgd"}
+    ldd = subprocess.run(["ldd", str(built.path)], capture_output=True, text=True).stdout
+    assert "libcudart" not in ldd
+
+
+@needs_nvcc
+def test_vector_loads_and_stores(tmp_path):
+    """The aligned path moves 16 bytes per access (the table's pointers are generic, so this is
+    not automatic); checked in the PTX of one op."""
+    ptx = tmp_path / "adamw.ptx"
+    cmd = [NVCC, *_cuda_build.NVCC_FLAGS, "-arch=compute_90", "-DMK_SOURCE_HASH=\"x\"", "-DMK_ARCHS=\"x\"",
+           f"-I{ROOT / 'csrc' / 'include'}", "-ptx", str(ROOT / "csrc" / "adamw.cu"), "-o", str(ptx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = ptx.read_text()
+    assert "ld.global.ca.v4.u32" in text and "st.global.wb.v4.u32" in text
+    assert not re.search(r"^\s*(ld|st)\.v\d", text, re.MULTILINE), "generic (non-global) vector accesses"
+
+
+def _launch(**fields) -> _cuda_abi.Launch:
+    launch = _cuda_abi.Launch(n_tensors=1, n_chunks=1, table=0x1000, param_dtype=0)
+    for name, value in fields.items():
+        setattr(launch, name, value)
+    return launch
+
+
+def _adamw_args() -> _cuda_abi.AdamWArgs:
+    return _cuda_abi.AdamWArgs(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction1=0.1,
+                               bias_correction2=0.001, decoupled=1)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fields, message", [
+    (dict(table=None), "invalid mk_launch"),
+    (dict(n_tensors=-1), "invalid mk_launch"),
+    (dict(param_dtype=7), "unsupported params dtype"),
+    (dict(param_dtype=2, state_present=(ctypes.c_int64 * 2)(1, 1), state_dtype=(ctypes.c_int64 * 2)(1, 0)),
+     "neither the params' dtype"),
+    (dict(has_grad_refs=1, ref_dtype=1, param_dtype=0), "neither the params' dtype"),
+    (dict(grad_scale=0x1000, grad_scale_dtype=9), "grad_scale or found_inf"),
+])
+def test_bad_launches_are_refused_before_cuda(lib, fields, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        lib.call("adamw", _launch(**fields), _adamw_args())
+
+
+@needs_nvcc
+def test_empty_call_needs_no_cuda(lib):
+    lib.call("sgd", _launch(n_chunks=0, table=None), _cuda_abi.SGDArgs(lr=0.1))
+
+
+@needs_nvcc
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path of a machine without a GPU")
+def test_cuda_errors_raise_with_cudas_message(lib):
+    with pytest.raises(RuntimeError, match=r"lion failed with error \d+: .*(driver|device)"):
+        lib.call("lion", _launch(), _cuda_abi.LionArgs(lr=1e-4, beta1=0.9, beta2=0.99))
+
+
+def test_struct_layout_is_all_8_byte_fields():
+    """api.h keeps every field 8 bytes wide; the mirrors must too (then sizes pin the layout)."""
+    for struct in (_cuda_abi.Launch, *_cuda_abi.ARGS.values()):
+        assert all(getattr(struct, name).size % 8 == 0 and getattr(struct, name).offset % 8 == 0
+                   for name, _ in struct._fields_)
+    assert ctypes.sizeof(_cuda_abi.Launch) == 19 * 8
+
+
+def test_struct_mirrors_follow_api_h():
+    """The ctypes field names and order are those of api.h."""
+    header = (ROOT / "csrc" / "include" / "memkernels" / "api.h").read_text()
+    for c_name, struct in (("mk_launch", _cuda_abi.Launch), ("mk_adamw_args", _cuda_abi.AdamWArgs),
+                           ("mk_lion_args", _cuda_abi.LionArgs), ("mk_sgd_args", _cuda_abi.SGDArgs)):
+        body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (c_name, c_name), header, re.DOTALL).group(1)
+        body = re.sub(r"/\*.*?\*/", "", body, flags=re.DOTALL)
+        declared = re.findall(r"(\w+)(?:\[\d\])?\s*[,;]", body)
+        assert declared == [name for name, _ in struct._fields_], c_name
+
+
+def test_arch_spec_parsing():
+    assert _cuda_build.gencode_flags("sm_80;sm_90+PTX") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert _cuda_build.parse_archs("8.0, 90a 120+ptx") == [("80", False), ("90a", False), ("120", True)]
+    with pytest.raises(ValueError, match="cannot read architecture 'hopper'"):
+        _cuda_build.parse_archs("hopper")
+
+
+def test_source_hash_covers_every_library_source(tmp_path):
+    """Editing any file the library is built from makes a built library stale."""
+    src = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", src)
+    before = _cuda_build.source_hash(src)
+    files = [p for p in src.rglob("*") if p.is_file() and p.name != "host_module.cpp"]
+    assert {p.suffix for p in files} >= {".cu", ".h", ".cuh"}
+    for path in files:
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n// edited\n")
+        assert _cuda_build.source_hash(src) != before, path.name
+        path.write_bytes(original)
+    assert _cuda_build.source_hash(src) == before
+
+
+def test_locate_prefers_current_builds(tmp_path, monkeypatch):
+    """A library built from other sources is stale: locate() skips it and, without nvcc, says why."""
+    src = _cuda_build.source_dir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(_cuda_build.LIB_ENV, raising=False)
+    packaged = tmp_path / "pkg" / _cuda_build.LIB_NAME
+    monkeypatch.setattr(_cuda_build, "packaged_library", lambda: packaged)
+    packaged.parent.mkdir()
+    packaged.write_bytes(b"\0memkernels-source-hash:0123456789abcdef\0")
+    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: None)
+    path, why = _cuda_build.locate()
+    assert path is None and "stale" in why and "nvcc not found" in why
+    cached = _cuda_build.cached_library(src, _cuda_build.requested_archs())
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"memkernels-source-hash:" + _cuda_build.source_hash(src).encode())
+    assert _cuda_build.locate() == (cached, f"cached {cached}")
+    packaged.write_bytes(cached.read_bytes())
+    assert _cuda_build.locate() == (packaged, f"packaged {packaged}")
+    monkeypatch.setenv(_cuda_build.LIB_ENV, str(tmp_path / "missing.so"))
+    assert _cuda_build.locate() == (None, f"{_cuda_build.LIB_ENV}={tmp_path / 'missing.so'} does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without a GPU")
+def test_backend_unavailable_without_gpu():
+    assert backends.load("cuda") == "unavailable: torch sees no CUDA device (torch.cuda.is_available() is False)"
+
+
+def test_pointer_table(monkeypatch):
+    """Rows skip empty tensors, number chunks across tensors, flag 16-byte alignment; cached by pointers."""
+    from memkernels.backends import cuda
+
+    class Stream:
+        cuda_stream = 0
+
+    cache = cuda._TableCache(chunk_elems=16)
+    buf = torch.zeros(200)
+    params = [buf[0:40], buf[40:40], buf[41:42], buf[48:80]]  # 40 elems, empty, misaligned 1, aligned 32
+    grads = [torch.zeros(40), torch.zeros(0), torch.zeros(1), torch.zeros(32)]
+    columns = [params, grads, [], [], []]
+    table = cache.get(torch.device("cpu"), columns, Stream())
+    assert (table.n_tensors, table.n_chunks) == (3, 3 + 1 + 2)
+    rows = table.rows.tolist()
+    assert [r[5:] for r in rows] == [[40, 0, 1], [1, 3, 0], [32, 4, 1]]
+    assert rows[0][:5] == [params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0]
+    assert cache.get(torch.device("cpu"), columns, Stream()) is table
+    grads[3] = torch.zeros(32)
+    assert cache.get(torch.device("cpu"), columns, Stream()) is not table
+    assert cache.get(torch.device("cpu"), [[torch.zeros(0)], [torch.zeros(0)], [], [], []], Stream()).n_chunks == 0
+
+
+def test_setup_py_without_nvcc_is_pure_python(tmp_path):
+    """MEMKERNELS_CUDA_BUILD=0 (or no nvcc): no library, but the sources travel for a first-use build."""
+    env = {"MEMKERNELS_CUDA_BUILD": "0", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "memkernels" / "_csrc" / "include" / "memkernels" / "math.h").is_file()
+    assert not (tmp_path / "memkernels" / "_lib").exists()

@@ -1,0 +1,284 @@
+"""The CUDA C++ backend against the reference backend on a GPU (run by bench/gpu_check.sh).
+
+Every op and mode at large and odd sizes, many tensors in one call, misaligned views,
+fp32/bf16/fp16/fp64 parameters with fp32 or half states, AMP scaling, and the
+diagnostics sums. The reference backend runs reference.py with torch's CUDA ops on
+copies of the same inputs; where the two differ it is by torch evaluating `x / scalar`
+as x * (1 / scalar) on CUDA (an ulp), log1p (an ulp) and summation order.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import memkernels  # noqa: F401  (registers the ops)
+from memkernels import backends
+from memkernels.reference import DIAGNOSTICS, NDIAG
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+BACKEND = "cuda"
+OPS = {"adamw": torch.ops.memkernels.adamw_, "lion": torch.ops.memkernels.lion_, "sgd": torch.ops.memkernels.sgd_}
+STATES = {"adamw": 2, "lion": 1, "sgd": 1}
+SCALARS = {
+    "adamw": dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, bias_correction1=1 - 0.9 ** 5,
+                  bias_correction2=1 - 0.999 ** 5, mean_age1=2.1, mean_age2=2.5),
+    "lion": dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, smoothing=0.0, ema_weight=0.41, age_weight=2.7),
+    "sgd": dict(lr=1e-2, momentum=0.9, weight_decay=1e-3, nesterov=False, update_scale=4.1, memory_coef=17.0),
+}
+MODES = {
+    "plain": dict(),
+    "probe_correction": dict(refs=True, diag=True, correction=-1.0, hvp_scale=10.0),
+    "trajectory": dict(refs=True, diag=True, correction=0.5, hvp_scale=30.0, update_grad_refs=True),
+    "memoryless": dict(refs=True, diag=True, correction=-1.0, hvp_scale=10.0, memoryless=True),
+    "amp_maximize": dict(refs=True, diag=True, correction=-1.0, hvp_scale=10.0, maximize=True, scale=1024.0),
+    "diag_only": dict(refs=True, diag=True),
+}
+VARIANTS = {  # op-specific flags, each run in the probe mode
+    "adamw": [dict(decoupled=False), dict(eps_inside_sqrt=True), dict(decoupled=False, eps_inside_sqrt=True)],
+    "lion": [dict(smoothing=1e-4), dict(smoothing=1e-2, memoryless=True)],
+    "sgd": [dict(nesterov=True), dict(momentum=0.0, no_buffers=True)],
+}
+# (params dtype, states dtype, grad_refs dtype)
+DTYPES = {
+    "f32": (torch.float32, torch.float32, torch.float32),
+    "bf16_f32states": (torch.bfloat16, torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "f16_f32states": (torch.float16, torch.float32, torch.float16),
+    "f16": (torch.float16, torch.float16, torch.float16),
+    "f64": (torch.float64, torch.float64, torch.float64),
+}
+SHAPES = [(1 << 21) + 7, (1,), (0,), (1023,), (4097,), (129, 67), (16384,), (16385,)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend_loads():
+    state = backends.load(BACKEND)
+    assert state.startswith("available"), f"the {BACKEND} backend must load on a GPU machine: {state}"
+
+
+def _generator() -> tuple[torch.Generator, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator(DEVICE).manual_seed(seed), seed
+
+
+def _shape(s) -> tuple[int, ...]:
+    return s if isinstance(s, tuple) else (s,)
+
+
+def _make(op: str, shapes, dtypes, mode: dict, gen: torch.Generator) -> dict:
+    """Fresh inputs: params, grads (scaled when AMP is on), states, grad_refs, diagnostics."""
+    pdt, sdt, rdt = dtypes
+    scale = mode.get("scale", 1.0)
+
+    def rand(shape, dtype, factor=1.0, positive=False):
+        x = torch.randn(_shape(shape), device=DEVICE, dtype=torch.float32, generator=gen) * factor
+        return (x * x if positive else x).to(dtype)
+
+    n_states = 0 if mode.get("no_buffers") else STATES[op]
+    return {
+        "params": [rand(s, pdt) for s in shapes],
+        "grads": [rand(s, pdt, 0.1 * scale) for s in shapes],
+        "states": [[rand(s, sdt, 0.05, positive=(op == "adamw" and k == 1)) for s in shapes]
+                   for k in range(n_states)] + ([[]] if mode.get("no_buffers") else []),
+        "grad_refs": [rand(s, rdt, 0.1 * scale) for s in shapes] if mode.get("refs") else [],
+        "diagnostics": torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE) if mode.get("diag") else None,
+    }
+
+
+def _clone(inputs: dict) -> dict:
+    return {
+        "params": [t.clone() for t in inputs["params"]],
+        "grads": [t.clone() for t in inputs["grads"]],
+        "states": [[t.clone() for t in lst] for lst in inputs["states"]],
+        "grad_refs": [t.clone() for t in inputs["grad_refs"]],
+        "diagnostics": None if inputs["diagnostics"] is None else inputs["diagnostics"].clone(),
+    }
+
+
+def _kwargs(op: str, mode: dict) -> dict:
+    kw = {**SCALARS[op], **{k: v for k, v in mode.items() if k not in ("refs", "diag", "scale", "no_buffers")}}
+    if op == "sgd" and mode.get("no_buffers"):
+        kw["momentum"] = 0.0
+    if "scale" in mode:
+        kw["grad_scale"] = torch.tensor(mode["scale"], device=DEVICE)
+        kw["found_inf"] = torch.zeros((), device=DEVICE)
+    return kw
+
+
+def _step(op: str, x: dict, kw: dict, backend: str) -> None:
+    OPS[op](x["params"], x["grads"], *x["states"], x["grad_refs"], x["diagnostics"], **kw, backend=backend)
+
+
+def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, seed: int) -> None:
+    """fp32/fp64: ulps apart; half: rounded from fp32 values an ulp apart, so rarely one half-ulp."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    where = f"{name} (seed {seed})"
+    if got.dtype in (torch.float16, torch.bfloat16):
+        rtol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[got.dtype]
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5, equal_nan=True, msg=where)
+        differ = ((got != want) & ~(got.isnan() & want.isnan())).sum().item()
+        assert differ <= 1e-3 * got.numel(), f"{where}: {differ} of {got.numel()} elements differ"
+    else:
+        rtol = 1e-5 if got.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * 1e-2, equal_nan=True, msg=where)
+
+
+def _compare(op: str, shapes, dtypes, mode: dict) -> None:
+    gen, seed = _generator()
+    mine = _make(op, shapes, dtypes, mode, gen)
+    ref = _clone(mine)
+    kw = _kwargs(op, mode)
+    _step(op, mine, kw, BACKEND)
+    _step(op, ref, kw, "reference")
+    for key in ("params", "grads", "grad_refs"):
+        for i, (a, b) in enumerate(zip(mine[key], ref[key])):
+            _assert_close(f"{key}[{i}]", a, b, seed)
+    for k, (la, lb) in enumerate(zip(mine["states"], ref["states"])):
+        for i, (a, b) in enumerate(zip(la, lb)):
+            _assert_close(f"states[{k}][{i}]", a, b, seed)
+    if mine["diagnostics"] is not None:
+        for name, a, b in zip(DIAGNOSTICS, mine["diagnostics"].tolist(), ref["diagnostics"].tolist()):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-9), f"diagnostics {name} (seed {seed}): {a} vs {b}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", OPS)
+def test_op_matches_reference(op, mode, dtype):
+    _compare(op, SHAPES, DTYPES[dtype], MODES[mode])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_variants_match_reference(op):
+    for variant in VARIANTS[op]:
+        for dtype in ("f32", "bf16_f32states"):
+            _compare(op, SHAPES, DTYPES[dtype], {**MODES["probe_correction"], **variant})
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_many_tensors_in_one_launch(op):
+    """Hundreds of tensors of random sizes (empty ones too): the chunk table and its search."""
+    sizes = torch.randint(0, 6000, (300,)).tolist() + [0, 1, 40000]
+    _compare(op, sizes, DTYPES["f32"], MODES["trajectory"])
+    _compare(op, sizes, DTYPES["bf16_f32states"], MODES["probe_correction"])
+
+
+def test_large_tensor():
+    _compare("adamw", [(1 << 24) + 3], DTYPES["f32"], MODES["trajectory"])
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", ["f32", "bf16_f32states", "f16"])
+def test_views_at_an_offset(offset, dtype):
+    """Slices starting at element `offset` of a larger buffer: scalar loads (or vector ones when the
+    offset keeps 16-byte alignment); the elements around the slices stay untouched."""
+    op, n, mode = "adamw", 50001, MODES["trajectory"]
+    gen, seed = _generator()
+    full = _make(op, [n + offset + 5], DTYPES[dtype], mode, gen)
+    views = {
+        "params": [full["params"][0][offset:offset + n]], "grads": [full["grads"][0][offset:offset + n]],
+        "states": [[lst[0][offset:offset + n]] for lst in full["states"]],
+        "grad_refs": [full["grad_refs"][0][offset:offset + n]], "diagnostics": full["diagnostics"],
+    }
+    before = _clone(full)
+    ref = _clone(views)
+    kw = _kwargs(op, mode)
+    _step(op, views, kw, BACKEND)
+    _step(op, ref, kw, "reference")
+    for key in ("params", "grad_refs"):
+        _assert_close(key, views[key][0], ref[key][0], seed)
+        a, b = full[key][0], before[key][0]
+        assert torch.equal(a[:offset], b[:offset]) and torch.equal(a[offset + n:], b[offset + n:]), key
+    for k in range(len(full["states"])):
+        _assert_close(f"states[{k}]", views["states"][k][0], ref["states"][k][0], seed)
+        assert torch.equal(full["states"][k][0][:offset], before["states"][k][0][:offset])
+
+
+def test_mixed_list_dtypes():
+    """Each state list and grad_refs has its own dtype: bf16 params, f32 exp_avg, bf16 exp_avg_sq, f32 refs."""
+    gen, seed = _generator()
+    mode = MODES["trajectory"]
+    x = _make("adamw", SHAPES, DTYPES["bf16"], mode, gen)
+    x["states"][0] = [t.float() for t in x["states"][0]]
+    x["grad_refs"] = [t.float() for t in x["grad_refs"]]
+    ref = _clone(x)
+    kw = _kwargs("adamw", mode)
+    _step("adamw", x, kw, BACKEND)
+    _step("adamw", ref, kw, "reference")
+    for k in range(2):
+        for a, b in zip(x["states"][k], ref["states"][k]):
+            _assert_close(f"states[{k}]", a, b, seed)
+    for a, b in zip(x["params"] + x["grad_refs"], ref["params"] + ref["grad_refs"]):
+        _assert_close("params/grad_refs", a, b, seed)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_found_inf_changes_nothing(op):
+    gen, _ = _generator()
+    mode = MODES["amp_maximize"]
+    x = _make(op, SHAPES, DTYPES["f32"], {**mode, "update_grad_refs": True}, gen)
+    before = _clone(x)
+    kw = {**_kwargs(op, mode), "update_grad_refs": True, "found_inf": torch.ones((), device=DEVICE)}
+    _step(op, x, kw, BACKEND)
+    for key in ("params", "grad_refs"):
+        assert all(torch.equal(a, b) for a, b in zip(x[key], before[key])), key
+    assert all(torch.equal(a, b) for la, lb in zip(x["states"], before["states"]) for a, b in zip(la, lb))
+    assert torch.equal(x["diagnostics"], before["diagnostics"])
+
+
+def test_side_stream_and_table_cache():
+    """Runs on the current (non-default) stream; cached tables follow changed data pointers."""
+    from memkernels.backends import cuda
+
+    gen, seed = _generator()
+    mode = MODES["probe_correction"]
+    kw = _kwargs("adamw", mode)
+    x = _make("adamw", SHAPES, DTYPES["f32"], mode, gen)
+    ref = _clone(x)
+    cuda._TABLES._tables.clear()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            _step("adamw", x, kw, BACKEND)
+    stream.synchronize()
+    for _ in range(3):
+        _step("adamw", ref, kw, "reference")
+    assert len(cuda._TABLES._tables) == 1  # uploaded once, reused twice
+    for a, b in zip(x["params"], ref["params"]):
+        _assert_close("params after 3 steps on a side stream", a, b, seed)
+    x["params"][0] = x["params"][0].clone()  # a new data pointer: a new table
+    ref["params"][0] = ref["params"][0].clone()
+    _step("adamw", x, kw, BACKEND)
+    _step("adamw", ref, kw, "reference")
+    assert len(cuda._TABLES._tables) == 2
+    for a, b in zip(x["params"], ref["params"]):
+        _assert_close("params after a pointer change", a, b, seed)
+
+
+@pytest.mark.parametrize("cls, kw", [("AdamW", dict()), ("AdamW", dict(memory_correction=-1.0, eps=1e-3)),
+                                     ("Lion", dict(smoothing=1e-3)), ("SGD", dict(momentum=0.9, memory_correction=-1.0))])
+def test_optimizer_steps_match_reference_backend(cls, kw):
+    """The optimizer classes over the cuda backend and the reference backend, 10 steps, with tracking.
+
+    AdamW's correction coefficient grows like 1/eps for gradients near zero, so with eps=1e-8
+    ulp-level differences between backends grow chaotically over steps: eps=1e-3 here."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 129), torch.nn.Tanh(), torch.nn.Linear(129, 10)).to(DEVICE)
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 129), torch.nn.Tanh(), torch.nn.Linear(129, 10)).to(DEVICE)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(256, 64, device=DEVICE), torch.randint(0, 10, (256,), device=DEVICE)
+    opt_cls = getattr(memkernels, cls)
+    mine = opt_cls(model.parameters(), lr=1e-3, track_memory=True, backend=BACKEND, **kw)
+    theirs = opt_cls(twin.parameters(), lr=1e-3, track_memory=True, backend="reference", **kw)
+    for _ in range(10):
+        for net, opt in ((model, mine), (twin, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

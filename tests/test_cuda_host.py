@@ -1,0 +1,276 @@
+"""The CUDA kernels' per-element math (csrc/include/memkernels/math.h), compiled for the host
+with g++ into a pybind11 module, against memkernels/reference.py.
+
+math.h runs in float for fp16/bf16/fp32 parameters and in double for fp64, so its float
+instantiation is compared with reference.py evaluated in float32 and its double
+instantiation with reference.py in float64, element by element, for every output of a
+step (p, states, the processed g, M and the six diagnostic terms). They must agree bit for
+bit (same IEEE operations in the same order), except the one term that goes through two
+libraries' log1p, held to 1e-6 relative. Inputs are fresh random values over eleven
+orders of magnitude plus every pair of edge values (0, -0, tiny, huge, NaN, Inf) of g and g_ref.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memkernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+# math.h repeats reference.py's operations in the same order, so every output is the same
+# rounding of the same IEEE operations: equal bit for bit, except where libm's log1p enters.
+LOG1P_RTOL = 1e-6
+# Edge values of g and g_ref: zero, signed zero, tiny (subnormal in float32), huge, NaN and Inf.
+EDGES = [0.0, -0.0, 1e-30, -1e-42, 1e-300, 1e30, -3e38, 1e300, float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """Build csrc/host_module.cpp with g++ once per session; fail if g++ is there and it fails."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) on PATH: cannot build the host module of math.h")
+    pybind11 = pytest.importorskip("pybind11")
+    out = tmp_path_factory.mktemp("mk_host") / ("_mk_host" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffp-contract=off",
+           "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc' / 'include'}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", str(ROOT / "csrc" / "host_module.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"host module build failed:\n{' '.join(cmd)}\n{proc.stderr}"
+    spec = importlib.util.spec_from_file_location("_mk_host", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ inputs and the reference
+
+def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = True) -> dict[str, np.ndarray]:
+    """Random values over many magnitudes, with the edge values placed in g and in g_ref."""
+    n = n_random + (len(EDGES) ** 2 if edges else 0)
+    magnitude = 10.0 ** rng.uniform(-8, 3, n)
+    grad = rng.standard_normal(n) * magnitude
+    grad_ref = grad + rng.standard_normal(n) * magnitude * 0.1
+    if edges:  # every pair of edge values (g, g_ref) occurs once
+        pairs = np.array([(a, b) for a in EDGES for b in EDGES])
+        grad[n_random:], grad_ref[n_random:] = pairs[:, 0], pairs[:, 1]
+    with np.errstate(over="ignore"):
+        return {
+            "p": rng.standard_normal(n).astype(dtype),
+            "grad": grad.astype(dtype),
+            "exp_avg": (rng.standard_normal(n) * magnitude * 0.5).astype(dtype),
+            "exp_avg_sq": ((rng.standard_normal(n) * magnitude) ** 2).astype(dtype),
+            "grad_ref": grad_ref.astype(dtype),
+        }
+
+
+def _numpy_ufunc(ufunc):
+    """torch's CPU sqrt and log1p are vectorized approximations (measured here: sqrt is off by an
+    ulp for ~20% of float32 and ~1% of float64 inputs); math.h calls the IEEE sqrt, as CUDA does,
+    and libm's log1p. The reference evaluates them through numpy so that the comparison checks
+    the formulas and their order of operations rather than two libms."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with np.errstate(all="ignore"):
+            return torch.from_numpy(np.asarray(ufunc(x.numpy()), dtype=x.numpy().dtype))
+    return fn
+
+
+def _reference(op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict):
+    """reference.py on torch tensors of x's dtype, loading g and g_ref as backends/reference.py does."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "sqrt", _numpy_ufunc(np.sqrt))
+        mp.setattr(torch, "log1p", _numpy_ufunc(np.log1p))
+        return _reference_step(op, x, states, has_ref, kw)
+
+
+def _reference_step(op, x, states, has_ref, kw):
+    kw = dict(kw)
+    inv_scale, maximize, update = kw.pop("inv_scale", 1.0), kw.pop("maximize", False), kw.pop("update_grad_refs", False)
+    t = {k: torch.from_numpy(v.copy()) for k, v in x.items()}
+    g = reference.load_grad(t["grad"], inv_scale, maximize)
+    g_ref = None
+    if has_ref:
+        g_ref = t["grad_ref"] if update else reference.load_grad(t["grad_ref"], inv_scale, maximize)
+    state_values = [t[name] if name else None for name in states]
+    return getattr(reference, op)(t["p"], g, *state_values, g_ref, **kw)
+
+
+def _host(host, op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict) -> dict:
+    args = [x[name] if name else None for name in states]
+    return getattr(host, op)(x["p"], x["grad"], *args, x["grad_ref"] if has_ref else None, **kw)
+
+
+def _assert_matches(name: str, actual: np.ndarray, expected: torch.Tensor, *, rtol: float, atol,
+                    seed: int) -> None:
+    """Same NaN positions, same infinities, and |actual - expected| <= rtol * |expected| + atol."""
+    e = expected.numpy()
+    assert actual.dtype == e.dtype, f"{name}: dtype {actual.dtype} vs {e.dtype}"
+    where = f"{name} (seed {seed})"
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(e), err_msg=f"{where}: NaN positions differ")
+    finite = np.isfinite(e)
+    np.testing.assert_array_equal(actual[~finite & ~np.isnan(e)], e[~finite & ~np.isnan(e)],
+                                  err_msg=f"{where}: infinities differ")
+    a, e, tol = actual[finite].astype(np.float64), e[finite].astype(np.float64), np.broadcast_to(atol, finite.shape)[finite]
+    bad = ~(np.abs(a - e) <= rtol * np.abs(e) + tol)
+    assert not bad.any(), (f"{where}: {bad.sum()} of {bad.size} elements differ, e.g. "
+                           f"{a[bad][:4]} vs {e[bad][:4]}")
+
+
+def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edges: bool = True) -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    x = _inputs(np.random.default_rng(seed), dtype, edges=edges)
+    with np.errstate(all="ignore"):
+        got = _host(host, op, x, states, has_ref, kw)
+    want = _reference(op, x, states, has_ref, kw)
+    exact = dict(rtol=0.0, atol=0.0, seed=seed)
+    _assert_matches("p", got["p"], want.p, **exact)
+    for i, (value, expected) in enumerate(zip(got["states"], want.states)):
+        _assert_matches(f"states[{i}]", value, expected, **exact)
+    _assert_matches("g", got["g"], want.g, **exact)
+    _assert_matches("M", got["M"], want.M, **exact)
+    for k, (name, expected) in enumerate(zip(reference.DIAGNOSTICS, want.diag)):
+        if op == "adamw" and name == "penalty_sum" and not kw["eps_inside_sqrt"]:
+            # |g| - eps log1p(|g| / eps): two libms' log1p may differ by an ulp, and the
+            # difference cancels for |g| << eps, so the bound there is relative to |g|.
+            atol = 4 * np.finfo(dtype).eps * np.abs(x["grad"].astype(np.float64)) * kw["inv_scale"]
+            _assert_matches(name, got["diag"][k], expected, rtol=LOG1P_RTOL, atol=atol, seed=seed)
+        else:
+            _assert_matches(name, got["diag"][k], expected, **exact)
+
+
+# --------------------------------------------------------------------------- the modes
+
+DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
+COMMON = dict(correction=0.0, hvp_scale=0.0, maximize=False, memoryless=False, update_grad_refs=False, inv_scale=1.0)
+
+ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, bias_correction1=1 - 0.9 ** 3,
+             bias_correction2=1 - 0.999 ** 3, mean_age1=1.7, mean_age2=2.9, decoupled=True, eps_inside_sqrt=False)
+ADAMW_MODES = {
+    "plain": dict(),
+    "diag_with_ref": dict(has_ref=True),
+    "correction_-1_probe": dict(has_ref=True, correction=-1.0, hvp_scale=37.0),
+    "correction_0.5_trajectory": dict(has_ref=True, correction=0.5, hvp_scale=1e3, update_grad_refs=True),
+    "memoryless": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, memoryless=True),
+    "eps_inside_sqrt": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, eps_inside_sqrt=True),
+    "coupled": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, decoupled=False),
+    "coupled_eps_inside": dict(has_ref=True, correction=0.5, hvp_scale=3.0, decoupled=False, eps_inside_sqrt=True),
+    "maximize": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, maximize=True),
+    "grad_scale": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, inv_scale=1 / 65536.0, maximize=True),
+    "grad_scale_trajectory": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, inv_scale=1 / 3.0,
+                                  update_grad_refs=True),
+    "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=1.0),
+}
+
+LION = dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, smoothing=0.0, ema_weight=0.65, age_weight=3.3)
+LION_MODES = {
+    "plain": dict(),
+    "diag_with_ref": dict(has_ref=True),
+    "sign_correction_-1": dict(has_ref=True, correction=-1.0, hvp_scale=5.0),
+    "smooth": dict(smoothing=1e-6),
+    "smooth_correction_-1_probe": dict(smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0),
+    "smooth_correction_0.5_trajectory": dict(smoothing=1e-2, has_ref=True, correction=0.5, hvp_scale=50.0,
+                                             update_grad_refs=True),
+    "smooth_memoryless": dict(smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0, memoryless=True),
+    "maximize_grad_scale": dict(smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0, maximize=True,
+                                inv_scale=1 / 1024.0),
+    "no_decay": dict(weight_decay=0.0, smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0),
+}
+
+SGD = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3, nesterov=False, update_scale=2.71, memory_coef=4.1)
+SGD_MODES = {
+    "plain": dict(),
+    "diag_with_ref": dict(has_ref=True),
+    "correction_-1_probe": dict(has_ref=True, correction=-1.0, hvp_scale=20.0),
+    "correction_0.5_trajectory": dict(has_ref=True, correction=0.5, hvp_scale=100.0, update_grad_refs=True),
+    "nesterov": dict(nesterov=True, has_ref=True, correction=-1.0, hvp_scale=20.0),
+    "momentum_0": dict(momentum=0.0, has_ref=True, correction=-1.0, hvp_scale=20.0, no_buffer=True),
+    "memoryless": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, memoryless=True),
+    "maximize_grad_scale": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, maximize=True, inv_scale=0.125),
+    "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=20.0),
+}
+
+
+def _split(base: dict, mode: dict) -> tuple[dict, bool, dict]:
+    kw = {**COMMON, **base, **mode}
+    has_ref = kw.pop("has_ref", False)
+    flags = {"no_buffer": kw.pop("no_buffer", False)}
+    return kw, has_ref, flags
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ADAMW_MODES)
+def test_adamw_math_matches_reference(host, mode, dtype):
+    kw, has_ref, _ = _split(ADAMW, ADAMW_MODES[mode])
+    _check(host, "adamw", ["exp_avg", "exp_avg_sq"], has_ref, kw, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", LION_MODES)
+def test_lion_math_matches_reference(host, mode, dtype):
+    kw, has_ref, _ = _split(LION, LION_MODES[mode])
+    _check(host, "lion", ["exp_avg"], has_ref, kw, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", SGD_MODES)
+def test_sgd_math_matches_reference(host, mode, dtype):
+    kw, has_ref, flags = _split(SGD, SGD_MODES[mode])
+    _check(host, "sgd", [None] if flags["no_buffer"] else ["exp_avg"], has_ref, kw, dtype)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_random_hyperparameters(host, op):
+    """Fresh random scalars (bias corrections of a random step, betas near 1) for every mode flag."""
+    rng = np.random.default_rng()
+    for _ in range(20):
+        correction = float(rng.choice([0.0, -1.0, 0.5, rng.normal()]))
+        common = dict(lr=10 ** rng.uniform(-5, -1), correction=correction, hvp_scale=10 ** rng.uniform(-2, 3),
+                      maximize=bool(rng.integers(2)), memoryless=bool(rng.integers(2)),
+                      update_grad_refs=bool(rng.integers(2)), inv_scale=float(rng.choice([1.0, 2.0 ** -rng.integers(1, 20)])))
+        has_ref = correction != 0.0 or bool(rng.integers(2))
+        if op == "adamw":
+            b1, b2, n = 1 - 10 ** rng.uniform(-3, -0.5), 1 - 10 ** rng.uniform(-5, -1), int(rng.integers(1, 10000))
+            kw = dict(beta1=b1, beta2=b2, eps=10 ** rng.uniform(-12, -4), weight_decay=float(rng.choice([0.0, 0.1])),
+                      bias_correction1=1 - b1 ** n, bias_correction2=1 - b2 ** n, mean_age1=rng.uniform(0, 20),
+                      mean_age2=rng.uniform(0, 2000), decoupled=bool(rng.integers(2)),
+                      eps_inside_sqrt=bool(rng.integers(2)))
+            states = ["exp_avg", "exp_avg_sq"]
+        elif op == "lion":
+            kw = dict(beta1=rng.uniform(0.5, 0.99), beta2=rng.uniform(0.9, 0.999), weight_decay=rng.uniform(0, 1),
+                      smoothing=float(rng.choice([0.0, 10 ** rng.uniform(-8, 0)])), ema_weight=rng.uniform(0, 1),
+                      age_weight=rng.uniform(0, 50))
+            states = ["exp_avg"]
+        else:
+            momentum = float(rng.choice([0.0, rng.uniform(0, 0.99)]))
+            kw = dict(momentum=momentum, weight_decay=float(rng.choice([0.0, 1e-3])), nesterov=bool(rng.integers(2)),
+                      update_scale=rng.uniform(1, 10), memory_coef=rng.uniform(0, 100))
+            states = [None] if momentum == 0.0 and rng.integers(2) else ["exp_avg"]
+        for dtype in (np.float32, np.float64):
+            _check(host, op, states, has_ref, {**COMMON, **common, **kw}, dtype, edges=False)
+
+
+def test_float32_math_is_not_float64_math(host):
+    """The check can fail: float32 inputs run the float instantiation (rounding differs from double)."""
+    x = _inputs(np.random.default_rng(0), np.float64, edges=False)
+    kw = {**COMMON, **ADAMW, "correction": -1.0, "hvp_scale": 10.0}
+    in64 = host.adamw(x["p"], x["grad"], x["exp_avg"], x["exp_avg_sq"], x["grad_ref"], **kw)
+    in32 = host.adamw(*(x[k].astype(np.float32) for k in ("p", "grad", "exp_avg", "exp_avg_sq", "grad_ref")), **kw)
+    assert in32["p"].dtype == np.float32 and in64["p"].dtype == np.float64
+    assert not np.array_equal(in32["p"].astype(np.float64), in64["p"])
+    np.testing.assert_allclose(in32["p"], in64["p"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arrays_are_rejected(host):
+    x = _inputs(np.random.default_rng(0), np.float32, n_random=8, edges=False)
+    with pytest.raises(ValueError, match="exp_avg_sq must be 1-d"):
+        host.adamw(x["p"], x["grad"], x["exp_avg"], x["exp_avg_sq"][:3], None, **ADAMW)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        host.lion(x["p"].astype(np.float16), x["grad"], x["exp_avg"], None, **LION)

@@ -1,0 +1,480 @@
+"""The Triton backend against the reference backend, on CPU tensors under TRITON_INTERPRET=1.
+
+The interpreter runs the same kernels in numpy, one program at a time, so the
+sizes are small; tests/test_triton_gpu.py repeats the checks on CUDA at large
+sizes. The interpreter is lenient where the compiler is not (a scalar where a
+tensor is needed, say), so test_kernels_compile_for_sm90 also compiles every
+kernel variant the host code launches, for a Hopper target, without a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run in numpy on CPU tensors
+
+pytest.importorskip("triton")
+
+from memkernels import _ops, backends  # noqa: E402
+from memkernels.reference import NDIAG  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STATUS = backends.load("triton")
+if not STATUS.startswith("available"):
+    pytest.fail(f"triton imports but the backend is {STATUS}", pytrace=False)
+
+from memkernels.backends import _triton_kernels, _triton_ops, _triton_table  # noqa: E402
+
+BLOCK = _triton_ops.BLOCK
+# One tensor of several full tiles plus a tail, an empty one, one element, odd sizes, a 2-D one.
+SHAPES = [(2 * BLOCK + 37,), (0,), (1,), (5, 7), (129,)]
+
+ADAMW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, bias_correction1=1 - 0.9 ** 3,
+             bias_correction2=1 - 0.999 ** 3, mean_age1=0.6, mean_age2=0.9, decoupled=True, eps_inside_sqrt=False)
+LION = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, smoothing=0.0, ema_weight=0.19, age_weight=0.37)
+SGD = dict(lr=1e-2, momentum=0.9, weight_decay=0.01, nesterov=False, update_scale=2.71, memory_coef=4.1)
+HYPER = {"adamw": ADAMW, "lion": LION, "sgd": SGD}
+
+
+def make_case(op: str, shapes=SHAPES, dtype=torch.float32, state_dtype=None, refs=True, momentum=True,
+              scale: float = 1.0, seed: int = 0) -> list[list[torch.Tensor]]:
+    """params, grads, state lists, grad_refs: fresh random values, never zeros."""
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    state_dtype = state_dtype or dtype
+
+    def rand(shape, std, dt, positive=False):
+        x = torch.randn(shape, generator=gen, dtype=torch.float32, device=DEVICE) * std
+        return (x.abs() if positive else x).to(dt)
+
+    params = [rand(s, 1.0, dtype) for s in shapes]
+    grads = [rand(s, 0.1 * scale, dtype) for s in shapes]
+    if op == "adamw":
+        states = [[rand(s, 0.05, state_dtype) for s in shapes], [rand(s, 1e-3, state_dtype, True) for s in shapes]]
+    else:
+        states = [[rand(s, 0.1, state_dtype) for s in shapes] if (op != "sgd" or momentum) else []]
+    grad_refs = [rand(s, 0.1 * scale, state_dtype) for s in shapes] if refs else []
+    return [params, grads, *states, grad_refs]
+
+
+def run(op: str, backend: str, case, diagnostics: torch.Tensor | None = None, **kw):
+    """Apply the op to copies of the case; return the updated lists and diagnostics."""
+    lists = [[t.clone() for t in lst] for lst in case]
+    diag = None if diagnostics is None else diagnostics.clone()
+    getattr(_ops, f"{op}_")(*lists, diag, backend=backend, **{**HYPER[op], **kw})
+    return lists, diag
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values as integers that step by 1 between adjacent floats (+0 and -0 both 0)."""
+    bits = x.view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def assert_same(got, want, rtol: float = 1e-6) -> None:
+    """fp32: max |got - want| <= rtol * max |want| per tensor; half: equal but for rare one-ulp ties."""
+    for k, (gl, wl) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(gl, wl)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            if w.numel() == 0:
+                continue
+            where = f"list {k}, tensor {i} ({w.dtype}, {tuple(w.shape)})"
+            assert torch.equal(g.isnan(), w.isnan()), where
+            if w.dtype in (torch.float16, torch.bfloat16):
+                ulps = (ordered(g) - ordered(w)).abs()
+                assert ulps.max().item() <= 1, f"{where}: {ulps.max().item()} ulp apart"
+                # Rounded alike (to nearest even): only a last-bit difference of the fp32 value before
+                # rounding, rare, may tip an element to the neighbouring half; truncation tips about half.
+                assert (ulps > 0).sum().item() <= max(1, 0.01 * w.numel()), f"{where}: rounded differently"
+            else:
+                scale = w.double().abs().nan_to_num(0.0).max().item()
+                err = (g.double() - w.double()).nan_to_num(0.0).abs().max().item()
+                assert err <= rtol * scale, f"{where}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def assert_diag(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-6) -> None:
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-12)
+
+
+def check(op: str, case, diagnostics: bool = True, rtol: float = 1e-6, **kw) -> None:
+    start = torch.rand(NDIAG, dtype=torch.float64, device=DEVICE) if diagnostics else None  # the kernel adds
+    got, got_diag = run(op, "triton", case, start, **kw)
+    want, want_diag = run(op, "reference", case, start, **kw)
+    assert_same(got, want, rtol)
+    if diagnostics:
+        assert_diag(got_diag, want_diag)
+    moved = [not torch.equal(a, b) for a, b in zip(got[0], case[0]) if a.numel()]
+    # A half-precision step smaller than half an ulp leaves an element as it was.
+    assert all(moved) if case[0][0].dtype == torch.float32 else any(moved), "parameters were not updated"
+
+
+# ------------------------------------------------------------------ every op and mode, fp32
+
+TRAJECTORY = dict(update_grad_refs=True, hvp_scale=40.0)
+PROBE = dict(update_grad_refs=False, hvp_scale=300.0)
+MODES = {
+    "plain": (False, False, {}),
+    "traj-write-only": (True, False, dict(TRAJECTORY)),
+    "traj-diag": (True, True, dict(TRAJECTORY)),
+    "traj-correct": (True, True, dict(TRAJECTORY, correction=-1.0)),
+    "probe-correct": (True, True, dict(PROBE, correction=0.5)),
+    "diag-no-refs": (False, True, {}),
+    "memoryless": (True, True, dict(TRAJECTORY, correction=-1.0, memoryless=True)),
+    "maximize": (True, True, dict(PROBE, correction=-1.0, maximize=True)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_matches_reference(op, mode):
+    refs, diagnostics, kw = MODES[mode]
+    check(op, make_case(op, refs=refs, seed=len(mode)), diagnostics=diagnostics, **kw)
+
+
+@pytest.mark.parametrize("op, kw", [
+    ("adamw", dict(eps_inside_sqrt=True)),
+    ("adamw", dict(decoupled=False)),
+    ("adamw", dict(decoupled=False, eps_inside_sqrt=True, memoryless=True)),
+    ("adamw", dict(weight_decay=0.0)),
+    ("lion", dict(smoothing=1e-3)),
+    ("lion", dict(smoothing=1e-3, memoryless=True)),
+    ("sgd", dict(nesterov=True)),
+])
+def test_variants_match_reference(op, kw):
+    check(op, make_case(op, seed=7), **TRAJECTORY, correction=-1.0, **kw)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_without_momentum_buffers(nesterov):
+    """momentum == 0: no state list; F = g~."""
+    case = make_case("sgd", momentum=False, seed=3)
+    check("sgd", case, **PROBE, correction=-1.0, momentum=0.0, nesterov=nesterov)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_close_to_float64_reference(op):
+    """The fp32 kernel is within fp32 rounding of reference.py evaluated in float64."""
+    case = make_case(op, seed=4)
+    kw = dict(TRAJECTORY, correction=-1.0, smoothing=1e-3) if op == "lion" else dict(TRAJECTORY, correction=-1.0)
+    start = torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE)
+    got, got_diag = run(op, "triton", case, start, **kw)
+    exact, exact_diag = run(op, "reference", [[t.double() for t in lst] for lst in case], start, **kw)
+    assert_same(got, [[t.float() for t in lst] for lst in exact], rtol=2e-6)
+    assert_diag(got_diag, exact_diag, rtol=1e-5)  # fp32 terms (M, F - u cancel a little), fp64 sums
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_grad_scale(op):
+    """AMP: grads and probe gradients arrive scaled by 1024; the kernel unscales them on the device."""
+    scale = torch.tensor(1024.0, device=DEVICE)
+    check(op, make_case(op, scale=1024.0, seed=5), **PROBE, correction=-1.0, grad_scale=scale)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_found_inf_changes_nothing(op):
+    case = make_case(op, seed=6)
+    start = torch.rand(NDIAG, dtype=torch.float64, device=DEVICE)
+    got, diag = run(op, "triton", case, start, **TRAJECTORY, correction=-1.0,
+                    found_inf=torch.tensor(1.0, device=DEVICE), grad_scale=torch.tensor(2.0, device=DEVICE))
+    assert all(torch.equal(a, b) for gl, cl in zip(got, case) for a, b in zip(gl, cl))
+    assert torch.equal(diag, start)
+    check(op, case, **TRAJECTORY, correction=-1.0, found_inf=torch.tensor(0.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_zero_correction_never_touches_p_with_M(op):
+    """correction == 0: p is bit-identical to the step without refs, even where M is NaN."""
+    case = make_case(op, seed=8)
+    case[-1][0][3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy sees the NaN
+        with_refs, _ = run(op, "triton", case, torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE),
+                           **TRAJECTORY)
+    without, _ = run(op, "triton", case[:-1] + [[]])
+    assert all(torch.equal(a, b) for a, b in zip(with_refs[0], without[0]))
+    assert all(torch.equal(a, b) for a, b in zip(with_refs[1], without[1]))
+
+
+# ------------------------------------------------------------------ dtypes and layouts
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                                (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_half_precision_within_one_ulp(op, dtype, state_dtype):
+    """Math in fp32, each result rounded once to nearest even: within one ulp of the reference."""
+    case = make_case(op, dtype=dtype, state_dtype=state_dtype, seed=9)
+    check(op, case, **TRAJECTORY, correction=-1.0)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_float64_states_with_float32_params(op):
+    """States and grad_refs may be float64: read into fp32 math, written back exactly widened."""
+    check(op, make_case(op, state_dtype=torch.float64, seed=15), **TRAJECTORY, correction=-1.0)
+
+
+def test_fp64_params_are_rejected():
+    case = make_case("adamw", shapes=[(4,)], dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        run("adamw", "triton", case)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_many_tensors_one_launch(op, monkeypatch):
+    """20 tensors are one launch of one program per tile."""
+    shapes = [(3 * i + 1,) for i in range(19)] + [(BLOCK + 1,)]
+    kernel = getattr(_triton_kernels, f"{op}_kernel")
+    grids = []
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(_triton_kernels, f"{op}_kernel", Counting())
+    check(op, make_case(op, shapes=shapes, seed=10), **TRAJECTORY, correction=-1.0)
+    assert grids == [(21,)]  # one launch of the triton backend: 19 one-tile tensors + 2 tiles
+
+
+def test_all_empty_launches_nothing():
+    case = make_case("adamw", shapes=[(0,), (0, 3)])
+    got, diag = run("adamw", "triton", case, torch.ones(NDIAG, dtype=torch.float64, device=DEVICE))
+    assert torch.equal(diag, torch.ones(NDIAG, dtype=torch.float64, device=DEVICE))
+
+
+def test_misaligned_views():
+    """Tensors starting one element into their storage (not 16-byte aligned) take the unaligned path."""
+    case = make_case("adamw", shapes=[(BLOCK + 3,), (9,)], seed=11)
+    views = [[torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view(t.shape) for t in lst] for lst in case]
+    assert all(v.data_ptr() % 16 for v in views[0])
+    check("adamw", views, **TRAJECTORY, correction=-1.0)
+
+
+def test_transposed_dense_tensors():
+    """Dense non-contiguous tensors with the params' strides are flat ranges of memory."""
+    case = make_case("lion", shapes=[(33, 40)], seed=12)
+    case = [[t.t() for t in lst] for lst in case]
+    check("lion", case, **TRAJECTORY, correction=-1.0, smoothing=1e-3)
+
+
+# ------------------------------------------------------------------ pointer tables
+
+def test_pointer_table_cache_hit_and_invalidation():
+    """Same tensors: the cached table is reused. A replaced tensor: a new table, and the new tensor moves."""
+    _triton_table.clear()
+    case = make_case("sgd", shapes=[(50,), (70,)], refs=False, seed=13)
+    lists = [[t.clone() for t in lst] for lst in case]
+    _ops.sgd_(*lists, None, backend="triton", **SGD)
+    assert len(_triton_table._tables) == 1
+    _ops.sgd_(*lists, None, backend="triton", **SGD)
+    assert len(_triton_table._tables) == 1  # hit
+
+    old = lists[0][1]
+    old_value = old.clone()
+    lists[0][1] = old.clone()  # the optimizer's param replaced by a new tensor (new address)
+    expected = [[t.clone() for t in lst] for lst in lists]
+    _ops.sgd_(*expected, None, backend="reference", **SGD)
+    _ops.sgd_(*lists, None, backend="triton", **SGD)
+    assert len(_triton_table._tables) == 2
+    assert torch.equal(old, old_value), "the stale tensor was written"
+    assert_same(lists, expected)
+
+
+def test_block_map_layout():
+    numels = [0, 3, 2 * BLOCK, BLOCK + 1]
+    blocks = _triton_table.block_map(numels, BLOCK, torch.device("cpu")).view(-1, 2).tolist()
+    assert blocks == [[1, 0], [2, 0], [2, BLOCK], [3, 0], [3, BLOCK]]
+
+
+# ------------------------------------------------------------------ optimizers
+
+@pytest.mark.parametrize("make", [
+    lambda ps, b: __import__("memkernels").AdamW(ps, lr=1e-2, memory_correction=-1.0, track_memory=True, backend=b),
+    lambda ps, b: __import__("memkernels").Lion(ps, lr=1e-3, smoothing=1e-4, memory_correction=-1.0,
+                                                track_memory=True, backend=b),
+    lambda ps, b: __import__("memkernels").SGD(ps, lr=1e-2, momentum=0.9, memory_correction=-1.0,
+                                               track_memory=True, backend=b),
+], ids=["AdamW", "Lion", "SGD"])
+def test_optimizer_steps_match_reference(make):
+    """Three trajectory-corrected steps through the optimizer classes, diagnostics included."""
+    gen = torch.Generator().manual_seed(14)
+    init = [torch.randn(s, generator=gen).to(DEVICE) for s in [(17, 3), (40,), (1,)]]
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) * 0.1 for p in init] for _ in range(3)]
+    results = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the trajectory-HVP note
+            opt = make(params, backend)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results[backend] = ([p.detach() for p in params], opt.memory_stats()[0])
+    assert_same([results["triton"][0]], [results["reference"][0]])
+    for key, value in results["reference"][1].items():
+        assert results["triton"][1][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+
+
+# ------------------------------------------------------------------ compiled code, no GPU needed
+
+_COMPILE = textwrap.dedent('''
+    import json, re, sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from memkernels.backends import _triton_kernels as K, _triton_ops
+
+    TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.bfloat16: "bf16",
+             torch.float16: "fp16"}
+    launches = []
+
+    class Recorder:  # stands in for a kernel: records what the host code launches
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.fn, args, kw))
+
+    for name in ("adamw_kernel", "lion_kernel", "sgd_kernel"):
+        setattr(K, name, Recorder(getattr(K, name)))
+    for op, dtypes, kw in json.loads(sys.argv[1]):
+        lists = [[torch.ones(1 + 2 * _triton_ops.BLOCK, dtype=getattr(torch, dt))] if dt else [] for dt in dtypes]
+        for name in ("grad_scale", "found_inf"):
+            kw[name] = None if kw[name] is None else torch.tensor(kw[name])
+        diag = torch.zeros(6, dtype=torch.float64) if kw.pop("diag") else None
+        getattr(_triton_ops, op)(*lists, diag, **kw)
+
+    results = []
+    for fn, args, kw in launches:
+        options = dict(num_warps=kw.pop("num_warps"), enable_fp_fusion=kw.pop("enable_fp_fusion"))
+        values = dict(zip(fn.arg_names, args), **kw)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            value = values[name]
+            if isinstance(value, torch.Tensor):
+                signature[name] = "*" + TYPES[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = value
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        results.append({"kernel": fn.__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx))})
+    print(json.dumps(results))
+''')
+
+
+def _compile_cases() -> list:
+    """(op, list dtypes or None for an absent list, kwargs): the flag combinations worth compiling."""
+    f32, plain = "float32", dict(update_grad_refs=False, hvp_scale=0.0, correction=0.0, maximize=False,
+                                 memoryless=False, grad_scale=None, found_inf=None, diag=False)
+    traj = dict(plain, update_grad_refs=True, hvp_scale=1.0, correction=-1.0, diag=True)
+    amp = dict(traj, update_grad_refs=False, memoryless=True, maximize=True, grad_scale=2.0, found_inf=0.0)
+    return [("adamw", [f32] * 4 + [None], dict(ADAMW, **plain)),
+            ("lion", [f32] * 3 + [None], dict(LION, **plain)),
+            ("sgd", [f32] * 3 + [None], dict(SGD, **plain)),
+            ("adamw", [f32] * 5, dict(ADAMW, **traj)),
+            ("adamw", ["bfloat16", "bfloat16", f32, f32, f32],
+             dict(ADAMW, **traj, eps_inside_sqrt=True, decoupled=False)),
+            ("lion", ["float16"] * 4, dict(LION, **dict(traj, smoothing=1e-3))),
+            ("sgd", [f32] * 4, dict(SGD, **dict(traj, nesterov=True))),
+            ("sgd", [f32, f32, None, f32], dict(SGD, **dict(traj, momentum=0.0))),
+            ("adamw", [f32, f32, "float64", "float64", "float64"], dict(ADAMW, **amp)),
+            ("lion", [f32] * 4, dict(LION, **amp))]
+
+
+def test_kernels_compile_for_sm90():
+    """Every kind of launch the host code makes compiles for Hopper; aligned full tiles load 16 bytes at a time."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cases = _compile_cases()
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for result in results:
+        assert result["v4_loads"] > 0, result
+
+
+# ------------------------------------------------------------------ the GPU benchmark script, without a GPU
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(BENCH_DIR, "gpu_bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["gpu_bench"]
+
+
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", os.path.join(BENCH_DIR, "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_arguments(gpu_bench, tmp_path):
+    args = gpu_bench.parse_args(["--out", str(tmp_path)])
+    assert (args.flat_params, args.workloads, args.device) == (1 << 28, ["flat", "gpt2"], "cuda")
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--out", str(tmp_path), "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args([])  # --out is required
+
+
+def test_bench_byte_model_and_table(gpu_bench):
+    """GB/s from DESIGN.md's bytes per parameter; percent of copy and time over fused AdamW per workload."""
+    Row = gpu_bench.Row
+    assert gpu_bench.gbps("adamw", 10 ** 9, 28.0) == pytest.approx(1000.0)
+    assert gpu_bench.BYTES_PER_PARAM == {"copy": 8, "adamw": 28, "adamw_traj": 36, "lion": 20, "heavy_ball": 20}
+    rows = [Row("flat", "device copy (copy_)", "copy", 10 ** 9, times_ms=[4.0, 2.0, 3.0]),  # 8 GB in 3 ms
+            Row("flat", gpu_bench.BASELINE, "adamw", 10 ** 9, times_ms=[14.0]),
+            Row("flat", "memkernels triton AdamW+traj+diag", "adamw_traj", 10 ** 9, times_ms=[18.0, 12.0]),
+            Row("flat", "memkernels cuda", "adamw", 10 ** 9, skip="skipped: no | library")]
+    summary = gpu_bench.summarize(rows)
+    copy, fused, triton, cuda = summary
+    assert copy["ms"] == 3.0 and copy["gbps"] == pytest.approx(8000 / 3)
+    assert fused["gbps"] == pytest.approx(2000.0) and fused["vs_fused"] == 1.0
+    assert triton["gbps"] == pytest.approx(36000 / 15) and triton["vs_fused"] == pytest.approx(15 / 14)
+    assert triton["pct_copy"] == pytest.approx(100 * (36000 / 15) / (8000 / 3))
+    assert cuda["ms"] is None and cuda["skip"].startswith("skipped")
+    table = gpu_bench.markdown(summary).splitlines()
+    assert len(table) == 2 + len(rows) and all(line.count("|") == 8 for line in table)
+    assert "| flat | memkernels triton AdamW+traj+diag | 36 | 15.000 | 2400 | 90.0 | 1.07 |" in table
+
+
+def test_bench_smoke_on_cpu(gpu_bench, tmp_path, monkeypatch):
+    """The whole script on CPU tensors (host timer, Triton interpreted), small sizes, no numba compile."""
+    monkeypatch.setattr(backends, "BACKENDS", ("reference", "triton"))
+    code = gpu_bench.main(["--out", str(tmp_path), "--device", "cpu", "--flat-params", "2500", "--workloads",
+                           "flat", "--repeats", "1", "--target-ms", "0.1", "--no-sweep"])
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    timed = {r["row"] for r in report["rows"] if r["ms"] is not None}
+    assert {"device copy (copy_)", "torch AdamW fused", "torch AdamW foreach", "memkernels triton AdamW",
+            "memkernels triton AdamW+traj+diag", "memkernels triton Lion", "memkernels triton heavy ball"} <= timed
+    graph = [r for r in report["rows"] if "CUDA graph" in r["row"]]
+    assert graph and all(r["skip"] for r in graph)
+    assert (tmp_path / "gpu_bench.md").read_text().startswith("| workload |")
+
+    args = gpu_bench.parse_args(["--out", str(tmp_path), "--device", "cpu", "--repeats", "1", "--target-ms", "0.1"])
+    rows = gpu_bench.run_workload("gpt2", [(33, 3), (7,)], args)  # the GPT-2 path: lion-pytorch row included
+    assert any(r.name.startswith("lion-pytorch") for r in rows)
+    assert all(r.ms is not None or r.skip for r in rows)
