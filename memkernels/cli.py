@@ -22,6 +22,9 @@ def info() -> str:
     lines.append("backends:")
     for name, state in backends.status().items():
         lines.append(f"  {name:<10} {state}")
+    if backends.status()["numba"].startswith("available"):
+        from .backends import numba as numba_backend
+        lines.append(f"  numba kernels: {numba_backend.numba_status()}")
     if backends.status()["cuda"].startswith("available"):
         from .backends import cuda
         lines.append(f"  cuda library: {cuda.LIBRARY_ORIGIN}")
@@ -59,7 +62,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .bench.run import SUITES, configs, run
+    try:
+        from .bench.run import SUITES, configs, run
+    except ModuleNotFoundError as exc:  # matplotlib, tqdm or scikit-learn: the bench extra
+        parser.error(f"memkernels bench needs {exc.name}: pip install 'memkernels[bench]'")
 
     suites = list(SUITES) if "all" in args.suite else args.suite
     options = dict(device=args.device, backends=args.backends, size=args.size, math_backend=args.math_backend)

@@ -35,6 +35,10 @@ def register(backend: str, op: str, device_types: tuple[str, ...]) -> Callable[[
     return deco
 
 
+def has_kernel(op: str, backend: str, device_type: str) -> bool:
+    return (op, backend, device_type) in _kernels
+
+
 def unavailable(backend: str, reason: str) -> None:
     """Called by a backend module that imports but cannot run (no GPU, no compiler...)."""
     _status[backend] = "unavailable: " + reason

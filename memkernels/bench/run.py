@@ -1,0 +1,63 @@
+"""`memkernels bench`: run the suites, then write their JSON, PNG plots and report.md into one folder."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import implicit, plots, report, speed, theory_suite
+
+SUITES = report.SUITES
+MODES = ("quick", "full", "tiny")
+MODULES = {"speed": speed, "theory": theory_suite, "implicit": implicit}
+
+
+def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None = None, size: int | None = None,
+            math_backend: str = "reference") -> dict[str, Any]:
+    """Each suite's configuration for a mode; size and backends apply to the speed suite."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    speed_cfg = speed.SpeedConfig.preset(mode, device)
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"--size must be a positive number of parameters, got {size}")
+        speed_cfg = dataclasses.replace(speed_cfg, large=size)
+    if backends:
+        speed_cfg = dataclasses.replace(speed_cfg, backends=tuple(backends))
+    return {"speed": speed_cfg, "theory": theory_suite.TheoryConfig.preset(mode, math_backend),
+            "implicit": implicit.ImplicitConfig.preset(mode, math_backend)}
+
+
+def run_suite(suite: str, cfg: Any, mode: str, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run one suite with a progress bar on stderr; write its JSON and PNGs into out."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    with tqdm(desc=suite, unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        def total(n: int) -> None:
+            bar.total = (bar.total or 0) + n
+            bar.refresh()
+
+        result = MODULES[suite].run(cfg, tick=bar.update, total=total)
+    result["mode"] = mode
+    result["seconds"] = time.perf_counter() - start
+    report.write_json(result, out / f"{suite}.json")
+    plots.DRAW[suite](report.clean(result), out)
+    return result
+
+
+def run(suites: Sequence[str], mode: str, out: str | Path, *, progress: bool = True, **options: Any) -> Path:
+    """Run the suites in order into out (created if needed); returns the path of report.md."""
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        raise ValueError(f"suites must be chosen from {SUITES}, got {list(suites)}")
+    cfgs = configs(mode, **options)  # bad options fail before any suite runs
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for suite in dict.fromkeys(suites):
+        run_suite(suite, cfgs[suite], mode, out, progress=progress)
+    path = out / "report.md"
+    path.write_text(report.render(out))
+    return path

@@ -1,0 +1,288 @@
+"""Speed suite: each available backend x optimizer x shape set, against the anchors installed here.
+
+Each row times `opt.step()` on parameters whose gradients are already set (the
+optimizer alone: no forward or backward). All rows of a shape set share one set
+of parameters and gradients and keep their own optimizer state; they run
+round-robin with the bandwidth yardstick of the same size (timing.py), so every
+figure of a table comes from the same minutes of the same machine.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import backends
+from ..optim import SGD, AdamW, Lion
+from .machine import describe
+from .shapes import gpt2_small
+from .timing import bandwidth_kernel, interleaved, median_iqr
+
+# DESIGN.md's byte model per parameter and step, fp32 everything.
+# memkernels variants: (optimizer op, bytes per parameter, needs a closure)
+VARIANTS: dict[str, tuple[str, int, bool]] = {
+    "AdamW": ("adamw", 28, False),
+    "AdamW + trajectory correction": ("adamw", 36, False),  # + read and write the previous gradient
+    "AdamW + probe correction": ("adamw", 32, True),        # + read the probe gradient
+    "Lion": ("lion", 20, False),
+    "heavy ball": ("sgd", 20, False),
+}
+REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios are taken to this row of the same shape set
+NOTES = [
+    "The probe row's closure only copies stored gradients back into .grad (no model), so it times the "
+    "optimizer; that copy runs twice per step (step() calls the closure at the point and at the probe point) "
+    "and is included in its time, not in its byte model.",
+    "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
+    "below 1 is faster.",
+    "GB/s counts DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
+    "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
+    "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
+    "of `a` also reads `a`, while optimizer steps write only arrays they have read, so a step can exceed 100% "
+    "of the triad.",
+]
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    device: str = "auto"          # "auto": CUDA when torch sees one, else the CPU
+    large: int = 4_000_000        # parameters of the one-tensor shape set
+    gpt2_divisor: int = 4         # every GPT-2-small dimension divided by this (1: the real shapes)
+    warmup: int = 2               # rounds not recorded (the first step of each row also runs at setup)
+    repeats: int = 7              # recorded rounds
+    backends: tuple[str, ...] | None = None  # None: every backend available with kernels for the device
+
+    @classmethod
+    def preset(cls, mode: str, device: str = "auto") -> "SpeedConfig":
+        dev = resolve_device(device)
+        if mode == "quick":  # on a GPU the CPU's quick sizes would time launch latency, not memory traffic
+            return cls(device=device, large=64_000_000, gpt2_divisor=1) if dev.type == "cuda" else cls(device=device)
+        if mode == "full":
+            return cls(device=device, large=256_000_000 if dev.type == "cuda" else 64_000_000,
+                       gpt2_divisor=1, warmup=3, repeats=15)
+        if mode == "tiny":
+            return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3)
+        raise ValueError(f"mode must be quick, full or tiny, got {mode!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto", "cpu", "cuda" or "cuda:N" (the timing knows CPU wall time and CUDA events only)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return dev
+
+
+def shape_sets(cfg: SpeedConfig) -> list[tuple[str, list[tuple[int, ...]], str]]:
+    """(name, shapes, description) of the two shape sets."""
+    if cfg.large < 1 or cfg.gpt2_divisor < 1:
+        raise ValueError(f"large and gpt2_divisor must be >= 1, got {cfg.large} and {cfg.gpt2_divisor}")
+    k = cfg.gpt2_divisor
+    gpt2 = [tuple(max(1, s // k) for s in shape) for shape in gpt2_small()]
+    how = "the real shapes" if k == 1 else f"every dimension divided by {k}"
+    return [("large tensor", [(cfg.large,)], f"one tensor of {cfg.large:,} parameters"),
+            ("GPT-2 small", gpt2, f"the 148 parameter tensors of GPT-2 small, {how}")]
+
+
+@dataclass
+class Candidate:
+    """One timed row before timing: what it is and one step of it (None if it cannot run here)."""
+
+    name: str
+    backend: str
+    kind: str  # "memkernels" or "anchor"
+    bytes_per_param: int
+    step: Callable[[], object] | None = None
+    status: str = "ok"
+
+
+def selected_backends(cfg: SpeedConfig, device: torch.device) -> dict[str, str]:
+    """Status of every requested backend; "ok" for those that will be timed."""
+    names = cfg.backends or backends.BACKENDS
+    unknown = [n for n in names if n not in backends.BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {backends.BACKENDS}")
+    out = {}
+    for name in names:
+        state = backends.load(name)
+        if not state.startswith("available"):
+            out[name] = state
+        elif not backends.has_kernel("adamw", name, device.type):
+            out[name] = f"available, but no kernels for {device.type}"
+        else:
+            out[name] = "ok"
+    return out
+
+
+def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.optim.Optimizer:
+    if variant == "AdamW":
+        return AdamW(params, lr=1e-3, backend=backend)
+    if variant == "AdamW + trajectory correction":
+        return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend)
+    if variant == "AdamW + probe correction":
+        return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="probe", backend=backend)
+    if variant == "Lion":
+        return Lion(params, lr=1e-4, backend=backend)
+    if variant == "heavy ball":
+        return SGD(params, lr=1e-3, momentum=0.9, backend=backend)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _sgd_flavour(device: torch.device) -> str:
+    """'fused' where torch.optim.SGD has a fused kernel for this device, else 'foreach'."""
+    try:
+        torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, momentum=0.9, fused=True)
+    except (RuntimeError, ValueError):
+        return "foreach"
+    return "fused"
+
+
+def anchors(device: torch.device) -> list[tuple[str, str, int, Callable[[list], Any]]]:
+    """(name, anchor, bytes per parameter, factory) of every anchor; factories import lazily."""
+    def torch_adamw(flag: str) -> Callable[[list], Any]:
+        return lambda ps: torch.optim.AdamW(ps, lr=1e-3, **{flag: True})
+
+    sgd = _sgd_flavour(device)
+
+    def lion_pytorch(ps: list) -> Any:
+        from lion_pytorch import Lion as LionPytorch
+        return LionPytorch(ps, lr=1e-4)
+
+    def bnb(cls: str) -> Callable[[list], Any]:
+        def make(ps: list) -> Any:
+            import bitsandbytes
+            return getattr(bitsandbytes.optim, cls)(ps, lr=1e-3)
+        return make
+
+    def deepspeed_cpu_adam(ps: list) -> Any:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        if device.type != "cpu":
+            raise RuntimeError(f"DeepSpeedCPUAdam updates CPU tensors only; this run is on {device.type}")
+        return DeepSpeedCPUAdam(ps, lr=1e-3, adamw_mode=True)
+
+    return [
+        ("AdamW", "torch.optim fused", 28, torch_adamw("fused")),
+        ("AdamW", "torch.optim foreach", 28, torch_adamw("foreach")),
+        ("heavy ball", f"torch.optim SGD {sgd}", 20,
+         lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **{sgd: True})),
+        ("Lion", "lion_pytorch", 20, lion_pytorch),
+        ("AdamW", "bitsandbytes AdamW32bit", 28, bnb("AdamW32bit")),
+        # 8-bit states: p (4 r + 4 w) + g (4 r) + m, v (1 r + 1 w each); block scales are negligible
+        ("AdamW 8-bit", "bitsandbytes AdamW8bit", 16, bnb("AdamW8bit")),
+        ("AdamW", "DeepSpeedCPUAdam", 28, deepspeed_cpu_adam),
+    ]
+
+
+def _prepare(make: Callable[[], Callable[[], object]]) -> tuple[Callable[[], object] | None, str]:
+    """Build a row and run its first step (state allocation, JIT compilation) outside the timing."""
+    try:
+        step = make()
+        step()
+    except ModuleNotFoundError as exc:
+        return None, f"not installed ({exc.name})"
+    except Exception as exc:  # reported in the table, never skipped silently
+        return None, f"failed: {type(exc).__name__}: {exc}"
+    return step, "ok"
+
+
+def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: torch.device,
+               backend_status: dict[str, str]) -> list[Candidate]:
+    rows = []
+    for backend, state in backend_status.items():
+        if state != "ok":
+            continue
+        for variant, (op, nbytes, closure) in VARIANTS.items():
+            row = Candidate(variant, backend, "memkernels", nbytes)
+            if not backends.has_kernel(op, backend, device.type):
+                row.status = f"backend {backend} has no {op} kernel for {device.type}"
+            else:
+                row.step, row.status = _prepare(lambda: _stepper(variant, params, stored, backend, closure))
+            rows.append(row)
+    for name, anchor, nbytes, factory in anchors(device):
+        row = Candidate(name, anchor, "anchor", nbytes)
+        row.step, row.status = _prepare(lambda: factory(params).step)
+        rows.append(row)
+    return rows
+
+
+def _stepper(variant: str, params: list, stored: list, backend: str, closure: bool) -> Callable[[], object]:
+    opt = _memkernels_optimizer(variant, params, backend)
+    if not closure:
+        return opt.step
+    buffers = [torch.empty_like(g) for g in stored]
+
+    def refill() -> None:
+        """Gradients without a model: copy the stored ones back (probe points included)."""
+        for p, g, buf in zip(params, stored, buffers):
+            if p.grad is None:
+                p.grad = buf
+            p.grad.copy_(g)
+
+    return lambda: opt.step(refill)
+
+
+def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str], name: str,
+                   shapes: list[tuple[int, ...]], description: str, tick: Callable[[int], object],
+                   total: Callable[[int], object]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
+    """The shape set's bandwidth, its timed rows and the rows that could not run (with why)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(0.02 * torch.randn(s, device=device)) for s in shapes]
+    stored = [torch.randn(s, device=device) for s in shapes]
+    for p, g in zip(params, stored):
+        p.grad = g.clone()
+    numel = sum(p.numel() for p in params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. the trajectory-HVP note: a training caveat, not a timing one
+        cands = candidates(params, stored, device, backend_status)
+        runnable = [c for c in cands if c.step is not None]
+        bw_name, bw_fn, bw_bytes = bandwidth_kernel(numel, device)
+        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1))
+        times = interleaved([bw_fn] + [c.step for c in runnable], warmup=cfg.warmup, repeats=cfg.repeats,
+                            device=device, tick=tick)
+    bw_ms, bw_iqr = median_iqr(times[0])
+    bandwidth = bw_bytes / (bw_ms * 1e-3) / 1e9
+    info = {"name": name, "description": description, "params": numel, "tensors": len(shapes),
+            "bandwidth": {"kernel": bw_name, "gb_s": bandwidth, "median_ms": bw_ms, "iqr_ms": bw_iqr,
+                          "bytes": bw_bytes}}
+    rows = []
+    for cand, sample in zip(runnable, times[1:]):
+        ms, iqr = median_iqr(sample)
+        gb_s = cand.bytes_per_param * numel / (ms * 1e-3) / 1e9
+        rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
+                     "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
+                     "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample)})
+    fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
+    for row in rows:
+        row["ratio_to_torch_fused"] = row["median_ms"] / fused if fused else None
+    unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
+                   for c in cands if c.step is None}
+    return info, rows, unavailable
+
+
+def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
+        total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
+    """Time every row of every shape set; total(n) announces n more calls to come (progress bar)."""
+    device = resolve_device(cfg.device)
+    backend_status = selected_backends(cfg, device)
+    sets, rows, unavailable = [], [], {}
+    for name, shapes, description in shape_sets(cfg):
+        info, set_rows, missing = time_shape_set(cfg, device, backend_status, name, shapes, description, tick, total)
+        sets.append(info)
+        rows += set_rows
+        for key, why in missing.items():
+            unavailable.setdefault(key, why)
+        gc.collect()  # free this set's parameters and states before the next one is allocated
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
+            "backends": backend_status, "shape_sets": sets, "rows": rows, "unavailable": unavailable,
+            "notes": NOTES}

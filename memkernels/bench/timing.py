@@ -1,0 +1,72 @@
+"""Timing that holds up on a shared machine: warm-up, round-robin repeats, medians and IQRs.
+
+Every round calls each timed function once, in the same order, so a slow spell
+of the machine (another process, a frequency change) hits every row alike
+instead of one row's whole sample. On CUDA each call sits between two CUDA
+events (GPU time, launch gaps included); on the CPU it is wall time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def interleaved(fns: Sequence[Callable[[], object]], *, warmup: int, repeats: int, device: torch.device,
+                tick: Callable[[int], object] = lambda n: None) -> list[list[float]]:
+    """Milliseconds of each call of each function over `repeats` rounds after `warmup` rounds.
+
+    tick(k) is called after every round with the number of calls made, for a progress bar.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + repeats):
+        if device.type == "cuda":
+            events = []
+            for fn in fns:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize(device)
+            sample = [start.elapsed_time(end) for start, end in events]
+        else:
+            sample = []
+            for fn in fns:
+                t0 = time.perf_counter()
+                fn()
+                sample.append((time.perf_counter() - t0) * 1e3)
+        if r >= warmup:
+            for row, ms in zip(times, sample):
+                row.append(ms)
+        tick(len(fns))
+    return times
+
+
+def median_iqr(sample: Sequence[float]) -> tuple[float, float]:
+    """Median and interquartile range (0 for fewer than two values)."""
+    if not sample:
+        raise ValueError("no timings to summarize")
+    if len(sample) < 2:
+        return float(sample[0]), 0.0
+    q1, _, q3 = statistics.quantiles(sample, n=4, method="inclusive")
+    return float(statistics.median(sample)), float(q3 - q1)
+
+
+def bandwidth_kernel(numel: int, device: torch.device) -> tuple[str, Callable[[], object], int]:
+    """The memory-bandwidth yardstick over `numel` fp32 elements: (name, one call, bytes it moves).
+
+    CPU: the STREAM triad a = b + s c (3 arrays x 4 bytes), on torch's threads.
+    GPU: a device-to-device copy (2 arrays x 4 bytes).
+    """
+    numel = max(int(numel), 1)
+    b = torch.rand(numel, device=device)
+    a = torch.empty_like(b)
+    if device.type == "cuda":
+        return "copy", lambda: a.copy_(b), 8 * numel
+    c = torch.rand(numel, device=device)
+    return "triad", lambda: torch.add(b, c, alpha=3.0, out=a), 12 * numel
