@@ -1,0 +1,219 @@
+"""Per-element math of the fused steps for numba, mirroring memkernels/reference.py line by line.
+
+Same names, same order of floating-point operations: every Python-float scalar
+of reference.py arrives here already rounded to the compute dtype (as torch
+rounds a Python scalar to the tensor's dtype), ``scalar / tensor`` is written
+``one / x * scalar`` (torch evaluates it as ``reciprocal(x) * scalar``), and no
+fastmath flag is set, so NaN and Inf propagate and nothing is contracted into
+an FMA (an FMA would change the states' last bits). Results therefore equal
+the reference's to the last bit wherever no sqrt or log enters (all states,
+SGD, sign-Lion); torch.sqrt and torch.log1p on CPU come from MKL and are not
+always correctly rounded, where np.sqrt here is IEEE, so AdamW and smooth-Lion
+parameters and the diagnostics agree to about an ulp.
+
+The flags (decoupled, eps_inside_sqrt, memoryless, ...) are compile-time
+constants of each kernel (see _numba_kernels.py): after inlining, the branches
+on them vanish. The scalars arrive as one of the named tuples below, all in the
+compute dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from ._numba_log1p import log1p
+
+# numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see _numba_kernels.py.
+_jit = njit(error_model="numpy", forceinline=True)
+
+
+class AdamWScalars(NamedTuple):
+    zero: float
+    one: float
+    inv_scale: float  # 1/grad_scale (1 without AMP), negated when maximize
+    ref_inv_scale: float  # inv_scale when grad_refs arrive raw (probe, exact), 1 when they are stored g
+    lr: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction1: float
+    inv_bias_correction1: float  # 1 / bias_correction1, for F (diagnostics only)
+    inv_eps: float  # 1 / eps, for the penalty (diagnostics only)
+    bias_correction2: float
+    sqrt_bias_correction2: float  # bias_correction2 ** 0.5, evaluated in Python like reference.py
+    mean_age1: float
+    mean_age2: float
+    hvp_scale: float
+    shrink: float  # 1 - lr * weight_decay when decoupled, else 1
+    step_size: float  # lr in memoryless mode, else lr / bias_correction1
+    correction_lr2: float  # correction * lr * lr
+
+
+class LionScalars(NamedTuple):
+    zero: float
+    one: float
+    inv_scale: float
+    ref_inv_scale: float
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    weight_decay: float
+    smoothing: float
+    ema_weight: float
+    age_weight: float
+    hvp_scale: float
+    shrink: float  # 1 - lr * weight_decay
+    correction_lr2: float
+
+
+class SGDScalars(NamedTuple):
+    zero: float
+    one: float
+    half: float
+    inv_scale: float
+    ref_inv_scale: float
+    lr: float
+    momentum: float
+    weight_decay: float
+    update_scale: float
+    memory_coef: float
+    hvp_scale: float
+    correction_lr2: float
+
+
+@_jit
+def load_grad(grad, inv_scale):
+    """reference.load_grad with the maximize sign folded into inv_scale: -(x * s) == x * (-s) exactly."""
+    return grad * inv_scale
+
+
+@_jit
+def descend(p, shrink, step_size, step, M, correction_lr2, correct):
+    """reference.descend; multiplying by shrink == 1 is exact, so it is not skipped."""
+    p = p * shrink
+    p = p - step_size * step
+    if correct:
+        p = p - correction_lr2 * M
+    return p
+
+
+@_jit
+def diagnostics(F, u, M, lr, penalty, sign_flips):
+    hM = lr * M
+    memory = F - u
+    residual = memory - hM
+    return (F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips)
+
+
+@_jit
+def sign(x, one, zero):
+    """torch.sign: -1, 0 or 1; NaN and -0 give +0."""
+    return one if x > zero else (-one if x < zero else zero)
+
+
+@_jit
+def smooth_sign(x, smoothing, smooth, one, zero):
+    """phi_eps(x) = x / sqrt(x^2 + eps); sign(x) when not smooth (smoothing == 0)."""
+    return x / np.sqrt(x * x + smoothing) if smooth else sign(x, one, zero)
+
+
+@_jit
+def smooth_sign_slope(x, smoothing, smooth, one, zero):
+    """phi'_eps(x) = eps / (x^2 + eps)^(3/2); zero for sign."""
+    if not smooth:
+        return zero
+    s = x * x + smoothing
+    return one / (s * np.sqrt(s)) * smoothing
+
+
+@_jit
+def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memoryless, correct, has_ref):
+    """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
+
+    p, the states and M follow the reference's operations. F, the penalty and (when it
+    reaches neither p nor M) u only enter the diagnostics, compared to 1e-6: they
+    reuse the quotients p and M need and multiply by reciprocals instead of dividing,
+    which saves five of the ten divisions per element (the dearest instructions here).
+    """
+    g_raw = g
+    if not decoupled:
+        g = g + c.weight_decay * p  # coupled L2: the EMAs see g~ = g + lambda theta
+    exp_avg = exp_avg + c.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * g * g
+    decay = c.weight_decay * p if decoupled else c.zero
+    if eps_inside_sqrt:
+        denom = np.sqrt(exp_avg_sq / c.bias_correction2 + c.eps)
+        a = np.sqrt(g * g + c.eps)
+        inv_a = c.one / a
+        coef = inv_a * c.mean_age1 - c.mean_age2 * (g * g) / (a * a * a)
+        penalty = a
+    else:
+        denom = np.sqrt(exp_avg_sq) / c.sqrt_bias_correction2 + c.eps
+        a = abs(g) + c.eps
+        inv_a = c.one / a
+        coef = inv_a * c.mean_age1 - c.mean_age2 * abs(g) / (a * a)
+        penalty = abs(g) - c.eps * log1p(abs(g) * c.inv_eps)
+    step = exp_avg / denom
+    F = step * c.inv_bias_correction1 + decay  # reference: exp_avg / bias_correction1 / denom + decay
+    g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it reaches p or M
+    u = g_over_a + decay
+    if has_ref:
+        hvp = (g_ref - g_raw) * c.hvp_scale
+        if not decoupled:
+            hvp = hvp + c.weight_decay * u  # H~ = H + lambda I
+        M = coef * hvp
+    else:
+        M = c.zero
+    diag = diagnostics(F, u, M, c.lr, penalty, c.zero)
+    p = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2, correct)
+    return p, exp_avg, exp_avg_sq, g_raw, diag
+
+
+@_jit
+def lion(p, g, exp_avg, g_ref, c, smooth, memoryless, correct, has_ref):
+    """reference.lion; returns (p, exp_avg, g, diag terms)."""
+    cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
+    wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
+    decay = c.weight_decay * p
+    phi_c = smooth_sign(cm, c.smoothing, smooth, c.one, c.zero)
+    phi_wg = smooth_sign(wg, c.smoothing, smooth, c.one, c.zero)
+    F = phi_c + decay
+    u = phi_wg + decay
+    if has_ref:
+        hvp = (g_ref - g) * c.hvp_scale
+        M = smooth_sign_slope(wg, c.smoothing, smooth, c.one, c.zero) * c.age_weight * hvp
+    else:
+        M = c.zero
+    exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * g
+    penalty = np.sqrt(wg * wg + c.smoothing)
+    sign_flips = c.one if sign(cm, c.one, c.zero) != sign(g, c.one, c.zero) else c.zero
+    diag = diagnostics(F, u, M, c.lr, penalty, sign_flips)
+    p = descend(p, c.shrink, c.lr, phi_wg if memoryless else phi_c, M, c.correction_lr2, correct)
+    return p, exp_avg, g, diag
+
+
+@_jit
+def sgd(p, g, momentum_buffer, g_ref, c, has_momentum, nesterov, memoryless, correct, has_ref):
+    """reference.sgd; returns (p, momentum_buffer, g_raw, diag terms)."""
+    g_raw = g
+    g = g + c.weight_decay * p  # g~
+    if has_momentum:
+        momentum_buffer = c.momentum * momentum_buffer + g
+        F = g + c.momentum * momentum_buffer if nesterov else momentum_buffer
+    else:
+        F = g
+    u = c.update_scale * g
+    if has_ref:
+        hvp = (g_ref - g_raw) * c.hvp_scale + c.weight_decay * g  # H~ g~ = H g~ + lambda g~
+        M = c.memory_coef * hvp
+    else:
+        M = c.zero
+    diag = diagnostics(F, u, M, c.lr, c.half * g * g, c.zero)
+    p = descend(p, c.one, c.lr, u if memoryless else F, M, c.correction_lr2, correct)
+    return p, momentum_buffer, g_raw, diag

@@ -1,0 +1,188 @@
+"""The numba backend: fused AdamW, Lion and SGD steps on CPU tensors, one parallel pass per tensor.
+
+The kernels (_numba_kernels.py) run on flat numpy views of the tensors'
+memory, so they update the tensors in place. Scalars are rounded to the compute
+dtype here, once per call, exactly as torch rounds reference.py's Python
+floats. The first call of each kernel compiles it, or loads it from numba's
+disk cache; numba_status() says how long that took.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..reference import NDIAG
+from . import register, unavailable
+
+try:
+    import numba
+    from . import _numba_kernels as kernels
+    from ._numba_math import AdamWScalars, LionScalars, SGDScalars
+except ImportError as exc:  # the registry reports the reason; auto falls back to the reference
+    numba = None
+    unavailable("numba", f"cannot import numba ({exc})")
+
+
+class FirstCall(NamedTuple):
+    """How long the first call of one kernel specialisation took, and whether it compiled."""
+
+    kernel: str
+    seconds: float
+    compiled: bool
+
+
+first_calls: list[FirstCall] = []
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """The tensor's elements as a writable 1-D numpy view; half types as their bits.
+
+    bfloat16 travels as uint16 and float16 as int16 (see _numba_dtypes.py).
+    """
+    flat = t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype == torch.float16:
+        return flat.view(torch.int16).numpy()
+    return flat.numpy()
+
+
+def _compute_dtype(p: Tensor) -> type:
+    return np.float64 if p.dtype == torch.float64 else np.float32
+
+
+def _inv_scale(grad_scale: Tensor | None, maximize: bool) -> float:
+    """reference.load_grad's factor with the maximize sign folded in."""
+    inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale.item()
+    return -inv_scale if maximize else inv_scale
+
+
+def _reciprocal(x: float) -> float:
+    """1 / x, with 1 / 0 = inf signed like 0 (as the division it stands for gives in the kernel)."""
+    return 1.0 / x if x != 0.0 else math.copysign(math.inf, x)
+
+
+def _launch(kernel: Callable, name: str, *args) -> None:
+    """Run a kernel; on the first call of a specialisation, record the compile or cache-load time."""
+    before, hits = len(kernel.overloads), sum(kernel.stats.cache_hits.values())
+    start = time.perf_counter()
+    kernel(*args)
+    if len(kernel.overloads) > before:
+        compiled = sum(kernel.stats.cache_hits.values()) == hits
+        first_calls.append(FirstCall(name, time.perf_counter() - start, compiled))
+
+
+def _run(kernel: Callable, name: str, params, grads, state_lists, grad_refs, diagnostics, scalars) -> None:
+    """One kernel call per tensor; the diagnostics of all tensors are added to `diagnostics` at the end."""
+    totals = np.zeros(NDIAG)
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n == 0:
+            continue
+        flat_p = _flat(p)
+        absent = np.empty(0, flat_p.dtype)  # for a list the mode does not use: never indexed
+        states = [_flat(lst[i]) if lst else absent for lst in state_lists]
+        ref = _flat(grad_refs[i]) if grad_refs else absent
+        sums = np.zeros((kernels.chunk_count(n) if diagnostics is not None else 0, NDIAG))
+        _launch(kernel, name, flat_p, _flat(grads[i]), *states, ref, sums, scalars)
+        if diagnostics is not None:
+            totals += sums.sum(axis=0)
+    if diagnostics is not None:
+        diagnostics.add_(torch.from_numpy(totals).to(diagnostics.device))
+
+
+def _skipped(found_inf: Tensor | None) -> bool:
+    """AMP found an inf: the step changes nothing, as torch's fused optimizers do."""
+    return found_inf is not None and found_inf.item() != 0.0
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, beta1, beta2, eps,
+          weight_decay, bias_correction1, bias_correction2, mean_age1, mean_age2, decoupled,
+          eps_inside_sqrt, correction, hvp_scale, maximize, memoryless, update_grad_refs,
+          grad_scale, found_inf) -> None:
+    if _skipped(found_inf):
+        return
+    inv_scale = _inv_scale(grad_scale, maximize)
+    scalars = AdamWScalars(
+        zero=0.0, one=1.0, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
+        lr=lr, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
+        weight_decay=weight_decay, bias_correction1=bias_correction1, inv_bias_correction1=_reciprocal(bias_correction1),
+        inv_eps=_reciprocal(eps), bias_correction2=bias_correction2,
+        sqrt_bias_correction2=bias_correction2 ** 0.5, mean_age1=mean_age1, mean_age2=mean_age2,
+        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay if decoupled else 1.0,
+        step_size=lr if memoryless else lr / bias_correction1, correction_lr2=correction * lr * lr)
+    dtype = _compute_dtype(params[0])
+    kernel = kernels.adamw_kernel(decoupled, eps_inside_sqrt, memoryless, correction != 0.0, bool(grad_refs),
+                                  bool(grad_refs) and update_grad_refs, diagnostics is not None)
+    _run(kernel, "adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics,
+         AdamWScalars(*map(dtype, scalars)))
+
+
+def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, weight_decay, smoothing,
+         ema_weight, age_weight, correction, hvp_scale, maximize, memoryless, update_grad_refs,
+         grad_scale, found_inf) -> None:
+    if _skipped(found_inf):
+        return
+    inv_scale = _inv_scale(grad_scale, maximize)
+    scalars = LionScalars(
+        zero=0.0, one=1.0, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
+        lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        weight_decay=weight_decay, smoothing=smoothing, ema_weight=ema_weight, age_weight=age_weight,
+        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)
+    dtype = _compute_dtype(params[0])
+    kernel = kernels.lion_kernel(smoothing != 0.0, memoryless, correction != 0.0, bool(grad_refs),
+                                 bool(grad_refs) and update_grad_refs, diagnostics is not None)
+    _run(kernel, "lion", params, grads, (exp_avgs,), grad_refs, diagnostics, LionScalars(*map(dtype, scalars)))
+
+
+def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum, weight_decay, nesterov,
+        update_scale, memory_coef, correction, hvp_scale, maximize, memoryless, update_grad_refs,
+        grad_scale, found_inf) -> None:
+    if _skipped(found_inf):
+        return
+    inv_scale = _inv_scale(grad_scale, maximize)
+    scalars = SGDScalars(
+        zero=0.0, one=1.0, half=0.5, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
+        lr=lr, momentum=momentum, weight_decay=weight_decay, update_scale=update_scale,
+        memory_coef=memory_coef, hvp_scale=hvp_scale, correction_lr2=correction * lr * lr)
+    dtype = _compute_dtype(params[0])
+    kernel = kernels.sgd_kernel(bool(momentum_buffers), nesterov, memoryless, correction != 0.0, bool(grad_refs),
+                                bool(grad_refs) and update_grad_refs, diagnostics is not None)
+    _run(kernel, "sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics,
+         SGDScalars(*map(dtype, scalars)))
+
+
+def numba_status() -> str:
+    """For `memkernels info`: numba's version and threads, and what first calls cost in this process.
+
+    Runs the fp32 AdamW fast path once on one element if no kernel has run yet,
+    which shows whether the disk cache is warm (loading takes well under a second).
+    """
+    if numba is None:
+        return "numba cannot be imported"
+    if not first_calls:
+        p = torch.zeros(1)
+        adamw([p], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [], None, lr=1e-3, beta1=0.9,
+              beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=0.1, bias_correction2=0.001,
+              mean_age1=0.0, mean_age2=0.0, decoupled=True, eps_inside_sqrt=False, correction=0.0,
+              hvp_scale=0.0, maximize=False, memoryless=False, update_grad_refs=False, grad_scale=None,
+              found_inf=None)
+    compiled = [c for c in first_calls if c.compiled]
+    loaded = [c for c in first_calls if not c.compiled]
+    first = first_calls[0]
+    return (f"numba {numba.__version__}, {numba.get_num_threads()} threads ({numba.threading_layer()}); "
+            f"first {first.kernel} kernel {'compiled' if first.compiled else 'loaded from the disk cache'} "
+            f"in {first.seconds:.2f} s; this process compiled {len(compiled)} kernel(s) in "
+            f"{sum(c.seconds for c in compiled):.1f} s and loaded {len(loaded)} from the cache in "
+            f"{sum(c.seconds for c in loaded):.2f} s")
+
+
+if numba is not None:
+    register("numba", "adamw", ("cpu",))(adamw)
+    register("numba", "lion", ("cpu",))(lion)
+    register("numba", "sgd", ("cpu",))(sgd)

@@ -1,0 +1,325 @@
+"""The numba backend against the reference backend: every op, mode, dtype and edge value.
+
+Both backends run the same op on clones of the same inputs. Wherever no sqrt
+or log enters (all states and grad_refs, SGD and sign-Lion parameters) the
+results must be bit-identical: that checks the order of operations. The
+reference's torch.sqrt and torch.log1p (MKL) are not always correctly rounded
+where the kernels use IEEE sqrt and their own log1p, so AdamW and smooth-Lion
+parameters agree to 1e-6 (fp32 math) or 1e-12 (fp64) of the tensor's scale and
+half-precision results to one ulp of their format; diagnostics, also summed in
+another order, to 1e-6 / 1e-12 relative. Each mode is a separately compiled
+kernel: the first run of this file compiles about 30 (a minute of CPU), later
+runs load them from numba's disk cache.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+from numba import njit  # noqa: E402
+
+from memkernels import _ops, backends  # noqa: E402
+from memkernels.backends import numba as nb  # noqa: E402
+from memkernels.backends._numba_kernels import CHUNK  # noqa: E402
+from memkernels.backends._numba_log1p import log1p  # noqa: E402
+
+if nb.numba is None:
+    pytest.skip(backends.load("numba"), allow_module_level=True)
+
+BASE = {
+    "adamw": dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, bias_correction1=0.271,
+                  bias_correction2=0.003, mean_age1=0.63, mean_age2=1.2),
+    "lion": dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, smoothing=0.0, ema_weight=0.95, age_weight=2.0),
+    "sgd": dict(lr=1e-2, momentum=0.9, weight_decay=0.05, nesterov=False, update_scale=2.7, memory_coef=3.1),
+}
+AMP = dict(maximize=True, grad_scale=torch.tensor(1024.0))
+TRAJECTORY = dict(correction=-1.0, hvp_scale=10.0, update_grad_refs=True)
+PROBE = dict(correction=0.5, hvp_scale=10.0, update_grad_refs=False)
+
+# (op, name, keyword arguments, with grad_refs, with diagnostics)
+MODES = [
+    ("adamw", "plain", {}, False, False),
+    ("adamw", "maximize_amp", AMP, False, False),
+    ("adamw", "diagnostics", {}, False, True),
+    ("adamw", "trajectory", TRAJECTORY, True, True),
+    ("adamw", "probe_coupled_eps_inside", dict(PROBE, eps_inside_sqrt=True, decoupled=False, **AMP), True, True),
+    ("adamw", "measure_only", dict(TRAJECTORY, correction=0.0), True, True),
+    ("adamw", "memoryless", dict(TRAJECTORY, memoryless=True), True, False),
+    ("lion", "plain", {}, False, False),
+    ("lion", "trajectory_smooth", dict(TRAJECTORY, smoothing=0.01), True, True),
+    ("lion", "probe_sign", dict(PROBE, **AMP), True, True),
+    ("lion", "memoryless_smooth", dict(TRAJECTORY, smoothing=0.01, memoryless=True), True, False),
+    ("sgd", "plain", {}, False, False),
+    ("sgd", "nesterov_trajectory", dict(TRAJECTORY, nesterov=True, **AMP), True, True),
+    ("sgd", "no_momentum_memoryless_probe", dict(PROBE, momentum=0.0, memoryless=True), True, True),
+]
+FULL = {"adamw": "trajectory", "lion": "trajectory_smooth", "sgd": "nesterov_trajectory"}
+
+
+def mode(op: str, name: str) -> tuple:
+    return next(m for m in MODES if m[:2] == (op, name))
+
+
+def make_inputs(op: str, shapes, dtype=torch.float32, state_dtype=None, *, refs: bool, seed: int = 0,
+                momentum: bool = True) -> dict:
+    """Random parameters, gradients, states and reference gradients; exp_avg_sq is positive."""
+    gen = torch.Generator().manual_seed(seed)
+    state_dtype = state_dtype or dtype
+
+    def randn(shape, scale=1.0, dt=dtype):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dt)
+
+    grads = [randn(s) for s in shapes]
+    states = [[randn(s, 0.1, state_dtype) for s in shapes]]
+    if op == "adamw":
+        states.append([randn(s, 0.1, state_dtype).abs() ** 2 for s in shapes])
+    if op == "sgd" and not momentum:
+        states = [[]]
+    grad_refs = [(g.double() + randn(s, 0.1, torch.float64)).to(state_dtype) for g, s in zip(grads, shapes)]
+    return {"params": [randn(s) for s in shapes], "grads": grads, "states": states,
+            "grad_refs": grad_refs if refs else []}
+
+
+def run(op: str, backend: str, inputs: dict, kwargs: dict, diagnostics: bool) -> dict:
+    """Run the op on clones; return every tensor it may write."""
+    clone = lambda lst: [t.clone() for t in lst]  # noqa: E731
+    params, states, grad_refs = clone(inputs["params"]), [clone(s) for s in inputs["states"]], clone(inputs["grad_refs"])
+    diag = torch.zeros(6, dtype=torch.float64) if diagnostics else None
+    getattr(_ops, op + "_")(params, clone(inputs["grads"]), *states, grad_refs, diag, backend=backend,
+                            **{**BASE[op], **kwargs})
+    return {"params": params, "states": [t for s in states for t in s], "grad_refs": grad_refs,
+            "diagnostics": [] if diag is None else [diag]}
+
+
+def flat(outputs: dict) -> list[torch.Tensor]:
+    return [t for key in ("params", "states", "grad_refs", "diagnostics") for t in outputs[key]]
+
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision bits mapped to integers in the order of the values (+0 and -0 both 0)."""
+    bits = t.view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, fp64_math: bool) -> None:
+    """Within one ulp for half formats; else 1e-6 (fp32 math) or 1e-12 (fp64 math) of the tensor's scale.
+
+    The scale is the largest finite magnitude: a sqrt that differs by an ulp in a large step leaves
+    that much absolute difference in a parameter the step nearly cancels.
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    if actual.dtype in (torch.bfloat16, torch.float16):
+        nan = expected.isnan()
+        assert torch.equal(actual.isnan(), nan), f"{what}: NaN positions differ"
+        ulps = (ordered_bits(actual) - ordered_bits(expected)).abs()[~nan]
+        assert ulps.numel() == 0 or ulps.max().item() <= 1, f"{what}: {ulps.max().item()} ulps apart"
+        return
+    finite = expected[expected.isfinite()].abs()
+    rtol = 1e-12 if fp64_math else 1e-6
+    atol = rtol * finite.max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def compare(op: str, inputs: dict, kwargs: dict, diagnostics: bool) -> dict:
+    """Reference and numba on the same inputs; returns numba's outputs.
+
+    States and grad_refs involve no sqrt or log, so they must be bit-identical, and so must the
+    parameters of SGD and sign-Lion; the rest (AdamW and smooth-Lion parameters, the diagnostics,
+    which are also summed in another order) within assert_matches' tolerance.
+    """
+    expected = run(op, "reference", inputs, kwargs, diagnostics)
+    actual = run(op, "numba", inputs, kwargs, diagnostics)
+    fp64_math = bool(inputs["params"]) and inputs["params"][0].dtype == torch.float64
+    exact_params = op == "sgd" or (op == "lion" and kwargs.get("smoothing", 0.0) == 0.0)
+    for key in ("params", "states", "grad_refs"):
+        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+            check = assert_identical if key != "params" or exact_params else assert_matches
+            check(a, e, f"{key}[{i}]", *(() if check is assert_identical else (fp64_math,)))
+    for a, e in zip(actual["diagnostics"], expected["diagnostics"]):
+        torch.testing.assert_close(a, e, rtol=1e-12 if fp64_math else 1e-6, atol=0, equal_nan=True,
+                                   msg=lambda m: f"diagnostics: {m}")
+    return actual
+
+
+# ---------------------------------------------------------------- resolution
+
+def test_forcing_numba_resolves_to_the_numba_kernel(monkeypatch):
+    for op in ("adamw", "lion", "sgd"):
+        assert backends.resolve(op, "numba", "cpu") == ("numba", getattr(nb, op))
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "numba")
+    assert backends.resolve("adamw", "auto", "cpu") == ("numba", nb.adamw)
+    monkeypatch.delenv("MEMKERNELS_BACKEND")
+    assert backends.resolve("sgd", "auto", "cpu")[0] == "numba"  # numba is auto's first choice on CPU
+    assert backends.load("numba").startswith("available")
+
+
+# ---------------------------------------------------------------- modes and dtypes
+
+@pytest.mark.parametrize("op,name,kwargs,refs,diagnostics", MODES, ids=[f"{m[0]}-{m[1]}" for m in MODES])
+def test_mode_matches_reference(op, name, kwargs, refs, diagnostics):
+    shapes = [(3 * CHUNK + 17,), (5, 7), (1,)]  # several chunks, a 2-D tensor, one element
+    inputs = make_inputs(op, shapes, refs=refs, seed=MODES.index(mode(op, name)),
+                         momentum=kwargs.get("momentum", 1.0) != 0)
+    compare(op, inputs, kwargs, diagnostics)
+
+
+@pytest.mark.parametrize("op,dtype,state_dtype", [
+    ("adamw", torch.float64, torch.float64), ("lion", torch.float64, torch.float64), ("sgd", torch.float64, torch.float64),
+    ("adamw", torch.bfloat16, torch.float32), ("lion", torch.bfloat16, torch.float32), ("sgd", torch.bfloat16, torch.float32),
+    ("adamw", torch.bfloat16, torch.bfloat16), ("adamw", torch.float16, torch.float16),
+    ("sgd", torch.float16, torch.float32), ("adamw", torch.float32, torch.float64),
+])
+def test_dtypes_match_reference(op, dtype, state_dtype):
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    inputs = make_inputs(op, [(CHUNK + 999,), (4, 3)], dtype, state_dtype, refs=refs, seed=7)
+    compare(op, inputs, kwargs, diagnostics)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_write_back_rounds_to_nearest_even(dtype):
+    """Values near ties, subnormals, Inf and NaN pass through the kernel's half rounding as through torch's.
+
+    Nesterov SGD with g = 0, momentum 1/2, lr 2 and momentum_buffer 2x writes p = 0 - 2 (x / 2) = -x,
+    every step exact (the fp32 subnormals below have even significands), so p is -x rounded once.
+    """
+    subnormals = torch.tensor([0x5A5A4, 0x3FFE, 0x18000], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([1.00390625, 1.01171875, 1 + 2 ** -8 + 2 ** -20, 1 + 2 ** -11, 1 + 2 ** -11 + 2 ** -20,
+                                 65519.0, 65520.0, 6e-8, 1e-6, 2e-38, float("inf"), float("nan")]), subnormals])
+    zeros = lambda dt: torch.zeros(x.shape, dtype=dt)  # noqa: E731
+    inputs = {"params": [zeros(dtype)], "grads": [zeros(dtype)], "states": [[2 * x]], "grad_refs": [zeros(torch.float32)]}
+    _, _, kwargs, _, _ = mode("sgd", "nesterov_trajectory")
+    kwargs = dict(kwargs, lr=2.0, momentum=0.5, weight_decay=0.0, hvp_scale=0.0, maximize=False, grad_scale=None)
+    out = run("sgd", "numba", inputs, kwargs, True)["params"][0]
+    want = (-x).to(dtype)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(ordered_bits(out)[~nan], ordered_bits(want)[~nan])
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_half_load_keeps_specials(dtype, state_dtype):
+    """AdamW with zero gradient, state and decay leaves p as it was: a round trip through load and store."""
+    p = torch.tensor([1.0, -2.5, 3e-39, 1e-40, 6e-8, -0.0, 60000.0, float("inf"), -float("inf"), float("nan")]).to(dtype)
+    zeros = lambda dt: torch.zeros(p.shape, dtype=dt)  # noqa: E731
+    inputs = {"params": [p], "grads": [zeros(dtype)], "states": [[zeros(state_dtype)], [zeros(state_dtype)]],
+              "grad_refs": [zeros(state_dtype)]}
+    _, _, kwargs, _, _ = mode("adamw", "trajectory")
+    out = run("adamw", "numba", inputs, dict(kwargs, weight_decay=0.0, hvp_scale=0.0), True)["params"][0]
+    nan = p.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(ordered_bits(out)[~nan], ordered_bits(p)[~nan])
+
+
+# ---------------------------------------------------------------- semantics
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_nan_and_inf_match_reference(op):
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    n = CHUNK + 3
+    inputs = make_inputs(op, [(n,)], refs=refs, seed=3)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 3e38])
+    for key in ("grads", "params", "grad_refs"):
+        t = inputs[key][0]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(len(key)))[:70]
+        t[idx] = specials.repeat(10)
+    diag = compare(op, inputs, kwargs, diagnostics)["diagnostics"][0]
+    assert not diag.isfinite().all()  # the specials reached the diagnostics, as they reach the reference's
+
+
+def test_zero_correction_never_touches_p_with_M():
+    """correction == 0 with an infinite reference gradient: M is NaN, p still equals the plain step."""
+    inputs = make_inputs("adamw", [(1000,)], refs=True, seed=5)
+    inputs["grad_refs"][0][::3] = float("inf")
+    measured = run("adamw", "numba", inputs, dict(TRAJECTORY, correction=0.0), True)
+    plain = run("adamw", "numba", {**inputs, "grad_refs": []}, {}, False)
+    for a, b in zip(measured["params"] + measured["states"], plain["params"] + plain["states"]):
+        assert torch.equal(a, b)
+    assert not measured["diagnostics"][0][1].isfinite()  # correction_sq saw the infinite M
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_found_inf_changes_nothing(op):
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    inputs = make_inputs(op, [(100,)], refs=refs, seed=11)
+    out = run(op, "numba", inputs, dict(kwargs, found_inf=torch.tensor(1.0)), diagnostics)
+    before = [*inputs["params"], *(t for s in inputs["states"] for t in s), *inputs["grad_refs"],
+              torch.zeros(6, dtype=torch.float64)]
+    after = flat(out)
+    assert len(after) == len(before) - (not diagnostics)
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_runs_are_bit_identical(op):
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    inputs = make_inputs(op, [(7 * CHUNK + 123,), (301,)], refs=refs, seed=13)
+    first = run(op, "numba", inputs, kwargs, diagnostics)
+    second = run(op, "numba", inputs, kwargs, diagnostics)
+    for a, b in zip(flat(first), flat(second)):
+        assert torch.equal(a, b)
+
+
+def test_dense_non_contiguous_tensors():
+    """A transposed parameter is dense: the kernel walks its storage, element-aligned with its gradient's."""
+    inputs = make_inputs("adamw", [(300, 70)], refs=True, seed=17)
+    for key in ("params", "grads", "grad_refs"):
+        inputs[key] = [t.t() for t in inputs[key]]
+    inputs["states"] = [[t.t() for t in s] for s in inputs["states"]]
+    _, _, kwargs, _, _ = mode("adamw", "trajectory")
+    out = compare("adamw", inputs, kwargs, True)
+    assert out["params"][0].stride() == (1, 70)
+
+
+# ---------------------------------------------------------------- shapes and seeds
+
+_shape = st.one_of(st.just((0,)), st.just((1,)), st.integers(2, 3 * CHUNK).map(lambda n: (n,)),
+                   st.tuples(st.integers(1, 40), st.integers(1, 40)), st.just((1_000_003,)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(shapes=st.lists(_shape, min_size=1, max_size=3), seed=st.integers(0, 2 ** 16),
+       name=st.sampled_from(["plain", "trajectory"]))
+def test_shapes_and_seeds(shapes, seed, name):
+    op, _, kwargs, refs, diagnostics = mode("adamw", name)
+    compare(op, make_inputs(op, shapes, refs=refs, seed=seed), kwargs, diagnostics)
+
+
+def test_status_reports_first_calls_and_a_second_process_loads_from_the_cache():
+    status = nb.numba_status()  # runs (so compiles or loads, then caches) the fp32 AdamW fast path
+    assert status.startswith("numba ") and "threads" in status and "loaded" in status
+    assert nb.first_calls and all(c.seconds >= 0 for c in nb.first_calls)
+    code = "from memkernels.backends import numba as nb; print(nb.numba_status())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "kernel loaded from the disk cache" in out.stdout, out.stdout + out.stderr
+
+
+def test_float32_log1p_is_within_two_ulps():
+    """The kernels' division-free float32 log1p against float64 numpy over the whole float32 range."""
+    @njit
+    def evaluate(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = log1p(x[i])
+        return out
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.exp(rng.uniform(np.log(1e-45), np.log(3e38), 200_000)), rng.uniform(0.0, 4.0, 100_000),
+                        np.array([0.0, 1e-45, 2 ** -24, 0.41421356, 1.0, 2.0 ** 127, 3.4e38])]).astype(np.float32)
+    exact = np.log1p(x.astype(np.float64))
+    ulps = np.abs(evaluate(x) - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 2.0, f"{ulps.max()} ulps at x = {x[ulps.argmax()]}"
+    specials = evaluate(np.array([np.inf, np.nan], np.float32))
+    assert specials[0] == np.inf and np.isnan(specials[1])
