@@ -259,8 +259,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for _, _, bucket, kwargs, _ in calls:
             d = self._directions(kwargs, bucket)
             eps = max(torch.finfo(compute_dtype(p)).eps for p in bucket.params)
-            theta_norm = math.sqrt(sum(float(p.double().square().sum()) for p in bucket.params))
-            d_norm = math.sqrt(sum(float(x.double().square().sum()) for x in d))
+            theta_norm, d_norm = _norm(bucket.params), _norm(d)
             tau = math.sqrt(eps) * (1.0 + theta_norm) / d_norm if d_norm > 0 else 0.0
             steps.append((bucket, d, tau))
         saved = [(p, p.detach().clone(), p.grad) for bucket, _, _ in steps for p in bucket.params]
@@ -306,6 +305,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 "sign_flip_fraction": sums["sign_flips"] / numel if numel else float("nan"),
             })
         return stats
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """The 2-norm of a list of tensors taken together, one pass over each."""
+    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(tensors)])))
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
