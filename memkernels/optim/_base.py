@@ -173,6 +173,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                    bucket.grad_refs, None, grad_scale, None)
                 _ops.check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
                 backends.resolve(self.op, self.backend, bucket.params[0].device.type)
+                if self.measures(group) and group["hvp"] == "exact" and any(g.grad_fn is None for g in bucket.grads):
+                    raise ValueError("hvp='exact' needs gradients with a graph: "
+                                     "call loss.backward(create_graph=True)")
                 calls.append((gi, group, bucket, kwargs, lists))
         for _, _, _, created in plans:  # everything checked: now state may change
             for p, state in created.items():
@@ -241,12 +244,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _exact(self, calls: list) -> dict[int, tuple[list[Tensor], float]]:
         refs = {}
         for _, _, bucket, kwargs, _ in calls:
-            if any(g.grad_fn is None for g in bucket.grads):
-                raise ValueError("hvp='exact' needs gradients with a graph: call loss.backward(create_graph=True)")
-            d = self._directions(kwargs, bucket)
+            d = [x.to(p.dtype) for x, p in zip(self._directions(kwargs, bucket), bucket.params)]
             with torch.enable_grad():
-                hd = torch.autograd.grad(bucket.grads, bucket.params, grad_outputs=[x.to(p.dtype) for x, p in zip(d, bucket.params)],
-                                         allow_unused=True)
+                hd = torch.autograd.grad(bucket.grads, bucket.params, grad_outputs=d, allow_unused=True)
             refs[id(bucket)] = ([g.detach() + (torch.zeros_like(g) if h is None else h)
                                  for g, h in zip(bucket.grads, hd)], 1.0)
             for p, g in zip(bucket.params, bucket.grads):
