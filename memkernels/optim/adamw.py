@@ -26,7 +26,8 @@ class AdamW(MemoryOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
                  decoupled_weight_decay: bool = True, memory_correction: float = 0.0, hvp: str = "trajectory",
-                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False, backend: str = "auto") -> None:
+                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
+                 backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_inside_sqrt=eps_inside_sqrt,
                         decoupled_weight_decay=decoupled_weight_decay, memory_correction=memory_correction,
                         hvp=hvp, maximize=maximize, memoryless=memoryless)

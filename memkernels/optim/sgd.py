@@ -20,7 +20,8 @@ class SGD(MemoryOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0, hvp: str = "trajectory",
-                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False, backend: str = "auto") -> None:
+                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
+                 backend: str = "auto") -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
