@@ -38,6 +38,11 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def inv_scale(grad_scale: Tensor | None) -> float:
+    """AMP's unscaling factor for load_grad (1 without a scaler)."""
+    return 1.0 if grad_scale is None else 1.0 / grad_scale.item()
+
+
 def load_grad(grad: Tensor, inv_scale: float, maximize: bool) -> Tensor:
     """Unscale (AMP) and orient the raw gradient so that the optimizer descends."""
     g = grad * inv_scale if inv_scale != 1.0 else grad

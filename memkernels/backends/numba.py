@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import NDIAG
 from . import register, unavailable
 
@@ -58,8 +59,8 @@ def _compute_dtype(p: Tensor) -> type:
 
 def _inv_scale(grad_scale: Tensor | None, maximize: bool) -> float:
     """reference.load_grad's factor with the maximize sign folded in."""
-    inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale.item()
-    return -inv_scale if maximize else inv_scale
+    factor = reference.inv_scale(grad_scale)
+    return -factor if maximize else factor
 
 
 def _reciprocal(x: float) -> float:

@@ -5,21 +5,16 @@ Half-precision tensors are computed in fp32 and rounded once on write-back.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from .. import reference
 from . import register
-
-
-def _inv_scale(grad_scale: Tensor | None) -> float:
-    return 1.0 if grad_scale is None else 1.0 / grad_scale.item()
 
 
 def _run(math, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
          grad_scale, found_inf, **scalars) -> None:
     if found_inf is not None and found_inf.item() != 0.0:
         return  # AMP found an inf: skip the step exactly, as torch's fused path does
-    inv_scale = _inv_scale(grad_scale)
+    inv_scale = reference.inv_scale(grad_scale)
     totals = [0.0] * reference.NDIAG
     for i, p in enumerate(params):
         dtype = reference.compute_dtype(p)

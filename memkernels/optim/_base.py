@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _ops, backends
 from ..coefficients import replay
-from ..reference import DIAGNOSTICS, NDIAG, compute_dtype, load_grad
+from ..reference import DIAGNOSTICS, NDIAG, compute_dtype, inv_scale, load_grad
 
 HVP_MODES = ("trajectory", "probe", "exact")
 _TRAJECTORY_NOTE = ("memkernels: hvp='trajectory' estimates H d from the change of the gradient between "
@@ -232,12 +232,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return refs
 
     def _directions(self, kwargs: dict, bucket: Bucket) -> list[Tensor]:
-        grad_scale = kwargs["grad_scale"]
-        inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale.item()
+        factor = inv_scale(kwargs["grad_scale"])
         out = []
         for p, g in zip(bucket.params, bucket.grads):
             dtype = compute_dtype(p)
-            g = load_grad(g.detach().to(dtype), inv_scale, kwargs["maximize"])
+            g = load_grad(g.detach().to(dtype), factor, kwargs["maximize"])
             out.append(self.direction(kwargs, p.to(dtype), g))
         return out
 
