@@ -11,10 +11,20 @@ struct AdamWOp {
   using Scalars = AdamWScalars<T>;
 
   template <typename T>
-  static AdamWScalars<T> scalars(const Args& a) {
+  MK_HD static AdamWScalars<T> scalars(const Args& a) {
     return make_adamw_scalars<T>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.bias_correction1,
                                  a.bias_correction2, a.mean_age1, a.mean_age2, a.correction, a.hvp_scale,
                                  a.decoupled != 0, a.eps_inside_sqrt != 0, a.memoryless != 0);
+  }
+
+  // memkernels._ops.STEP_SCALARS["adamw"], in order, in place of the placeholders of args.
+  __device__ __forceinline__ static void set_step(Args& a, const double* v) {
+    a.lr = v[0];
+    a.bias_correction1 = v[1];
+    a.bias_correction2 = v[2];
+    a.mean_age1 = v[3];
+    a.mean_age2 = v[4];
+    a.hvp_scale = v[5];
   }
 
   template <typename T>

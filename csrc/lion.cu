@@ -11,9 +11,17 @@ struct LionOp {
   using Scalars = LionScalars<T>;
 
   template <typename T>
-  static LionScalars<T> scalars(const Args& a) {
+  MK_HD static LionScalars<T> scalars(const Args& a) {
     return make_lion_scalars<T>(a.lr, a.beta1, a.beta2, a.weight_decay, a.smoothing, a.ema_weight,
                                 a.age_weight, a.correction, a.hvp_scale, a.memoryless != 0);
+  }
+
+  // memkernels._ops.STEP_SCALARS["lion"], in order, in place of the placeholders of args.
+  __device__ __forceinline__ static void set_step(Args& a, const double* v) {
+    a.lr = v[0];
+    a.ema_weight = v[1];
+    a.age_weight = v[2];
+    a.hvp_scale = v[3];
   }
 
   template <typename T>

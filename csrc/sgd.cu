@@ -11,9 +11,17 @@ struct SGDOp {
   using Scalars = SGDScalars<T>;
 
   template <typename T>
-  static SGDScalars<T> scalars(const Args& a) {
+  MK_HD static SGDScalars<T> scalars(const Args& a) {
     return make_sgd_scalars<T>(a.lr, a.momentum, a.weight_decay, a.nesterov != 0, a.update_scale,
                                a.memory_coef, a.correction, a.hvp_scale, a.memoryless != 0);
+  }
+
+  // memkernels._ops.STEP_SCALARS["sgd"], in order, in place of the placeholders of args.
+  __device__ __forceinline__ static void set_step(Args& a, const double* v) {
+    a.lr = v[0];
+    a.update_scale = v[1];
+    a.memory_coef = v[2];
+    a.hvp_scale = v[3];
   }
 
   template <typename T>

@@ -21,7 +21,16 @@ PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _COMMON = ("float correction=0., float hvp_scale=0., bool maximize=False, bool memoryless=False, "
            "bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
-           "str backend=\"auto\"")
+           "Tensor? step_scalars=None, str backend=\"auto\"")
+
+# The scalars that change from step to step, in the order of the optional `step_scalars` tensor (float64,
+# on the params' device). When it is given its values replace the float arguments of the same names, so a
+# compiled or CUDA-graph-captured step can move lr and the coefficients without recompiling or syncing.
+STEP_SCALARS = {
+    "adamw": ("lr", "bias_correction1", "bias_correction2", "mean_age1", "mean_age2", "hvp_scale"),
+    "lion": ("lr", "ema_weight", "age_weight", "hvp_scale"),
+    "sgd": ("lr", "update_scale", "memory_coef", "hvp_scale"),
+}
 
 # op name -> (state list names, scalar part of the schema)
 SCHEMAS = {
@@ -103,7 +112,8 @@ def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: tor
 
 def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   states: dict[str, Sequence[Tensor]], grad_refs: Sequence[Tensor],
-                  diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+                  diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+                  step_scalars: Tensor | None = None) -> None:
     where = f"memkernels.{op}_"
     if len(grads) != len(params):
         raise ValueError(f"{where}: grads has {len(grads)} tensors, params has {len(params)}")
@@ -147,6 +157,12 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (t.numel() != 1 or not t.is_floating_point()):
             raise ValueError(f"{where}: {name} must be a one-element floating tensor")
+    n_step = len(STEP_SCALARS[op])
+    if step_scalars is not None and (step_scalars.shape != (n_step,) or step_scalars.dtype != torch.float64
+                                     or step_scalars.device != device or step_scalars.layout != torch.strided):
+        raise ValueError(f"{where}: step_scalars must be a float64 tensor of shape ({n_step},) on {device} "
+                         f"holding {', '.join(STEP_SCALARS[op])}; got {step_scalars.dtype} "
+                         f"{tuple(step_scalars.shape)} on {step_scalars.device}")
 
 
 def _impl(op: str):
@@ -158,16 +174,19 @@ def _impl(op: str):
         kwargs = {**defaults, **kwargs}  # the dispatcher leaves defaulted kwargs out
         *state_lists, grad_refs, diagnostics = lists_and_diag
         check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
-                      kwargs.get("grad_scale"), kwargs.get("found_inf"))
-        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+                      kwargs.get("grad_scale"), kwargs.get("found_inf"), kwargs.get("step_scalars"))
         if not params:
             return
+        _, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type)
+        if kwargs["step_scalars"] is not None and not kernel.device_step_scalars:
+            kwargs.update(zip(STEP_SCALARS[op], kwargs.pop("step_scalars").tolist()))  # a host read
+        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
         if kwargs["correction"] != 0.0 and not grad_refs:
             raise ValueError(f"memkernels.{op}_: correction != 0 needs grad_refs")
-        backend = kwargs.pop("backend")
-        _, kernel = backends.resolve(op, backend, params[0].device.type)
+        if not kernel.device_step_scalars:
+            kwargs.pop("step_scalars", None)
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
 
     return impl

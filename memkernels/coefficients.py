@@ -6,7 +6,11 @@ forms cancel catastrophically for betas near 1 and small n.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 
 @dataclass
@@ -85,3 +89,46 @@ def replay(track, n: int):
     while track.n < n:
         track.advance()
     return track
+
+
+# ---------------------------------------------------------------- closed forms for a step count on the device
+#
+# A compiled or CUDA-graph-captured step cannot read its step count on the host, so the coefficients are
+# evaluated from the float64 count n with tensor ops. Each is the sum its recursion above accumulates,
+# in closed form, 1 - beta^n through expm1. They agree with the recursions to 1e-12 relative for betas up
+# to 0.9999 (momentum's second-order sums: 1e-10 at 0.999), far under float32 rounding
+# (tests/test_coefficients.py).
+
+def _geometric(x: float, n: Tensor) -> Tensor:
+    """sum_{k<n} x^k = (1 - x^n) / (1 - x), for 0 <= x < 1 (1 - x^n through expm1: no cancellation)."""
+    if x == 0.0:
+        return (n > 0).to(n.dtype)
+    return -torch.expm1(n * math.log(x)) / (1.0 - x)
+
+
+def ema_age_at(beta: float, n: Tensor) -> tuple[Tensor, Tensor]:
+    """EMAAge(beta) at step n: (bias_correction Z_n, mean_age A_n); Y_n = beta (1-beta^n)/(1-beta) - n beta^(n+1)."""
+    z = 1.0 - torch.pow(beta, n + 1)
+    y = beta * _geometric(beta, n) - n * torch.pow(beta, n + 1)
+    return z, y / z
+
+
+def heavy_ball_at(momentum: float, nesterov: bool, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """HeavyBall at step n: (update_scale, c_n, S_{n-1} for heavy ball or S_n for Nesterov: the trajectory ratio).
+
+    c_n sums mu^(n-j) S_j^2 (heavy ball) or mu^(n+1-j) S_j S_(j+1) (Nesterov) over j < n.
+    """
+    mu = momentum
+    s = _geometric(mu, n + 1)
+    mu_n = torch.pow(mu, n)
+    if nesterov:
+        c = (mu * mu * _geometric(mu, n) - n * (1.0 + mu) * mu_n * mu * mu + mu_n * mu ** 4 * _geometric(mu, n))
+        return 1.0 + mu * s, c / (1.0 - mu) ** 2, s
+    c = mu * _geometric(mu, n) - 2.0 * n * mu_n * mu + mu_n * mu ** 2 * _geometric(mu, n)
+    return s, c / (1.0 - mu) ** 2, _geometric(mu, n)
+
+
+def lion_weights_at(beta1: float, beta2: float, n: Tensor) -> tuple[Tensor, Tensor]:
+    """LionWeights at step n: (W_n, C_n); C_n = beta1 (1-beta2) sum_{k=1..n} k beta2^(k-1) = beta1 (G_n - n beta2^n)."""
+    b2n = torch.pow(beta2, n)
+    return 1.0 - beta1 * b2n, beta1 * (_geometric(beta2, n) - n * b2n)

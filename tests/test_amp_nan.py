@@ -32,9 +32,12 @@ def test_nonfinite_gradients_propagate_like_torch(poison):
         torch.testing.assert_close(p, q, equal_nan=True, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("cls, kw", [(mk.AdamW, {}), (mk.AdamW, {"memory_correction": -1.0}),
                                      (mk.Lion, {}), (mk.SGD, {"momentum": 0.9})])
-def test_grad_scale_and_found_inf(cls, kw):
+def test_grad_scale_and_found_inf(cls, kw, capturable):
+    """capturable=True never reads found_inf on the host: the kernels skip, and the step count is restored."""
+    kw = {**kw, "capturable": capturable}
     a, b = mlp(), mlp()
     scaled, plain = cls(a.parameters(), lr=1e-2, **kw), cls(b.parameters(), lr=1e-2, **kw)
     for step in range(4):
@@ -54,10 +57,12 @@ def test_grad_scale_and_found_inf(cls, kw):
     assert str(before[1]) == str(after[1])
 
 
-def test_grad_scaler_drives_like_torch_fused():
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "device"])
+def test_grad_scaler_drives_like_torch_fused(capturable):
     """torch.amp.GradScaler steps mk.AdamW exactly as it steps torch.optim.AdamW(fused=True), skips included."""
     a, b = mlp(), mlp()
-    mine, theirs = mk.AdamW(a.parameters(), lr=1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    mine = mk.AdamW(a.parameters(), lr=1e-2, capturable=capturable)
+    theirs = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
     sa, sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     for step in range(6):
         for model, opt, scaler in ((a, mine, sa), (b, theirs, sb)):
@@ -70,4 +75,5 @@ def test_grad_scaler_drives_like_torch_fused():
     assert sa.get_scale() == sb.get_scale() < 2.0 ** 10
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert mine.state[p]["step"].item() == theirs.state[q]["step"].item() == 5  # the skipped step not counted
 

@@ -48,9 +48,9 @@ def test_library_identity(built, lib):
 
 @needs_nvcc
 def test_every_kernel_is_built_without_spills(built):
-    """3 ops x 4 param dtypes x diagnostics on/off, no local-memory spills."""
+    """3 ops x 4 param dtypes x diagnostics on/off x step scalars from the host or the device, no spills."""
     reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", built.log)
-    assert len(reports) == 3 * 4 * 2, built.log
+    assert len(reports) == 3 * 4 * 2 * 2, built.log
     assert all(r == ("0", "0", "0") for r in reports), built.log
 
 
@@ -80,6 +80,23 @@ def test_vector_loads_and_stores(tmp_path):
     text = ptx.read_text()
     assert "ld.global.ca.v4.u32" in text and "st.global.wb.v4.u32" in text
     assert not re.search(r"^\s*(ld|st)\.v\d", text, re.MULTILINE), "generic (non-global) vector accesses"
+
+
+@needs_nvcc
+def test_step_scalar_kernels_derive_in_ieee_double(tmp_path):
+    """With step_scalars the adamw kernel derives bias_correction2 ** 0.5 on the device with the correctly
+    rounded double sqrt; the kernels without them (fp32 params) do no double sqrt at all."""
+    ptx = tmp_path / "adamw.ptx"
+    cmd = [NVCC, *_cuda_build.NVCC_FLAGS, "-arch=compute_90", "-DMK_SOURCE_HASH=\"x\"", "-DMK_ARCHS=\"x\"",
+           f"-I{ROOT / 'csrc' / 'include'}", "-ptx", str(ROOT / "csrc" / "adamw.cu"), "-o", str(ptx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    entries = {m.group(1): m.group(2) for m in re.finditer(r"\.entry (\w+)\((.*?)\n\}", ptx.read_text(), re.DOTALL)}
+    f32 = {name: body for name, body in entries.items() if "AdamWOpEfLb" in name}
+    step = [body for name, body in f32.items() if re.search(r"AdamWOpEfLb\dELb1E", name)]  # <P, DIAG, STEP>
+    assert len(f32) == 4 and len(step) == 2, list(f32)
+    assert all("sqrt.rn.f64" in body for body in step)
+    assert sum("sqrt.rn.f64" in body for body in f32.values()) == 2
 
 
 def _launch(**fields) -> _cuda_abi.Launch:
@@ -126,7 +143,7 @@ def test_struct_layout_is_all_8_byte_fields():
     for struct in (_cuda_abi.Launch, *_cuda_abi.ARGS.values()):
         assert all(getattr(struct, name).size % 8 == 0 and getattr(struct, name).offset % 8 == 0
                    for name, _ in struct._fields_)
-    assert ctypes.sizeof(_cuda_abi.Launch) == 19 * 8
+    assert ctypes.sizeof(_cuda_abi.Launch) == 20 * 8
 
 
 def test_struct_mirrors_follow_api_h():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import memkernels  # noqa: F401  (registers the ops)
-from memkernels import backends
+from memkernels import _ops, backends
 from memkernels.reference import DIAGNOSTICS, NDIAG
 
 pytestmark = pytest.mark.gpu
@@ -293,3 +293,104 @@ def test_optimizer_steps_match_reference_backend(cls, kw):
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ per-step scalars read on the device
+
+STEP_MODES = ["plain", "trajectory", "memoryless", "amp_maximize"]
+STEP_VALUES = {"given": {}, "lr_0_hvp_0": dict(lr=0.0, hvp_scale=0.0)}
+
+
+def _step_values(op: str, kw: dict, **override: float) -> dict[str, float]:
+    """The op's STEP_SCALARS, as floats, from the call's keyword arguments."""
+    full = {"hvp_scale": 0.0, **kw, **override}
+    return {name: full[name] for name in _ops.STEP_SCALARS[op]}
+
+
+def _wrong_floats(op: str) -> dict[str, float]:
+    """Floats the kernel must not read beside step_scalars (0 bias corrections: placeholders)."""
+    return {name: 0.0 if name.startswith("bias_correction") else 7.0 for name in _ops.STEP_SCALARS[op]}
+
+
+def _scalars(values: dict[str, float]) -> torch.Tensor:
+    return torch.tensor(list(values.values()), dtype=torch.float64, device=DEVICE)
+
+
+def _assert_identical(got: dict, want: dict, where: str) -> None:
+    """Every tensor bit for bit; the diagnostics to rounding (blocks add their sums in any order)."""
+    pairs = [(f"{key}[{i}]", a, b) for key in ("params", "grads", "grad_refs")
+             for i, (a, b) in enumerate(zip(got[key], want[key]))]
+    pairs += [(f"states[{k}][{i}]", a, b) for k, (la, lb) in enumerate(zip(got["states"], want["states"]))
+              for i, (a, b) in enumerate(zip(la, lb))]
+    for name, a, b in pairs:
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{where}: {name}"
+    if want["diagnostics"] is not None:
+        torch.testing.assert_close(got["diagnostics"], want["diagnostics"], rtol=1e-12, atol=0.0, msg=where)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16_f32states", "f64"])
+@pytest.mark.parametrize("values", STEP_VALUES)
+@pytest.mark.parametrize("mode", STEP_MODES)
+@pytest.mark.parametrize("op", OPS)
+def test_step_scalars_on_device_match_floats(op, mode, values, dtype):
+    """step_scalars holding v, beside wrong floats, gives the bits of the float path with v."""
+    gen, seed = _generator()
+    floats = _make(op, SHAPES, DTYPES[dtype], MODES[mode], gen)
+    device = _clone(floats)
+    kw = _kwargs(op, MODES[mode])
+    values = _step_values(op, kw, **STEP_VALUES[values])
+    _step(op, floats, {**kw, **values}, BACKEND)
+    _step(op, device, {**kw, **_wrong_floats(op), "step_scalars": _scalars(values)}, BACKEND)
+    _assert_identical(device, floats, f"{op} {mode} {dtype} (seed {seed})")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_step_scalars_cuda_graph(op):
+    """One call with step_scalars captured in a CUDA graph, replayed with three sets of values copied into the
+    tensor in place: each replay gives the bits of the eager float path with those values."""
+    gen, seed = _generator()
+    mode = MODES["amp_maximize"]
+    original = _make(op, SHAPES, DTYPES["f32"], {**mode, "update_grad_refs": True}, gen)
+    kw = {**_kwargs(op, mode), "update_grad_refs": True}
+    settings = [_step_values(op, kw), _step_values(op, kw, lr=0.0, hvp_scale=0.0),
+                _step_values(op, kw, lr=3 * kw["lr"], hvp_scale=7.0)]
+    scalars = _scalars(settings[0])
+    x = _clone(original)
+    call = {**kw, **_wrong_floats(op), "step_scalars": scalars}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: builds and caches the pointer table
+        _step(op, x, call, BACKEND)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step(op, x, call, BACKEND)
+
+    for values in settings:
+        fresh = _clone(original)
+        for key in ("params", "grads", "grad_refs"):  # the captured tensors, reset in place
+            for t, o in zip(x[key], fresh[key]):
+                t.copy_(o)
+        for lst, olst in zip(x["states"], fresh["states"]):
+            for t, o in zip(lst, olst):
+                t.copy_(o)
+        x["diagnostics"].copy_(fresh["diagnostics"])
+        scalars.copy_(_scalars(values))
+        graph.replay()
+        torch.cuda.synchronize()
+        _step(op, fresh, {**kw, **values}, BACKEND)
+        _assert_identical(x, fresh, f"{op} graph replay with {values} (seed {seed})")
+
+
+def test_table_missing_during_capture_is_a_clear_error():
+    """A call whose pointer table is not cached cannot upload one inside a capture: it says to warm up first."""
+    from memkernels.backends import cuda
+
+    gen, _ = _generator()
+    x = _make("sgd", [(1000,)], DTYPES["f32"], MODES["plain"], gen)
+    kw = _kwargs("sgd", MODES["plain"])
+    cuda._TABLES._tables.clear()  # no table left over from a call at the same addresses
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before the capture"):
+        with torch.cuda.graph(graph):
+            _step("sgd", x, kw, BACKEND)

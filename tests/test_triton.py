@@ -202,6 +202,94 @@ def test_zero_correction_never_touches_p_with_M(op):
     assert all(torch.equal(a, b) for a, b in zip(with_refs[1], without[1]))
 
 
+# ------------------------------------------------------------------ per-step scalars read on the device
+
+# (grad_refs, diagnostics, kwargs): every path the per-step scalars feed (correction, M, diagnostics, shrink).
+STEP_MODES = {
+    "plain": (False, False, {}),
+    "traj-correct-diag": (True, True, dict(TRAJECTORY, correction=-1.0)),
+    "memoryless": (True, True, dict(TRAJECTORY, correction=-1.0, memoryless=True)),
+    "maximize-scaled": (True, True, dict(PROBE, correction=0.5, maximize=True)),
+}
+STEP_SHAPES = [(BLOCK + 37,), (0,), (5, 7)]  # a full tile, a tail, an empty tensor
+
+
+def step_values(op: str, kw: dict, **override: float) -> dict[str, float]:
+    """The op's STEP_SCALARS, as floats, from HYPER and kw."""
+    full = {**HYPER[op], "hvp_scale": 0.0, **kw, **override}
+    return {name: full[name] for name in _ops.STEP_SCALARS[op]}
+
+
+def wrong_floats(op: str) -> dict[str, float]:
+    """Float arguments that must not be read when step_scalars is given (0 bias corrections: placeholders that
+    the host could not even divide by)."""
+    return {name: 0.0 if name.startswith("bias_correction") else 7.0 for name in _ops.STEP_SCALARS[op]}
+
+
+def step_scalars(values: dict[str, float]) -> torch.Tensor:
+    return torch.tensor(list(values.values()), dtype=torch.float64, device=DEVICE)
+
+
+def assert_identical(got, want, got_diag=None, want_diag=None, diag_rtol: float = 0.0) -> None:
+    """Every tensor bit for bit; diagnostics exactly, or to diag_rtol (a GPU adds its tiles in any order)."""
+    for k, (gl, wl) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(gl, wl)):
+            assert torch.equal(g.view(torch.uint8) if g.numel() else g, w.view(torch.uint8) if w.numel() else w), \
+                f"list {k}, tensor {i} differs"
+    if want_diag is not None:
+        if diag_rtol == 0.0:
+            assert torch.equal(got_diag, want_diag), (got_diag, want_diag)
+        else:
+            assert_diag(got_diag, want_diag, rtol=diag_rtol)
+
+
+def check_step_scalars(op: str, case, mode: str, overrides: dict, diag_rtol: float = 0.0) -> None:
+    """step_scalars holding v (and wrong floats) gives exactly what the floats v give."""
+    refs, diagnostics, kw = STEP_MODES[mode]
+    kw = dict(kw)
+    if mode == "maximize-scaled":
+        kw["grad_scale"] = torch.tensor(1024.0, device=DEVICE)
+    values = step_values(op, kw, **overrides)
+    start = torch.rand(NDIAG, dtype=torch.float64, device=DEVICE) if diagnostics else None
+    want, want_diag = run(op, "triton", case, start, **{**kw, **values})
+    got, got_diag = run(op, "triton", case, start, **{**kw, **wrong_floats(op)}, step_scalars=step_scalars(values))
+    assert_identical(got, want, got_diag, want_diag, diag_rtol)
+
+
+STEP_VALUES = {"given": {}, "lr_0_hvp_0": dict(lr=0.0, hvp_scale=0.0)}
+
+
+@pytest.mark.parametrize("values", STEP_VALUES)
+@pytest.mark.parametrize("mode", STEP_MODES)
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_step_scalars_on_device_match_floats(op, mode, values):
+    scale = 1024.0 if mode == "maximize-scaled" else 1.0
+    case = make_case(op, shapes=STEP_SHAPES, refs=STEP_MODES[mode][0], scale=scale, seed=31)
+    check_step_scalars(op, case, mode, STEP_VALUES[values])
+
+
+@pytest.mark.parametrize("op, kw", [("adamw", dict(decoupled=False, eps_inside_sqrt=True)),
+                                    ("lion", dict(smoothing=1e-3)), ("sgd", dict(nesterov=True))])
+def test_step_scalars_variants(op, kw, monkeypatch):
+    """Op flags that change how the per-step scalars are used (coupled decay: no shrink; a smooth sign)."""
+    monkeypatch.setitem(HYPER, op, {**HYPER[op], **kw})
+    check_step_scalars(op, make_case(op, shapes=STEP_SHAPES, seed=32), "traj-correct-diag", {})
+
+
+def test_step_scalars_are_read():
+    """The kernel follows the tensor: another lr there moves the parameters differently; a strided view works."""
+    case = make_case("adamw", shapes=STEP_SHAPES, seed=33)
+    kw = dict(TRAJECTORY, correction=-1.0)
+    values = step_values("adamw", kw)
+    base, _ = run("adamw", "triton", case, **kw, step_scalars=step_scalars(values))
+    other, _ = run("adamw", "triton", case, **kw, step_scalars=step_scalars({**values, "lr": 2 * values["lr"]}))
+    assert not torch.equal(base[0][0], other[0][0])
+    strided = torch.zeros(2 * len(values), dtype=torch.float64, device=DEVICE)[::2]
+    strided.copy_(step_scalars(values))
+    again, _ = run("adamw", "triton", case, **kw, step_scalars=strided)
+    assert_identical(again, base)
+
+
 # ------------------------------------------------------------------ dtypes and layouts
 
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, None), (torch.float16, None),
@@ -348,6 +436,8 @@ _COMPILE = textwrap.dedent('''
         lists = [[torch.ones(1 + 2 * _triton_ops.BLOCK, dtype=getattr(torch, dt))] if dt else [] for dt in dtypes]
         for name in ("grad_scale", "found_inf"):
             kw[name] = None if kw[name] is None else torch.tensor(kw[name])
+        if kw.get("step_scalars") is not None:
+            kw["step_scalars"] = torch.tensor(kw["step_scalars"], dtype=torch.float64)
         diag = torch.zeros(6, dtype=torch.float64) if kw.pop("diag") else None
         getattr(_triton_ops, op)(*lists, diag, **kw)
 
@@ -362,13 +452,15 @@ _COMPILE = textwrap.dedent('''
                 signature[name] = "*" + TYPES[value.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(value, float):
-                signature[name] = "fp32"
+                signature[name] = fn.params[i].annotation_type or "fp32"  # fp64 where annotated
             else:
                 signature[name] = "constexpr"
                 constexprs[(i,)] = value
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-        results.append({"kernel": fn.__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx))})
+        results.append({"kernel": fn.__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
+                        "device_scalars": kw["DEVICE_SCALARS"],
+                        "ieee_f64": sorted(set(re.findall(r"(?:sqrt|div)\\.rn\\.f64", ptx)))})
     print(json.dumps(results))
 ''')
 
@@ -389,7 +481,10 @@ def _compile_cases() -> list:
             ("sgd", [f32] * 4, dict(SGD, **dict(traj, nesterov=True))),
             ("sgd", [f32, f32, None, f32], dict(SGD, **dict(traj, momentum=0.0))),
             ("adamw", [f32, f32, "float64", "float64", "float64"], dict(ADAMW, **amp)),
-            ("lion", [f32] * 4, dict(LION, **amp))]
+            ("lion", [f32] * 4, dict(LION, **amp)),
+            ("adamw", [f32] * 5, dict(ADAMW, **traj, step_scalars=[1e-3, 0.1, 0.01, 1.0, 2.0, 3.0])),
+            ("lion", ["bfloat16"] * 4, dict(LION, **amp, step_scalars=[1e-3, 0.5, 2.0, 3.0])),
+            ("sgd", [f32] * 4, dict(SGD, **traj, step_scalars=[1e-3, 2.0, 3.0, 4.0]))]
 
 
 def test_kernels_compile_for_sm90():
@@ -404,6 +499,10 @@ def test_kernels_compile_for_sm90():
     assert len(results) == len(cases)
     for result in results:
         assert result["v4_loads"] > 0, result
+    # The device derives bias_correction2 ** 0.5 and lr / bias_correction1 with IEEE double sqrt and division,
+    # as Python does on the host (not the approximations Triton may pick for `/` and tl.sqrt).
+    adamw_step = [r for r in results if r["kernel"] == "adamw_kernel" and r["device_scalars"]]
+    assert adamw_step and all(r["ieee_f64"] == ["div.rn.f64", "sqrt.rn.f64"] for r in adamw_step), adamw_step
 
 
 # ------------------------------------------------------------------ the GPU benchmark script, without a GPU

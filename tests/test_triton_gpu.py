@@ -12,7 +12,9 @@ import pytest
 import torch
 
 # First: test_triton sets TRITON_INTERPRET when there is no GPU, before triton is imported (and skips without triton).
-from test_triton import HYPER, MODES, PROBE, TRAJECTORY, assert_diag, assert_same, check, make_case, run
+from test_triton import (HYPER, MODES, PROBE, STEP_MODES, STEP_VALUES, TRAJECTORY, assert_diag, assert_identical,
+                         assert_same, check, check_step_scalars, make_case, run, step_scalars, step_values,
+                         wrong_floats)
 
 from memkernels.bench.shapes import gpt2_small
 
@@ -119,6 +121,52 @@ def test_no_host_sync_cuda_graph(op):
     torch.cuda.synchronize()
     assert all(torch.equal(t, o) for lst, old in zip(lists, saved) for t, o in zip(lst, old))
     assert torch.equal(diag, torch.zeros_like(diag))
+
+
+@pytest.mark.parametrize("values", STEP_VALUES)
+@pytest.mark.parametrize("mode", STEP_MODES)
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_step_scalars_on_device_match_floats_large(op, mode, values):
+    """Compiled: step_scalars (wrong floats beside it) gives the bits of the float path; the diagnostics to
+    rounding, since tiles add their sums in any order."""
+    scale = 1024.0 if mode == "maximize-scaled" else 1.0
+    case = make_case(op, shapes=LARGE, refs=STEP_MODES[mode][0], scale=scale, seed=40)
+    check_step_scalars(op, case, mode, STEP_VALUES[values], diag_rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_step_scalars_cuda_graph(op):
+    """One call with step_scalars captured in a CUDA graph, replayed with three sets of values written into the
+    tensor in place: each replay gives the bits of the eager float path with those values."""
+    case = make_case(op, shapes=LARGE, scale=8.0, seed=41)
+    kw = dict(TRAJECTORY, correction=-1.0, grad_scale=torch.tensor(8.0, device="cuda"))
+    settings = [step_values(op, kw), step_values(op, kw, lr=0.0, hvp_scale=0.0),
+                step_values(op, kw, lr=3 * HYPER[op]["lr"], hvp_scale=7.0)]
+    scalars = step_scalars(settings[0])
+    lists = [[t.clone() for t in lst] for lst in case]
+    diag = torch.zeros(6, dtype=torch.float64, device="cuda")
+    op_fn = getattr(torch.ops.memkernels, f"{op}_")
+    call = dict(HYPER[op], **kw, **wrong_floats(op), step_scalars=scalars, backend="triton")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: compile, build and cache the pointer tables
+        op_fn(*lists, diag, **call)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op_fn(*lists, diag, **call)
+
+    for values in settings:
+        for lst, original in zip(lists, case):  # the captured tensors, reset in place
+            for t, o in zip(lst, original):
+                t.copy_(o)
+        diag.zero_()
+        scalars.copy_(step_scalars(values))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_diag = run(op, "triton", case, torch.zeros(6, dtype=torch.float64, device="cuda"),
+                              **{**kw, **values})
+        assert_identical(lists, want, diag, want_diag, diag_rtol=1e-12)
 
 
 def test_tables_cached_on_one_stream_serve_another():

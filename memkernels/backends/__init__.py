@@ -27,8 +27,12 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run here; the message says why."""
 
 
-def register(backend: str, op: str, device_types: tuple[str, ...]) -> Callable[[Callable], Callable]:
+def register(backend: str, op: str, device_types: tuple[str, ...], *,
+             device_step_scalars: bool = False) -> Callable[[Callable], Callable]:
+    """device_step_scalars: the kernel takes `step_scalars` and reads it on the device (no host sync);
+    other kernels get its values as floats, which memkernels._ops reads on the host."""
     def deco(fn: Callable) -> Callable:
+        fn.device_step_scalars = device_step_scalars
         for device_type in device_types:
             _kernels[(op, backend, device_type)] = fn
         return fn

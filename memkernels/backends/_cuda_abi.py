@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 TABLE_COLS = 8  # param, grad, state0, state1, grad_ref, numel, chunk_begin, vec_ok
 
@@ -23,7 +23,7 @@ class Launch(ctypes.Structure):
                 ("state_present", _i64 * 2), ("ref_dtype", _i64), ("has_grad_refs", _i64),
                 ("update_grad_refs", _i64), ("maximize", _i64), ("grad_scale", _ptr),
                 ("grad_scale_dtype", _i64), ("found_inf", _ptr), ("found_inf_dtype", _i64),
-                ("diagnostics", _ptr)]
+                ("diagnostics", _ptr), ("step_scalars", _ptr)]
 
 
 class AdamWArgs(ctypes.Structure):

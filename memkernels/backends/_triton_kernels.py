@@ -14,6 +14,14 @@ only the last tile of a tensor is masked. Every flag that is constant for a
 call is a tl.constexpr, so a disabled feature costs nothing. Math is fp32 with
 IEEE division and square root (tl.div_rn, tl.sqrt_rn) in the order of
 reference.py; results are rounded once to each list's dtype on write-back.
+
+The scalars that change from step to step (memkernels._ops.STEP_SCALARS) arrive
+either as float arguments derived on the host, or (DEVICE_SCALARS) in a float64
+tensor that each program reads: the kernel then derives lr / bias_correction1,
+1 - lr * weight_decay, correction * lr * lr, ... itself in float64, in the
+host's order, and rounds each once to fp32 as the launch rounds a float
+argument. Both give the same bits; only the second lets a captured CUDA graph
+or a compiled step change lr without the host.
 """
 from __future__ import annotations
 
@@ -170,6 +178,13 @@ def _inv_scale(grad_scale, HAS_SCALE: tl.constexpr):
     return inv_scale
 
 
+@triton.jit
+def _shared_step_scalars(step_scalars, correction64):
+    """lr (the first of every op's STEP_SCALARS) and correction * lr * lr, in float64."""
+    lr = tl.load(step_scalars)
+    return lr, correction64 * lr * lr
+
+
 # ------------------------------------------------------------------ adamw
 
 @triton.jit
@@ -239,10 +254,30 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+def _adamw_step_scalars(step_scalars, weight_decay64, correction64):
+    """STEP_SCALARS["adamw"] (lr, bias_correction1, bias_correction2, mean_age1, mean_age2, hvp_scale) and the
+    host's derived shrink, step_size and correction_lr2, as _triton_ops.adamw computes them, rounded to fp32."""
+    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
+    bias_correction1 = tl.load(step_scalars + 1)
+    bias_correction2 = tl.load(step_scalars + 2)
+    # The host's bias_correction2 ** 0.5 (libm pow) is the correctly rounded root but in the rarest cases;
+    # fp64 sqrt is correctly rounded, and both are rounded once more to fp32 here.
+    bias_correction2_sqrt = tl.sqrt(bias_correction2)
+    shrink = 1 - lr * weight_decay64  # read only when DECOUPLED, as on the host
+    step_size = lr / bias_correction1
+    return (lr.to(tl.float32), bias_correction1.to(tl.float32), bias_correction2.to(tl.float32),
+            bias_correction2_sqrt.to(tl.float32), tl.load(step_scalars + 3).to(tl.float32),
+            tl.load(step_scalars + 4).to(tl.float32), tl.load(step_scalars + 5).to(tl.float32),
+            shrink.to(tl.float32), step_size.to(tl.float32), correction_lr2.to(tl.float32))
+
+
+@triton.jit
+def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
                  lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                  bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2,
                  hvp_scale, shrink, step_size, correction_lr2,
+                 weight_decay64: tl.float64, correction64: tl.float64,
+                 DEVICE_SCALARS: tl.constexpr,
                  P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr,
                  HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
                  MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
@@ -251,6 +286,9 @@ def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf,
                  NCOL: tl.constexpr, BLOCK: tl.constexpr):
     row, start, go = _program(blocks, found_inf, HAS_INF)
     if go:
+        if DEVICE_SCALARS:
+            (lr, bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale,
+             shrink, step_size, correction_lr2) = _adamw_step_scalars(step_scalars, weight_decay64, correction64)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
@@ -340,16 +378,30 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def lion_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+def _lion_step_scalars(step_scalars, weight_decay64, correction64):
+    """STEP_SCALARS["lion"] (lr, ema_weight, age_weight, hvp_scale) and the host's derived shrink and
+    correction_lr2, as _triton_ops.lion computes them, rounded to fp32."""
+    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
+    shrink = 1 - lr * weight_decay64
+    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
+            tl.load(step_scalars + 3).to(tl.float32), shrink.to(tl.float32), correction_lr2.to(tl.float32))
+
+
+@triton.jit
+def lion_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
                 lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, smoothing,
                 ema_weight, age_weight, hvp_scale, shrink, correction_lr2,
-                P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+                weight_decay64: tl.float64, correction64: tl.float64,
+                DEVICE_SCALARS: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
                 HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
                 MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, SIGN: tl.constexpr,
                 MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                 ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     row, start, go = _program(blocks, found_inf, HAS_INF)
     if go:
+        if DEVICE_SCALARS:
+            lr, ema_weight, age_weight, hvp_scale, shrink, correction_lr2 = _lion_step_scalars(
+                step_scalars, weight_decay64, correction64)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
@@ -414,9 +466,19 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf,
+def _sgd_step_scalars(step_scalars, correction64):
+    """STEP_SCALARS["sgd"] (lr, update_scale, memory_coef, hvp_scale) and the host's derived correction_lr2,
+    as _triton_ops.sgd computes them, rounded to fp32."""
+    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
+    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
+            tl.load(step_scalars + 3).to(tl.float32), correction_lr2.to(tl.float32))
+
+
+@triton.jit
+def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
                lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2,
-               P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+               correction64: tl.float64,
+               DEVICE_SCALARS: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
                MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -424,6 +486,8 @@ def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf,
                SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     row, start, go = _program(blocks, found_inf, HAS_INF)
     if go:
+        if DEVICE_SCALARS:
+            lr, update_scale, memory_coef, hvp_scale, correction_lr2 = _sgd_step_scalars(step_scalars, correction64)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)

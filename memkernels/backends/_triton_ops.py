@@ -5,11 +5,16 @@ Every scalar the reference derives in Python (1 - beta1, lr / bias_correction1,
 in float64 and handed to the kernel, where it is rounded to fp32 exactly as
 torch rounds a Python scalar against an fp32 tensor. grad_scale and found_inf
 stay on the device: the kernel reads them, so a step never syncs the host.
+
+With a `step_scalars` tensor the per-step floats are placeholders: the kernel
+reads their values from the tensor and derives the rest the host's way on the
+device, so only the static scalars and flags (betas, eps, weight_decay,
+correction, ...) are taken from the floats, and no step value picks a code path.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import triton.language as tl
@@ -46,8 +51,8 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _launch(kernel, op: str, lists: Sequence[Sequence[Tensor]], diagnostics: Tensor | None,
-            grad_scale: Tensor | None, found_inf: Tensor | None, scalars: dict[str, float],
-            flags: dict[str, Any]) -> None:
+            grad_scale: Tensor | None, found_inf: Tensor | None, step_scalars: Tensor | None,
+            scalars: dict[str, float], flags: dict[str, Any]) -> None:
     """One launch over every tensor of the call; lists are params, grads, then the op's state lists."""
     params = lists[0]
     device = _check_device(op, params)
@@ -57,6 +62,8 @@ def _launch(kernel, op: str, lists: Sequence[Sequence[Tensor]], diagnostics: Ten
         return  # every tensor is empty
     table, aligned = pointer_table(lists, numels, device)
     grad_scale, found_inf = _on(grad_scale, device), _on(found_inf, device)
+    if step_scalars is not None and not step_scalars.is_contiguous():
+        step_scalars = step_scalars.contiguous()  # the kernel reads consecutive float64s
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device's current stream
         kernel[(blocks.numel() // 2,)](
@@ -64,7 +71,8 @@ def _launch(kernel, op: str, lists: Sequence[Sequence[Tensor]], diagnostics: Ten
             blocks if diagnostics is None else diagnostics,  # an unused pointer stands in for absent tensors
             blocks if grad_scale is None else grad_scale,
             blocks if found_inf is None else found_inf,
-            **scalars, **flags,
+            blocks if step_scalars is None else step_scalars,
+            **scalars, **flags, DEVICE_SCALARS=step_scalars is not None,
             DIAG=diagnostics is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             ALIGNED=aligned, SOFT_BF16=interpreting(), NCOL=len(lists) + 1, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
@@ -74,53 +82,73 @@ def _dtype(lst: Sequence[Tensor], fallback: Tensor) -> tl.dtype:
     return _TL_DTYPES[(lst[0] if lst else fallback).dtype]
 
 
+def _per_step(step_scalars: Tensor | None, names: Sequence[str], derive: Callable[[], dict[str, float]]
+              ) -> dict[str, float]:
+    """The kernel's per-step float arguments: derived on the host, or placeholders that the kernel replaces
+    from step_scalars (the caller's floats are then placeholders too: nothing is derived from them)."""
+    return derive() if step_scalars is None else dict.fromkeys(names, 0.0)
+
+
 def _ref_flags(grad_refs: Sequence[Tensor], update_grad_refs: bool, correction: float, memoryless: bool,
                maximize: bool) -> dict[str, Any]:
     return dict(HAS_REF=bool(grad_refs), UPDATE_REFS=update_grad_refs, CORRECTION=correction != 0.0,
                 MEMORYLESS=memoryless, MAXIMIZE=maximize)
 
 
-@register("triton", "adamw", DEVICE_TYPES)
+_ADAMW_STEP = ("lr", "bias_correction1", "bias_correction2", "bias_correction2_sqrt", "mean_age1", "mean_age2",
+               "hvp_scale", "shrink", "step_size", "correction_lr2")
+_LION_STEP = ("lr", "ema_weight", "age_weight", "hvp_scale", "shrink", "correction_lr2")
+_SGD_STEP = ("lr", "update_scale", "memory_coef", "hvp_scale", "correction_lr2")
+
+
+@register("triton", "adamw", DEVICE_TYPES, device_step_scalars=True)
 def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, beta1, beta2, eps, weight_decay,
           bias_correction1, bias_correction2, mean_age1, mean_age2, decoupled, eps_inside_sqrt, correction,
-          hvp_scale, maximize, memoryless, update_grad_refs, grad_scale, found_inf) -> None:
+          hvp_scale, maximize, memoryless, update_grad_refs, grad_scale, found_inf,
+          step_scalars: Tensor | None = None) -> None:
     p = params[0]
-    scalars = dict(lr=lr, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, eps=eps,
-                   weight_decay=weight_decay, bias_correction1=bias_correction1,
-                   bias_correction2=bias_correction2, bias_correction2_sqrt=bias_correction2 ** 0.5,
-                   mean_age1=mean_age1, mean_age2=mean_age2, hvp_scale=hvp_scale,
-                   shrink=1 - lr * weight_decay if decoupled else 1.0, step_size=lr / bias_correction1,
-                   correction_lr2=correction * lr * lr)
+    scalars = dict(beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, eps=eps,
+                   weight_decay=weight_decay, weight_decay64=weight_decay, correction64=correction,
+                   **_per_step(step_scalars, _ADAMW_STEP, lambda: dict(
+                       lr=lr, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
+                       bias_correction2_sqrt=bias_correction2 ** 0.5, mean_age1=mean_age1, mean_age2=mean_age2,
+                       hvp_scale=hvp_scale, shrink=1 - lr * weight_decay if decoupled else 1.0,
+                       step_size=lr / bias_correction1, correction_lr2=correction * lr * lr)))
     flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), S2=_dtype(exp_avg_sqs, p), R=_dtype(grad_refs, p),
                  EPS_INSIDE_SQRT=eps_inside_sqrt, DECOUPLED=decoupled,
                  **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
     _launch(kernels.adamw_kernel, "adamw", (params, grads, exp_avgs, exp_avg_sqs, grad_refs), diagnostics,
-            grad_scale, found_inf, scalars, flags)
+            grad_scale, found_inf, step_scalars, scalars, flags)
 
 
-@register("triton", "lion", DEVICE_TYPES)
+@register("triton", "lion", DEVICE_TYPES, device_step_scalars=True)
 def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, weight_decay, smoothing,
          ema_weight, age_weight, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
-         found_inf) -> None:
+         found_inf, step_scalars: Tensor | None = None) -> None:
     p = params[0]
-    scalars = dict(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2,
-                   weight_decay=weight_decay, smoothing=smoothing, ema_weight=ema_weight, age_weight=age_weight,
-                   hvp_scale=hvp_scale, shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)
+    scalars = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2,
+                   weight_decay=weight_decay, smoothing=smoothing, weight_decay64=weight_decay,
+                   correction64=correction,
+                   **_per_step(step_scalars, _LION_STEP, lambda: dict(
+                       lr=lr, ema_weight=ema_weight, age_weight=age_weight, hvp_scale=hvp_scale,
+                       shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)))
     flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), R=_dtype(grad_refs, p), SIGN=smoothing == 0.0,
                  **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
     _launch(kernels.lion_kernel, "lion", (params, grads, exp_avgs, grad_refs), diagnostics, grad_scale,
-            found_inf, scalars, flags)
+            found_inf, step_scalars, scalars, flags)
 
 
-@register("triton", "sgd", DEVICE_TYPES)
+@register("triton", "sgd", DEVICE_TYPES, device_step_scalars=True)
 def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum, weight_decay, nesterov,
         update_scale, memory_coef, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
-        found_inf) -> None:
+        found_inf, step_scalars: Tensor | None = None) -> None:
     p = params[0]
-    scalars = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, update_scale=update_scale,
-                   memory_coef=memory_coef, hvp_scale=hvp_scale, correction_lr2=correction * lr * lr)
+    scalars = dict(momentum=momentum, weight_decay=weight_decay, correction64=correction,
+                   **_per_step(step_scalars, _SGD_STEP, lambda: dict(
+                       lr=lr, update_scale=update_scale, memory_coef=memory_coef, hvp_scale=hvp_scale,
+                       correction_lr2=correction * lr * lr)))
     flags = dict(P=_dtype(params, p), S1=_dtype(momentum_buffers, p), R=_dtype(grad_refs, p),
                  HAS_MOMENTUM=bool(momentum_buffers), NESTEROV=nesterov,
                  **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
     _launch(kernels.sgd_kernel, "sgd", (params, grads, momentum_buffers, grad_refs), diagnostics, grad_scale,
-            found_inf, scalars, flags)
+            found_inf, step_scalars, scalars, flags)

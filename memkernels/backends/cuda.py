@@ -4,6 +4,9 @@ The library is found or built by _cuda_build (packaged at install, or built once
 into ~/.cache/memkernels when nvcc is there) and loaded by _cuda_abi. Each call
 passes a device-side table of the tensors' pointers and sizes; tables are cached
 while the data pointers stay the same, so a training loop uploads them once.
+With a `step_scalars` tensor the kernel reads the per-step values on the device:
+once its table is cached a call neither syncs nor allocates, so it can be
+captured in a CUDA graph (a table that a capture reads is kept for good).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class _TableCache:
     def __init__(self, chunk_elems: int, capacity: int = 64) -> None:
         self.chunk_elems, self.capacity = chunk_elems, capacity
         self._tables: OrderedDict[tuple, _Table] = OrderedDict()
+        self._graph_held: dict[tuple, _Table] = {}  # tables read by captured CUDA graphs: never freed
 
     def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]], stream: torch.cuda.Stream) -> _Table:
         """columns: params, grads, state0, state1, grad_refs (an absent list is empty)."""
@@ -40,7 +44,12 @@ class _TableCache:
         sizes = [p.numel() for p in columns[0]]
         key = (device.index, *map(tuple, pointers), tuple(sizes))
         table = self._tables.get(key)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if table is None:
+            if capturing:
+                raise RuntimeError("memkernels cuda backend: these tensors have no cached pointer table, and it "
+                                   "cannot be uploaded during CUDA graph capture; run the step once before the "
+                                   "capture (the warm-up that torch.cuda.graph's documentation asks for)")
             table = self._build(device, pointers, sizes, stream)
             self._tables[key] = table
             if len(self._tables) > self.capacity:
@@ -50,6 +59,8 @@ class _TableCache:
             if table.rows is not None and stream.cuda_stream not in table.streams:
                 table.rows.record_stream(stream)
                 table.streams.add(stream.cuda_stream)
+        if capturing:
+            self._graph_held[key] = table  # every replay reads it, evicted or not
         return table
 
     def _build(self, device, pointers, sizes, stream) -> _Table:
@@ -78,7 +89,9 @@ def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | 
 
 def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequence[list[Tensor]],
          grad_refs: list[Tensor], diagnostics: Tensor | None, *, maximize: bool, update_grad_refs: bool,
-         grad_scale: Tensor | None, found_inf: Tensor | None, **scalars) -> None:
+         grad_scale: Tensor | None, found_inf: Tensor | None, step_scalars: Tensor | None = None,
+         **scalars) -> None:
+    """step_scalars: the op's STEP_SCALARS on the device, read by the kernel in place of those floats."""
     device = params[0].device
     stream = torch.cuda.current_stream(device)
     states = [*state_lists, *([[]] * (2 - len(state_lists)))]
@@ -88,6 +101,8 @@ def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequen
     scale_ptr, scale_dtype, _scale = _scalar(grad_scale, device)
     inf_ptr, inf_dtype, _inf = _scalar(found_inf, device)
     param_dtype = _DTYPE_CODES[params[0].dtype]
+    if step_scalars is not None and not step_scalars.is_contiguous():
+        step_scalars = step_scalars.contiguous()  # the kernel reads consecutive doubles
     launch = _cuda_abi.Launch(
         table=table.rows.data_ptr(), n_tensors=table.n_tensors, n_chunks=table.n_chunks, device=device.index,
         stream=stream.cuda_stream, param_dtype=param_dtype,
@@ -96,7 +111,8 @@ def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequen
         ref_dtype=_DTYPE_CODES[grad_refs[0].dtype] if grad_refs else param_dtype,
         has_grad_refs=int(bool(grad_refs)), update_grad_refs=int(update_grad_refs), maximize=int(maximize),
         grad_scale=scale_ptr, grad_scale_dtype=scale_dtype, found_inf=inf_ptr, found_inf_dtype=inf_dtype,
-        diagnostics=diagnostics.data_ptr() if diagnostics is not None else 0)
+        diagnostics=diagnostics.data_ptr() if diagnostics is not None else 0,
+        step_scalars=step_scalars.data_ptr() if step_scalars is not None else 0)
     args_type = _cuda_abi.ARGS[op]
     args = args_type(**{name: scalars[name] for name, _ in args_type._fields_})
     _LIB.call(op, launch, args)
@@ -133,4 +149,4 @@ if _LIB is None:
 else:
     _TABLES = _TableCache(_LIB.chunk_elems)
     for _op, _kernel in (("adamw", adamw), ("lion", lion), ("sgd", sgd)):
-        register("cuda", _op, ("cuda",))(_kernel)
+        register("cuda", _op, ("cuda",), device_step_scalars=True)(_kernel)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._ops import check_hyperparameters
-from ..coefficients import EMAAge
+from ..coefficients import EMAAge, ema_age_at
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -27,33 +27,40 @@ class AdamW(MemoryOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
                  decoupled_weight_decay: bool = True, memory_correction: float = 0.0, hvp: str = "trajectory",
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_inside_sqrt=eps_inside_sqrt,
                         decoupled_weight_decay=decoupled_weight_decay, memory_correction=memory_correction,
-                        hvp=hvp, maximize=maximize, memoryless=memoryless)
+                        hvp=hvp, maximize=maximize, memoryless=memoryless, capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
         beta1, beta2 = check_betas(group["betas"])
-        check_hyperparameters(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+        check_hyperparameters(beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                               weight_decay=float(group["weight_decay"]))
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        return {"step": torch.tensor(0.0),
+        return {"step": self.new_step(p, group),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+    def static_kwargs(self, group: dict) -> dict[str, Any]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                    decoupled=bool(group["decoupled_weight_decay"]), eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
+
+    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
         beta1, beta2 = (float(b) for b in group["betas"])
         first = self.track(gi, ("exp_avg", beta1), lambda: EMAAge(beta1), n)
         second = self.track(gi, ("exp_avg_sq", beta2), lambda: EMAAge(beta2), n)
-        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]),
-                    bias_correction1=first.bias_correction, bias_correction2=second.bias_correction,
-                    mean_age1=first.mean_age, mean_age2=second.mean_age,
-                    decoupled=bool(group["decoupled_weight_decay"]),
-                    eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
+        return dict(bias_correction1=first.bias_correction, bias_correction2=second.bias_correction,
+                    mean_age1=first.mean_age, mean_age2=second.mean_age)
+
+    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
+        (bias_correction1, mean_age1), (bias_correction2, mean_age2) = (
+            ema_age_at(float(b), n) for b in group["betas"])
+        return dict(bias_correction1=bias_correction1, bias_correction2=bias_correction2,
+                    mean_age1=mean_age1, mean_age2=mean_age2)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return reference.adamw_direction(p, g, eps=kwargs["eps"], weight_decay=kwargs["weight_decay"],

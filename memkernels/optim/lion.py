@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._ops import check_hyperparameters
-from ..coefficients import LionWeights
+from ..coefficients import LionWeights, lion_weights_at
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -26,25 +26,34 @@ class Lion(MemoryOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
                  hvp: str = "trajectory", track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, smoothing=smoothing,
-                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless)
+                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless,
+                        capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
         beta1, beta2 = check_betas(group["betas"])
-        check_hyperparameters(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+        check_hyperparameters(beta1=beta1, beta2=beta2,
                               weight_decay=float(group["weight_decay"]), smoothing=float(group["smoothing"]))
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        return {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return {"step": self.new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+    def static_kwargs(self, group: dict) -> dict[str, Any]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
+                    smoothing=float(group["smoothing"]))
+
+    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
         beta1, beta2 = (float(b) for b in group["betas"])
         weights = self.track(gi, ("lion", beta1, beta2), lambda: LionWeights(beta1, beta2), n)
-        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
-                    smoothing=float(group["smoothing"]), ema_weight=weights.w, age_weight=weights.c)
+        return dict(ema_weight=weights.w, age_weight=weights.c)
+
+    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
+        ema_weight, age_weight = lion_weights_at(*(float(b) for b in group["betas"]), n)
+        return dict(ema_weight=ema_weight, age_weight=age_weight)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return reference.lion_direction(p, g, weight_decay=kwargs["weight_decay"], smoothing=kwargs["smoothing"],

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._ops import check_hyperparameters
-from ..coefficients import HeavyBall
+from ..coefficients import HeavyBall, heavy_ball_at
 from ._base import MemoryOptimizer
 
 
@@ -21,20 +21,21 @@ class SGD(MemoryOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0, hvp: str = "trajectory",
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless)
+                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless,
+                        capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        check_hyperparameters(lr=float(group["lr"]), momentum=float(group["momentum"]),
+        check_hyperparameters(momentum=float(group["momentum"]),
                               weight_decay=float(group["weight_decay"]))
         if group["nesterov"] and group["momentum"] == 0.0:
             raise ValueError("nesterov=True needs momentum > 0")
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        state = {"step": torch.tensor(0.0)}
+        state = {"step": self.new_step(p, group)}
         if group["momentum"] != 0.0:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -43,10 +44,17 @@ class SGD(MemoryOptimizer):
         momentum, nesterov = float(group["momentum"]), bool(group["nesterov"])
         return self.track(gi, ("sgd", momentum, nesterov), lambda: HeavyBall(momentum, nesterov), n)
 
-    def op_kwargs(self, group: dict, gi: int, n: int) -> dict[str, Any]:
+    def static_kwargs(self, group: dict) -> dict[str, Any]:
+        return dict(momentum=float(group["momentum"]), weight_decay=float(group["weight_decay"]),
+                    nesterov=bool(group["nesterov"]))
+
+    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
         hb = self._heavy_ball(group, gi, n)
-        return dict(lr=float(group["lr"]), momentum=hb.momentum, weight_decay=float(group["weight_decay"]),
-                    nesterov=hb.nesterov, update_scale=hb.update_scale, memory_coef=hb.c)
+        return dict(update_scale=hb.update_scale, memory_coef=hb.c)
+
+    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
+        update_scale, memory_coef, _ = heavy_ball_at(float(group["momentum"]), bool(group["nesterov"]), n)
+        return dict(update_scale=update_scale, memory_coef=memory_coef)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return reference.sgd_direction(p, g, weight_decay=kwargs["weight_decay"])
@@ -55,6 +63,9 @@ class SGD(MemoryOptimizer):
         """The previous update was ~ S_{n-1} g~ (heavy ball) or S_n g~ (Nesterov)."""
         hb = self._heavy_ball(group, gi, n)
         return hb.s if hb.nesterov else hb.s_prev
+
+    def trajectory_ratio_at(self, group: dict, n: Tensor) -> Tensor:
+        return heavy_ball_at(float(group["momentum"]), bool(group["nesterov"]), n)[2]
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
         return kwargs["lr"] * kwargs["memory_coef"] / kwargs["update_scale"]

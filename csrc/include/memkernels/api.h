@@ -16,7 +16,7 @@ extern "C" {
 
 #define MK_API __attribute__((visibility("default")))
 
-#define MK_ABI_VERSION 1
+#define MK_ABI_VERSION 2
 
 /* dtype codes */
 #define MK_F32 0
@@ -65,6 +65,8 @@ typedef struct mk_launch {
   const void* found_inf;    /* device scalar or NULL: nonzero means change nothing */
   int64_t found_inf_dtype;
   double* diagnostics;      /* device float64[6] to add the diagnostic sums to, or NULL */
+  const double* step_scalars; /* device float64[] or NULL: memkernels._ops.STEP_SCALARS[op] in order,
+                                 read by the kernel in place of the args' fields of those names */
 } mk_launch;
 
 typedef struct mk_adamw_args {

@@ -3,10 +3,11 @@
 // Mirrors memkernels/reference.py line by line, with the same variable names and
 // the same order of operations: rounding then matches torch's float32 (or float64)
 // evaluation of reference.py. Python-side scalar expressions (1 - beta1,
-// correction * lr * lr, bias_correction2 ** 0.5, ...) are evaluated in double on
-// the host by make_*_scalars and rounded once to T, as torch does when a Python
-// float meets a tensor. Branches that reference.py takes on Python scalars are
-// taken on flags computed from the double values.
+// correction * lr * lr, bias_correction2 ** 0.5, ...) are evaluated in double by
+// make_*_scalars and rounded once to T, as torch does when a Python float meets
+// a tensor: on the host, or on the device when the per-step values are read
+// there (mk_launch.step_scalars). Branches that reference.py takes on Python
+// scalars are taken on flags computed from the double values.
 //
 // T is the compute type: float for fp16/bf16/fp32 parameters, double for fp64.
 #pragma once
@@ -29,6 +30,17 @@ MK_HD float mk_abs(float x) { return fabsf(x); }
 MK_HD double mk_abs(double x) { return fabs(x); }
 MK_HD float mk_log1p(float x) { return log1pf(x); }
 MK_HD double mk_log1p(double x) { return log1p(x); }
+
+// bias_correction2 ** 0.5 as Python evaluates it: libm's pow on the host. The device has no such pow
+// (CUDA's is within 2 ulp); its sqrt is correctly rounded, which libm's pow(x, 0.5) is too but in
+// the rarest cases, and the result is rounded once more to T.
+MK_HD double pow_half(double x) {
+#if defined(__CUDA_ARCH__)
+  return sqrt(x);
+#else
+  return std::pow(x, 0.5);
+#endif
+}
 
 // A Python float divided by a tensor: torch evaluates `scalar / x` as x.reciprocal() * scalar.
 template <typename T>
@@ -111,7 +123,7 @@ struct AdamWScalars {
 };
 
 template <typename T>
-inline AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2, double eps,
+MK_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2, double eps,
                                           double weight_decay, double bias_correction1,
                                           double bias_correction2, double mean_age1, double mean_age2,
                                           double correction, double hvp_scale, bool decoupled,
@@ -119,7 +131,7 @@ inline AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2,
   double shrink = decoupled ? 1 - lr * weight_decay : 1.0;
   double step_size = memoryless ? lr : lr / bias_correction1;
   return {T(lr), T(beta2), T(1 - beta1), T(1 - beta2), T(eps), T(weight_decay),
-          T(bias_correction1), T(bias_correction2), T(std::pow(bias_correction2, 0.5)),
+          T(bias_correction1), T(bias_correction2), T(pow_half(bias_correction2)),
           T(mean_age1), T(mean_age2), T(hvp_scale),
           T(shrink), T(step_size), T(correction * lr * lr),
           shrink != 1.0, correction != 0.0, decoupled, eps_inside_sqrt, memoryless};
@@ -190,7 +202,7 @@ struct LionScalars {
 };
 
 template <typename T>
-inline LionScalars<T> make_lion_scalars(double lr, double beta1, double beta2, double weight_decay,
+MK_HD LionScalars<T> make_lion_scalars(double lr, double beta1, double beta2, double weight_decay,
                                         double smoothing, double ema_weight, double age_weight,
                                         double correction, double hvp_scale, bool memoryless) {
   double shrink = 1 - lr * weight_decay;
@@ -234,7 +246,7 @@ struct SGDScalars {
 };
 
 template <typename T>
-inline SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, bool nesterov,
+MK_HD SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, bool nesterov,
                                       double update_scale, double memory_coef, double correction,
                                       double hvp_scale, bool memoryless) {
   return {T(lr), T(momentum), T(weight_decay), T(update_scale), T(memory_coef), T(hvp_scale),

@@ -6,6 +6,9 @@
 // chunk with 16-byte vector loads and stores when the row is aligned (scalar
 // otherwise and for the tail). Diagnostics are summed per thread in double,
 // reduced per block and added with atomicAdd once per block: no second pass.
+// With mk_launch.step_scalars the per-step values are read by every thread and
+// the op's scalars derived from them on the device (math.h's make_*_scalars), so
+// a captured CUDA graph replays with whatever values the tensor holds then.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "memkernels/api.h"
 #include "memkernels/math.h"
@@ -137,8 +141,19 @@ struct KernelParams {
   const void* found_inf;
   int found_inf_dtype;
   double* diagnostics;
-  typename Op::template Scalars<C> s;
+  typename Op::template Scalars<C> s;  // derived on the host (unused with step_scalars)
 };
+
+// With step_scalars the kernel derives the scalars from args, whose per-step fields it replaces by the
+// values read there. A separate type: a larger parameter block changes the code of the other kernels.
+template <typename C, class Op>
+struct StepKernelParams : KernelParams<C, Op> {
+  typename Op::Args args;
+  const double* step_scalars;
+};
+
+template <typename C, class Op, bool STEP>
+using KernelParamsOf = std::conditional_t<STEP, StepKernelParams<C, Op>, KernelParams<C, Op>>;
 
 struct Row {
   void* ptr[5];  // param, grad, state0, state1, grad_ref
@@ -169,9 +184,13 @@ __device__ __forceinline__ int find_row(const int64_t* table, int n, int64_t chu
 }
 
 // N consecutive elements starting at i of one row: load, step, store.
+template <typename C, class Op>
+using ScalarsOf = typename Op::template Scalars<C>;
+
 template <int N, class Op, typename P, bool DIAG, typename C>
 __device__ __forceinline__ void step_elements(const Row& row, int64_t i, const KernelParams<C, Op>& k,
-                                              const GradArgs<C>& grad_args, double (&acc)[NDIAG]) {
+                                              const ScalarsOf<C, Op>& scalars, const GradArgs<C>& grad_args,
+                                              double (&acc)[NDIAG]) {
   constexpr int NS = Op::NSTATE;
   C p[N], grad[N], ref[N], st[NS][N];
   load_pack<P>(row.ptr[MK_COL_PARAM], i, p);
@@ -189,7 +208,7 @@ __device__ __forceinline__ void step_elements(const Row& row, int64_t i, const K
     C states[NS];
 #pragma unroll
     for (int s = 0; s < NS; ++s) states[s] = st[s][j];
-    Step<C, NS> out = Op::step(p[j], g, states, k.state_present[0], g_ref, k.read_ref, k.s);
+    Step<C, NS> out = Op::step(p[j], g, states, k.state_present[0], g_ref, k.read_ref, scalars);
     p[j] = out.p;
 #pragma unroll
     for (int s = 0; s < NS; ++s) st[s][j] = out.states[s];
@@ -228,15 +247,24 @@ __device__ __forceinline__ void block_add(double (&acc)[NDIAG], double* out) {
   }
 }
 
-template <class Op, typename P, bool DIAG>
+// STEP: the per-step scalars are read from k.step_scalars and the op's scalars derived here, as the
+// host derives k.s (the same make_*_scalars), so both give the same bits for the same values.
+template <class Op, typename P, bool DIAG, bool STEP>
 __global__ void __launch_bounds__(kBlock)
-multi_tensor_step(const KernelParams<typename ComputeOf<P>::type, Op> k) {
+multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP> k) {
   using C = typename ComputeOf<P>::type;
   constexpr int VEC = 16 / sizeof(P);
   if (k.found_inf != nullptr && read_scalar(k.found_inf, k.found_inf_dtype) != 0.0) return;
   double inv_scale = 1.0;
   if (k.grad_scale != nullptr) inv_scale = 1.0 / read_scalar(k.grad_scale, k.grad_scale_dtype);
   const GradArgs<C> grad_args = make_grad_args<C>(inv_scale, k.maximize, k.update_grad_refs);
+  ScalarsOf<C, Op> derived{};
+  if constexpr (STEP) {
+    typename Op::Args args = k.args;
+    Op::set_step(args, k.step_scalars);
+    derived = Op::template scalars<C>(args);
+  }
+  const ScalarsOf<C, Op>& scalars = STEP ? derived : k.s;
   double acc[NDIAG] = {};
   Row row{};
   int64_t row_end = 0;  // one past the last chunk of row: a large tensor's row is searched once
@@ -251,11 +279,11 @@ multi_tensor_step(const KernelParams<typename ComputeOf<P>::type, Op> k) {
     if (row.vec_ok) {
       done = n / VEC * VEC;
       for (int64_t i = int64_t(threadIdx.x) * VEC; i < done; i += int64_t(kBlock) * VEC) {
-        step_elements<VEC, Op, P, DIAG>(row, begin + i, k, grad_args, acc);
+        step_elements<VEC, Op, P, DIAG>(row, begin + i, k, scalars, grad_args, acc);
       }
     }
     for (int64_t i = done + threadIdx.x; i < n; i += kBlock) {
-      step_elements<1, Op, P, DIAG>(row, begin + i, k, grad_args, acc);
+      step_elements<1, Op, P, DIAG>(row, begin + i, k, scalars, grad_args, acc);
     }
   }
   if (DIAG) block_add(acc, k.diagnostics);
@@ -283,10 +311,10 @@ class DeviceGuard {
   cudaError_t status_;
 };
 
-template <class Op, typename P, bool DIAG>
+template <class Op, typename P, bool DIAG, bool STEP>
 int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   using C = typename ComputeOf<P>::type;
-  KernelParams<C, Op> k;
+  KernelParamsOf<C, Op, STEP> k;
   k.table = L.table;
   k.n_tensors = int(L.n_tensors);
   k.n_chunks = L.n_chunks;
@@ -304,11 +332,17 @@ int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   k.found_inf = L.found_inf;
   k.found_inf_dtype = int(L.found_inf_dtype);
   k.diagnostics = L.diagnostics;
-  k.s = Op::template scalars<C>(args);
+  if constexpr (STEP) {  // the per-step fields of args are placeholders: nothing is derived from them here
+    k.s = {};
+    k.args = args;
+    k.step_scalars = L.step_scalars;
+  } else {
+    k.s = Op::template scalars<C>(args);
+  }
 
   DeviceGuard guard(int(L.device));
   if (guard.status() != cudaSuccess) return guard.status();
-  auto kernel = multi_tensor_step<Op, P, DIAG>;
+  auto kernel = multi_tensor_step<Op, P, DIAG, STEP>;
   int sms = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, int(L.device));
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0);
@@ -327,7 +361,11 @@ int launch_dtype(const mk_launch& L, const typename Op::Args& args) {
   }
   int64_t r = L.ref_dtype;
   if (L.has_grad_refs && r != DtypeCode<P>::value && r != MK_F32 && r != MK_F64) return MK_ERR_STATE_DTYPE;
-  return L.diagnostics != nullptr ? launch_typed<Op, P, true>(L, args) : launch_typed<Op, P, false>(L, args);
+  const bool diag = L.diagnostics != nullptr;
+  if (L.step_scalars != nullptr) {
+    return diag ? launch_typed<Op, P, true, true>(L, args) : launch_typed<Op, P, false, true>(L, args);
+  }
+  return diag ? launch_typed<Op, P, true, false>(L, args) : launch_typed<Op, P, false, false>(L, args);
 }
 
 // The body of every extern "C" entry point: check, then dispatch on the params' dtype.
