@@ -5,8 +5,10 @@ the GPT-2-small shape list (148 tensors, 124M). Rows: a device-to-device copy
 (the bandwidth ceiling), torch.optim.AdamW fused and foreach, lion-pytorch's
 Lion with use_triton=True (GPT-2 list), and every memkernels backend that can
 run on CUDA for AdamW, AdamW + trajectory correction + diagnostics, Lion and
-heavy ball, called through the ops with the backend forced; the Triton backend
-also at other tile sizes, and replayed from a CUDA graph (no host overhead).
+heavy ball, called through the ops with the backend forced; the GPU backends'
+AdamW also with the per-step scalars read on the device (step_scalars, the
+capturable path) and replayed from a CUDA graph (no host overhead), and the
+Triton backend at other tile sizes.
 
 Each row is warmed up, then timed with CUDA events around `inner` calls
 (enough for ~20 ms), repeats interleaved across rows; the median per-call time
@@ -191,6 +193,31 @@ def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -
     return [Row(workload, f"{label} {name}", model, t.numel, fn) for name, model, fn in calls]
 
 
+def step_scalars_rows(workload: str, t: Tensors) -> list[Row]:
+    """AdamW rows of the GPU backends with the per-step scalars read on the device (capturable steps)."""
+    from memkernels import _ops, backends
+
+    ops = torch.ops.memkernels
+    P, G, M, V, R, D = t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.grad_refs, t.diagnostics
+    values = {**ADAMW, "hvp_scale": TRAJECTORY["hvp_scale"]}
+    step = torch.tensor([values[k] for k in _ops.STEP_SCALARS["adamw"]], dtype=torch.float64, device=t.device)
+    rows = []
+    for name in ("cuda", "triton"):
+        label = f"memkernels {name} (step_scalars)"
+        try:
+            backends.resolve("adamw", name, t.device.type)
+        except backends.BackendUnavailable as exc:
+            rows.append(Row(workload, label, "adamw", t.numel, skip=f"skipped: {exc}"))
+            continue
+        rows += [
+            Row(workload, f"{label} AdamW", "adamw", t.numel,
+                lambda b=name: ops.adamw_(P, G, M, V, [], None, backend=b, **ADAMW, step_scalars=step)),
+            Row(workload, f"{label} AdamW+traj+diag", "adamw_traj", t.numel,
+                lambda b=name: ops.adamw_(P, G, M, V, R, D, backend=b, **ADAMW, **TRAJECTORY, step_scalars=step)),
+        ]
+    return rows
+
+
 def backend_rows(workload: str, t: Tensors) -> list[Row]:
     from memkernels import backends
 
@@ -258,9 +285,9 @@ def _with_tile(module, block: int, warps: int, fn: Callable[[], None]) -> Callab
     return call
 
 
-def graph_rows(workload: str, t: Tensors) -> list[Row]:
-    """The Triton AdamW rows replayed from a CUDA graph: kernel time without Python overhead."""
-    rows = op_rows(workload, t, "triton", "triton (CUDA graph)")[:2]
+def graph_rows(workload: str, t: Tensors, backend: str) -> list[Row]:
+    """A backend's AdamW rows replayed from a CUDA graph: kernel time without Python overhead."""
+    rows = op_rows(workload, t, backend, f"{backend} (CUDA graph)")[:2]
     for row in rows:
         try:
             row.fn = _captured(row.fn) if t.device.type == "cuda" else None
@@ -296,10 +323,12 @@ def run_workload(name: str, shapes: list[tuple[int, ...]], args: argparse.Namesp
     if name == "gpt2":
         rows.append(lion_pytorch_row(name, t))
     rows += backend_rows(name, t)
-    if not any(r.skip for r in rows if r.name.startswith("memkernels triton")):
-        if name == "flat" and not args.no_sweep:
-            rows += triton_tile_rows(name, t)
-        rows += graph_rows(name, t)
+    rows += step_scalars_rows(name, t)
+    for backend in ("triton", "cuda"):
+        if any(r.name.startswith(f"memkernels {backend} ") for r in rows if not r.skip):
+            if backend == "triton" and name == "flat" and not args.no_sweep:
+                rows += triton_tile_rows(name, t)
+            rows += graph_rows(name, t, backend)
     measure(rows, args.repeats, args.target_ms, device)
     for row in rows:
         row.fn = None  # drop the closures (buffers, optimizer states, graphs) before the next workload
