@@ -146,7 +146,7 @@ def test_step_scalars_cuda_graph(op):
     lists = [[t.clone() for t in lst] for lst in case]
     diag = torch.zeros(6, dtype=torch.float64, device="cuda")
     op_fn = getattr(torch.ops.memkernels, f"{op}_")
-    call = dict(HYPER[op], **kw, **wrong_floats(op), step_scalars=scalars, backend="triton")
+    call = {**HYPER[op], **kw, **wrong_floats(op), "step_scalars": scalars, "backend": "triton"}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up: compile, build and cache the pointer tables
