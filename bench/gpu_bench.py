@@ -202,7 +202,7 @@ def step_scalars_rows(workload: str, t: Tensors) -> list[Row]:
     values = {**ADAMW, "hvp_scale": TRAJECTORY["hvp_scale"]}
     step = torch.tensor([values[k] for k in _ops.STEP_SCALARS["adamw"]], dtype=torch.float64, device=t.device)
     rows = []
-    for name in ("cuda", "triton"):
+    for name in (b for b in backends.BACKENDS if b in ("cuda", "triton")):
         label = f"memkernels {name} (step_scalars)"
         try:
             backends.resolve("adamw", name, t.device.type)

@@ -7,9 +7,12 @@ reference's torch.sqrt and torch.log1p (MKL) are not always correctly rounded
 where the kernels use IEEE sqrt and their own log1p, so AdamW and smooth-Lion
 parameters agree to 1e-6 (fp32 math) or 1e-12 (fp64) of the tensor's scale and
 half-precision results to one ulp of their format; diagnostics, also summed in
-another order, to 1e-6 / 1e-12 relative. Each mode is a separately compiled
-kernel: the first run of this file compiles about 30 (a minute of CPU), later
-runs load them from numba's disk cache.
+another order, to 1e-6 / 1e-12 relative. One kernel call updates every tensor
+of an op call, so many-tensor calls (sizes around the chunk and sub-block
+boundaries, empty and one-element tensors, views of one buffer) are checked
+the same way, and their results must not depend on the thread count. Each mode
+is a separately compiled kernel: the first run of this file compiles about 40
+(a minute or two of CPU), later runs load them from numba's disk cache.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("numba")
+import numba  # noqa: E402
 from numba import njit  # noqa: E402
 
 from memkernels import _ops, backends  # noqa: E402
 from memkernels.backends import numba as nb  # noqa: E402
-from memkernels.backends._numba_kernels import CHUNK  # noqa: E402
+from memkernels.backends._numba_kernels import CHUNK, SUB_BLOCK  # noqa: E402
 from memkernels.backends._numba_log1p import log1p  # noqa: E402
 
 if nb.numba is None:
@@ -281,6 +285,96 @@ def test_dense_non_contiguous_tensors():
     _, _, kwargs, _, _ = mode("adamw", "trajectory")
     out = compare("adamw", inputs, kwargs, True)
     assert out["params"][0].stride() == (1, 70)
+
+
+# ---------------------------------------------------------------- one call for many tensors
+
+def mixed_shapes(count: int, seed: int) -> list[tuple[int, ...]]:
+    """Sizes around the chunk and sub-block boundaries, empty and one-element tensors among them."""
+    rng = np.random.default_rng(seed)
+    special = [0, 1, 2, SUB_BLOCK - 1, SUB_BLOCK, SUB_BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + SUB_BLOCK + 3]
+    sizes = [special[i] if i < len(special) else int(rng.integers(0, 3000)) for i in range(count)]
+    rng.shuffle(sizes)
+    return [(n,) if n % 3 else (1, n) for n in sizes]
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+def test_many_tensors_in_one_call_match_reference(op, dtype, state_dtype):
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    inputs = make_inputs(op, mixed_shapes(150, seed=21), dtype, state_dtype, refs=refs, seed=23)
+    compare(op, inputs, kwargs, diagnostics)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_plain_many_tensors_match_reference(op):
+    _, _, kwargs, refs, diagnostics = mode(op, "plain")
+    compare(op, make_inputs(op, mixed_shapes(150, seed=25), refs=refs, seed=27), kwargs, diagnostics)
+
+
+def test_only_empty_tensors_change_nothing():
+    inputs = make_inputs("adamw", [(0,), (0, 3)], refs=True, seed=29)
+    out = run("adamw", "numba", inputs, mode("adamw", "trajectory")[2], True)
+    assert torch.equal(out["diagnostics"][0], torch.zeros(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_many_tensors_are_bit_identical_across_runs_and_thread_counts(op):
+    """Diagnostics are summed per chunk and added in work order: no dependence on the threads."""
+    _, _, kwargs, refs, diagnostics = mode(op, FULL[op])
+    inputs = make_inputs(op, mixed_shapes(60, seed=31) + [(5 * CHUNK + 7,)], refs=refs, seed=33)
+    first = run(op, "numba", inputs, kwargs, diagnostics)
+    second = run(op, "numba", inputs, kwargs, diagnostics)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        single = run(op, "numba", inputs, kwargs, diagnostics)
+    finally:
+        numba.set_num_threads(threads)
+    for a, b, c in zip(flat(first), flat(second), flat(single)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_views_of_one_buffer():
+    """Parameters, gradients and states that are slices and reshaped views of one flat buffer each."""
+    shapes = [(7, 5), (0,), (CHUNK + 3,), (1,), (40, 30)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    offsets = np.cumsum([0] + [n + 3 for n in sizes])  # gaps between the views
+    dense = make_inputs("adamw", [(int(offsets[-1]),)], refs=True, seed=35)
+    views = lambda buf: [buf[o:o + n].view(s) for o, n, s in zip(offsets, sizes, shapes)]  # noqa: E731
+    inputs = {"params": views(dense["params"][0]), "grads": views(dense["grads"][0]),
+              "states": [views(s[0]) for s in dense["states"]], "grad_refs": views(dense["grad_refs"][0])}
+    _, _, kwargs, _, _ = mode("adamw", "trajectory")
+    compare("adamw", inputs, kwargs, True)
+    # in place on the views: the gaps between them stay as they were
+    params = dense["params"][0].clone()
+    _ops.adamw_(views(params), inputs["grads"], *[[t.clone() for t in s] for s in inputs["states"]],
+                [t.clone() for t in inputs["grad_refs"]], None, backend="numba", **{**BASE["adamw"], **kwargs})
+    gaps = torch.ones(params.numel(), dtype=torch.bool)
+    for o, n in zip(offsets, sizes):
+        gaps[o:o + n] = False
+    assert torch.equal(params[gaps], dense["params"][0][gaps])
+    assert not torch.equal(params[~gaps], dense["params"][0][~gaps])
+
+
+def test_new_tensors_of_the_same_sizes_get_their_own_table():
+    """The address table is cached by address: a second set of tensors is updated, the first is left alone."""
+    _, _, kwargs, refs, diagnostics = mode("sgd", "plain")
+    first, second = (make_inputs("sgd", mixed_shapes(20, seed=37), refs=refs, seed=s) for s in (39, 41))
+    run("sgd", "numba", first, kwargs, diagnostics)
+    before = [t.clone() for t in first["params"]]
+    compare("sgd", second, kwargs, diagnostics)
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], before))
+
+
+def test_diagnostic_sums_past_the_float32_range_stay_finite():
+    """Terms near 1e36 sum past float32's 3.4e38 in every sub-block; the float64 totals stay finite like the reference's."""
+    _, _, kwargs, refs, _ = mode("sgd", "plain")
+    inputs = make_inputs("sgd", [(3 * SUB_BLOCK + 5,)], refs=refs, seed=43)
+    inputs["grads"] = [torch.full_like(inputs["grads"][0], 1.5e18)]  # 0.5 g^2 = 1.1e36, g~^2 = 2.3e36 per element
+    diag = compare("sgd", inputs, dict(kwargs, weight_decay=0.0), True)["diagnostics"][0]
+    assert diag[0].isfinite() and diag[0] > 3.4e38 and diag[4] > 3.4e38
 
 
 # ---------------------------------------------------------------- shapes and seeds

@@ -12,12 +12,16 @@ into SIMD code:
   even, subnormals kept; F16C instructions on x86).
 float32 / float64 arrays load into the compute dtype of the call and store
 with numba's cast (round to nearest even).
+
+view() makes such an array from a tensor's data address (torch's data_ptr()),
+so that one kernel call reaches every tensor of an op call through a table of
+addresses instead of one numpy array argument per tensor.
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import carray, njit, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
@@ -75,6 +79,28 @@ def _f32_to_f16(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.int16(types.float32), codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, start, like):
+    """The address of element `start` of an array of like's dtype that begins at the integer `address`."""
+    if not (isinstance(address, types.Integer) and isinstance(start, types.Integer) and isinstance(like, types.Array)):
+        raise TypingError(f"_pointer expects an integer address and start and an array, got {address}, {start}, {like}")
+
+    def codegen(context, builder, sig, args):
+        base = builder.inttoptr(args[0], context.get_data_type(like.dtype).as_pointer())
+        return builder.gep(base, [context.cast(builder, args[1], start, types.intp)], inbounds=True)
+
+    return types.CPointer(like.dtype)(address, start, like), codegen
+
+
+@njit(forceinline=True)
+def view(address, start, count, like):
+    """Elements start .. start + count of the array of like's dtype at `address`, as a 1-D array.
+
+    The memory belongs to a torch tensor that outlives the kernel call; the view does not own it.
+    """
+    return carray(_pointer(address, start, like), count)
 
 
 def load(a, i, like):

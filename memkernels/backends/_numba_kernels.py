@@ -1,4 +1,4 @@
-"""The numba kernels: one parallel pass over one flat tensor and its states.
+"""The numba kernels: one parallel pass over every tensor of an op call and their states.
 
 A factory per op makes one kernel per combination of flags; the flags are
 closure constants, which numba freezes, so each kernel contains only the code
@@ -9,14 +9,33 @@ against the modules it inlines; every kernel therefore refers to SOURCES, a
 digest of those modules, which makes it part of the closure values that numba
 puts in the cache key: an edit anywhere recompiles instead of loading stale code.
 
-The flat range is split into chunks of CHUNK elements, one prange iteration
-each. The inner loop runs over slices of the chunk from index 0, which LLVM
-vectorizes (a loop from lo to hi does not: numba's negative-index handling
-hides that the index is non-negative), and the element math is force-inlined
-into it (a call in the loop would stop vectorization). A chunk's diagnostic terms are summed in float64 into its own row of
-`sums`, and the host adds the rows in chunk order: the totals do not depend on
-the number of threads, and two runs give the same bits. Arrays a mode does not
-use arrive empty (they are never indexed).
+A kernel reaches the tensors through `addresses`, one row per tensor with the
+data address of that tensor in each list (params, grads, the states,
+grad_refs; 0 for an absent list), and runs one prange over `work`, rows of
+(tensor, first element, element count) that cut every tensor into chunks of at
+most CHUNK elements: one call and one fork/join of the thread pool per op call,
+however many tensors, and small tensors share the threads. The arrays after
+`work` are empty and only carry each list's dtype (see _numba_dtypes.view).
+The inner loop runs over a chunk's views from index 0, which LLVM vectorizes (a
+loop from lo to hi does not: numba's negative-index handling hides that the
+index is non-negative), and the element math is force-inlined into it (a call
+in the loop would stop vectorization).
+
+Diagnostics: the terms of each SUB_BLOCK elements are summed in the compute
+dtype (float32 adds are a quarter of the vector work of converting every term
+to float64 and adding there), each term first scaled by 1/SUB_BLOCK (exact: a
+power of two), so that no partial sum can overflow where the reference's
+float64 sum stays finite; the partials are added, unscaled, into float64
+totals per chunk, one row of `sums` per chunk, and the host adds the rows in
+work order: the totals do not depend on the number of threads, and two runs
+give the same bits. Every term is >= 0 (squares, penalties, flips), so a
+float32 partial of n terms is within (n - 1) 2**-24 relative of their exact sum
+(1.5e-5 for n = 256 at worst; rounding errors of random sign make it ~1e-7 in
+practice, and the float64 total averages the partials' errors); the reference
+sums the same float32 terms in float64. A scaled term below 2**-126 (a term
+below 2**-118, 3e-36) is subnormal and may lose bits: it changes a sum only
+where the whole slot is that small. Inf and NaN terms propagate as in the
+reference (+Inf stays +Inf, NaN stays NaN).
 """
 from __future__ import annotations
 
@@ -29,24 +48,41 @@ from numba import njit, prange
 
 from . import _numba_dtypes, _numba_log1p
 from . import _numba_math as element
-from ._numba_dtypes import load, store
+from ._numba_dtypes import cast_like, load, store, view
 
 SOURCES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
                                   for module in (element, _numba_dtypes, _numba_log1p))).hexdigest()
 
 CHUNK = 1 << 14  # 64 KiB of fp32 per array: a few arrays of a chunk fit in L2
+SUB_BLOCK = 256  # elements per partial sum of the diagnostics
+_SCALE, _UNSCALE = 1.0 / SUB_BLOCK, float(SUB_BLOCK)
 
 
-def chunk_count(n: int) -> int:
-    return (n + CHUNK - 1) // CHUNK
+@njit(error_model="numpy", forceinline=True, cache=True)
+def scaled(terms, scale):
+    """terms * scale, exact; a separate function without fastmath flags, so that no pass factors it out of the sums."""
+    return (terms[0] * scale, terms[1] * scale, terms[2] * scale, terms[3] * scale, terms[4] * scale,
+            terms[5] * scale)
 
 
 @njit(fastmath={"reassoc"}, error_model="numpy", forceinline=True, cache=True)
-def accumulate(totals, terms):
-    """totals + terms in float64. reassoc on these adds only lets LLVM vectorize the sums."""
-    return (totals[0] + np.float64(terms[0]), totals[1] + np.float64(terms[1]),
-            totals[2] + np.float64(terms[2]), totals[3] + np.float64(terms[3]),
-            totals[4] + np.float64(terms[4]), totals[5] + np.float64(terms[5]))
+def add(partial, terms):
+    """partial + terms in the compute dtype. reassoc on these adds only lets LLVM vectorize the sums."""
+    return (partial[0] + terms[0], partial[1] + terms[1], partial[2] + terms[2], partial[3] + terms[3],
+            partial[4] + terms[4], partial[5] + terms[5])
+
+
+@njit(error_model="numpy", forceinline=True, cache=True)
+def accumulate(totals, partial, unscale):
+    """totals + partial * unscale in float64 (exact scaling: the partial is widened first)."""
+    return (totals[0] + np.float64(partial[0]) * unscale, totals[1] + np.float64(partial[1]) * unscale,
+            totals[2] + np.float64(partial[2]) * unscale, totals[3] + np.float64(partial[3]) * unscale,
+            totals[4] + np.float64(partial[4]) * unscale, totals[5] + np.float64(partial[5]) * unscale)
+
+
+@njit(error_model="numpy", forceinline=True, cache=True)
+def zeros_like(x):
+    return (x, x, x, x, x, x)
 
 
 _kernel = njit(parallel=True, error_model="numpy", cache=True)
@@ -56,28 +92,38 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 @functools.cache
 def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, correct: bool,
                  has_ref: bool, write_ref: bool, diagnose: bool, sources: str = SOURCES):
+    block = SUB_BLOCK if diagnose else CHUNK
+
     @_kernel
-    def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, sums, c):
+    def adamw(addresses, work, params, grads, exp_avgs, exp_avg_sqs, grad_refs, sums, c):
         sources  # noqa: B018 (a closure value, hence part of the cache key)
-        n = params.size
-        for chunk in prange((n + CHUNK - 1) // CHUNK):
-            lo = chunk * CHUNK
-            hi = min(lo + CHUNK, n)
-            p_, g_, m_, v_, r_ = params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], grad_refs[lo:hi]
+        scale = cast_like(_SCALE, c.zero)
+        for chunk in prange(work.shape[0]):
+            row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
-            for i in range(hi - lo):
-                g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
-                p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
-                    load(p_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), g_ref, c,
-                    decoupled, eps_inside_sqrt, memoryless, correct, has_ref)
-                store(p_, i, p)
-                store(m_, i, exp_avg)
-                store(v_, i, exp_avg_sq)
-                if write_ref:
-                    store(r_, i, g_raw)
+            for start in range(lo, lo + count, block):
+                n = min(block, lo + count - start)
+                p_ = view(addresses[row, 0], start, n, params)
+                g_ = view(addresses[row, 1], start, n, grads)
+                m_ = view(addresses[row, 2], start, n, exp_avgs)
+                v_ = view(addresses[row, 3], start, n, exp_avg_sqs)
+                r_ = view(addresses[row, 4], start, n, grad_refs)
+                partial = zeros_like(c.zero)
+                for i in range(n):
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
+                        load(p_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), g_ref, c,
+                        decoupled, eps_inside_sqrt, memoryless, correct, has_ref)
+                    store(p_, i, p)
+                    store(m_, i, exp_avg)
+                    store(v_, i, exp_avg_sq)
+                    if write_ref:
+                        store(r_, i, g_raw)
+                    if diagnose:
+                        partial = add(partial, scaled(diag, scale))
                 if diagnose:
-                    totals = accumulate(totals, diag)
+                    totals = accumulate(totals, partial, _UNSCALE)
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
@@ -87,26 +133,35 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
 @functools.cache
 def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, write_ref: bool, diagnose: bool,
                 sources: str = SOURCES):
+    block = SUB_BLOCK if diagnose else CHUNK
+
     @_kernel
-    def lion(params, grads, exp_avgs, grad_refs, sums, c):
+    def lion(addresses, work, params, grads, exp_avgs, grad_refs, sums, c):
         sources  # noqa: B018 (a closure value, hence part of the cache key)
-        n = params.size
-        for chunk in prange((n + CHUNK - 1) // CHUNK):
-            lo = chunk * CHUNK
-            hi = min(lo + CHUNK, n)
-            p_, g_, m_, r_ = params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], grad_refs[lo:hi]
+        scale = cast_like(_SCALE, c.zero)
+        for chunk in prange(work.shape[0]):
+            row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
-            for i in range(hi - lo):
-                g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
-                p, exp_avg, g_out, diag = element.lion(load(p_, i, c.zero), g, load(m_, i, c.zero), g_ref, c,
-                                                       smooth, memoryless, correct, has_ref)
-                store(p_, i, p)
-                store(m_, i, exp_avg)
-                if write_ref:
-                    store(r_, i, g_out)
+            for start in range(lo, lo + count, block):
+                n = min(block, lo + count - start)
+                p_ = view(addresses[row, 0], start, n, params)
+                g_ = view(addresses[row, 1], start, n, grads)
+                m_ = view(addresses[row, 2], start, n, exp_avgs)
+                r_ = view(addresses[row, 3], start, n, grad_refs)
+                partial = zeros_like(c.zero)
+                for i in range(n):
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    p, exp_avg, g_out, diag = element.lion(load(p_, i, c.zero), g, load(m_, i, c.zero), g_ref, c,
+                                                           smooth, memoryless, correct, has_ref)
+                    store(p_, i, p)
+                    store(m_, i, exp_avg)
+                    if write_ref:
+                        store(r_, i, g_out)
+                    if diagnose:
+                        partial = add(partial, scaled(diag, scale))
                 if diagnose:
-                    totals = accumulate(totals, diag)
+                    totals = accumulate(totals, partial, _UNSCALE)
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
@@ -116,28 +171,37 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
 @functools.cache
 def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bool, has_ref: bool,
                write_ref: bool, diagnose: bool, sources: str = SOURCES):
+    block = SUB_BLOCK if diagnose else CHUNK
+
     @_kernel
-    def sgd(params, grads, momentum_buffers, grad_refs, sums, c):
+    def sgd(addresses, work, params, grads, momentum_buffers, grad_refs, sums, c):
         sources  # noqa: B018 (a closure value, hence part of the cache key)
-        n = params.size
-        for chunk in prange((n + CHUNK - 1) // CHUNK):
-            lo = chunk * CHUNK
-            hi = min(lo + CHUNK, n)
-            p_, g_, b_, r_ = params[lo:hi], grads[lo:hi], momentum_buffers[lo:hi], grad_refs[lo:hi]
+        scale = cast_like(_SCALE, c.zero)
+        for chunk in prange(work.shape[0]):
+            row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
-            for i in range(hi - lo):
-                g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
-                buf = load(b_, i, c.zero) if has_momentum else c.zero
-                p, buf, g_raw, diag = element.sgd(load(p_, i, c.zero), g, buf, g_ref, c,
-                                                  has_momentum, nesterov, memoryless, correct, has_ref)
-                store(p_, i, p)
-                if has_momentum:
-                    store(b_, i, buf)
-                if write_ref:
-                    store(r_, i, g_raw)
+            for start in range(lo, lo + count, block):
+                n = min(block, lo + count - start)
+                p_ = view(addresses[row, 0], start, n, params)
+                g_ = view(addresses[row, 1], start, n, grads)
+                b_ = view(addresses[row, 2], start, n, momentum_buffers)
+                r_ = view(addresses[row, 3], start, n, grad_refs)
+                partial = zeros_like(c.zero)
+                for i in range(n):
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    buf = load(b_, i, c.zero) if has_momentum else c.zero
+                    p, buf, g_raw, diag = element.sgd(load(p_, i, c.zero), g, buf, g_ref, c,
+                                                      has_momentum, nesterov, memoryless, correct, has_ref)
+                    store(p_, i, p)
+                    if has_momentum:
+                        store(b_, i, buf)
+                    if write_ref:
+                        store(r_, i, g_raw)
+                    if diagnose:
+                        partial = add(partial, scaled(diag, scale))
                 if diagnose:
-                    totals = accumulate(totals, diag)
+                    totals = accumulate(totals, partial, _UNSCALE)
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]

@@ -1,13 +1,16 @@
-"""The numba backend: fused AdamW, Lion and SGD steps on CPU tensors, one parallel pass per tensor.
+"""The numba backend: fused AdamW, Lion and SGD steps on CPU tensors, one parallel pass per op call.
 
-The kernels (_numba_kernels.py) run on flat numpy views of the tensors'
-memory, so they update the tensors in place. Scalars are rounded to the compute
-dtype here, once per call, exactly as torch rounds reference.py's Python
-floats. The first call of each kernel compiles it, or loads it from numba's
-disk cache; numba_status() says how long that took.
+The kernels (_numba_kernels.py) read and write the tensors' memory in place
+through their data addresses: each call passes a table of addresses and a work
+list of chunks, so the Python side does the same small work for 1 tensor or
+150 (tables are cached while the addresses and sizes stay the same). Scalars
+are rounded to the compute dtype here, once per call, exactly as torch rounds
+reference.py's Python floats. The first call of each kernel compiles it, or
+loads it from numba's disk cache; numba_status() says how long that took.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, NamedTuple
@@ -40,17 +43,33 @@ class FirstCall(NamedTuple):
 first_calls: list[FirstCall] = []
 
 
-def _flat(t: Tensor) -> np.ndarray:
-    """The tensor's elements as a writable 1-D numpy view; half types as their bits.
+# Empty arrays that tell a kernel a list's dtype: half types travel as their bits (see _numba_dtypes.py).
+_DTYPE_CARRIERS = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64),
+                   torch.bfloat16: np.empty(0, np.uint16), torch.float16: np.empty(0, np.int16)}
+_TABLE_CACHE = 64  # tables kept per kind: a few optimizers x param groups x dtypes
 
-    bfloat16 travels as uint16 and float16 as int16 (see _numba_dtypes.py).
+
+@functools.lru_cache(maxsize=_TABLE_CACHE)
+def _address_table(addresses: tuple[tuple[int, ...], ...], n: int) -> np.ndarray:
+    """int64 [n, lists]: each tensor's data address in each list, 0 for an absent (empty) list.
+
+    Cached under the addresses themselves, so a cached table is valid by construction.
     """
-    flat = t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    if flat.dtype == torch.float16:
-        return flat.view(torch.int16).numpy()
-    return flat.numpy()
+    table = np.zeros((n, len(addresses)), np.int64)
+    for j, column in enumerate(addresses):
+        if column:
+            table[:, j] = column
+    return table
+
+
+@functools.lru_cache(maxsize=_TABLE_CACHE)
+def _work_list(numels: tuple[int, ...]) -> np.ndarray:
+    """int64 [chunks, 3]: (tensor, first element, count) of every chunk of CHUNK elements; none for empty tensors."""
+    sizes = np.array(numels, np.int64)
+    counts = -(-sizes // kernels.CHUNK)
+    rows = np.repeat(np.arange(len(numels), dtype=np.int64), counts)
+    starts = (np.arange(rows.size, dtype=np.int64) - (np.cumsum(counts) - counts)[rows]) * kernels.CHUNK
+    return np.ascontiguousarray(np.stack((rows, starts, np.minimum(sizes[rows] - starts, kernels.CHUNK)), axis=1))
 
 
 def _compute_dtype(p: Tensor) -> type:
@@ -87,22 +106,17 @@ def _launch(kernel: Callable, name: str, *args) -> None:
 
 
 def _run(kernel: Callable, name: str, params, grads, state_lists, grad_refs, diagnostics, scalars) -> None:
-    """One kernel call per tensor; the diagnostics of all tensors are added to `diagnostics` at the end."""
-    totals = np.zeros(NDIAG)
-    for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        flat_p = _flat(p)
-        absent = np.empty(0, flat_p.dtype)  # for a list the mode does not use: never indexed
-        states = [_flat(lst[i]) if lst else absent for lst in state_lists]
-        ref = _flat(grad_refs[i]) if grad_refs else absent
-        sums = np.zeros((kernels.chunk_count(n) if diagnostics is not None else 0, NDIAG))
-        _launch(kernel, name, flat_p, _flat(grads[i]), *states, ref, sums, scalars)
-        if diagnostics is not None:
-            totals += sums.sum(axis=0)
+    """One kernel call for all tensors; the chunks' diagnostics are added to `diagnostics` in work order."""
+    lists = (params, grads, *state_lists, grad_refs)
+    work = _work_list(tuple(p.numel() for p in params))
+    if work.shape[0] == 0:
+        return
+    addresses = _address_table(tuple(tuple(t.data_ptr() for t in lst) for lst in lists), len(params))
+    carriers = [_DTYPE_CARRIERS[(lst or params)[0].dtype] for lst in lists]
+    sums = np.zeros((work.shape[0] if diagnostics is not None else 0, NDIAG))
+    _launch(kernel, name, addresses, work, *carriers, sums, scalars)
     if diagnostics is not None:
-        diagnostics.add_(torch.from_numpy(totals).to(diagnostics.device))
+        diagnostics.add_(torch.from_numpy(sums.sum(axis=0)).to(diagnostics.device))
 
 
 def _skipped(found_inf: Tensor | None) -> bool:
