@@ -91,7 +91,8 @@ def test_speed_rows(out):
         fused = next(r for r in mine if r["backend"] == "torch.optim fused")
         assert fused["ratio_to_torch_fused"] == 1.0
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
-    assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 36, "AdamW + probe correction": 32,
+    assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 36,
+                               "AdamW + trajectory + diagnostics": 36, "AdamW + probe correction": 32,
                                "Lion": 20, "heavy ball": 20}
     assert result["backends"] == {"reference": "ok"}
     for module, anchor in (("bitsandbytes", "AdamW (bitsandbytes AdamW32bit)"),

@@ -26,6 +26,7 @@ from .timing import bandwidth_kernel, interleaved, median_iqr
 VARIANTS: dict[str, tuple[str, int, bool]] = {
     "AdamW": ("adamw", 28, False),
     "AdamW + trajectory correction": ("adamw", 36, False),  # + read and write the previous gradient
+    "AdamW + trajectory + diagnostics": ("adamw", 36, False),  # the same, with memory_stats' sums
     "AdamW + probe correction": ("adamw", 32, True),        # + read the probe gradient
     "Lion": ("lion", 20, False),
     "heavy ball": ("sgd", 20, False),
@@ -128,6 +129,8 @@ def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.opt
         return AdamW(params, lr=1e-3, backend=backend)
     if variant == "AdamW + trajectory correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend)
+    if variant == "AdamW + trajectory + diagnostics":
+        return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", track_memory=True, backend=backend)
     if variant == "AdamW + probe correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="probe", backend=backend)
     if variant == "Lion":
