@@ -178,15 +178,16 @@ def _impl(op: str):
         if not params:
             return
         _, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type)
-        if kwargs["step_scalars"] is not None and not kernel.device_step_scalars:
-            kwargs.update(zip(STEP_SCALARS[op], kwargs.pop("step_scalars").tolist()))  # a host read
+        step_scalars = kwargs.pop("step_scalars")
+        if kernel.device_step_scalars:
+            kwargs["step_scalars"] = step_scalars
+        elif step_scalars is not None:
+            kwargs.update(zip(STEP_SCALARS[op], step_scalars.tolist()))  # a host read
         check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
         if kwargs["correction"] != 0.0 and not grad_refs:
             raise ValueError(f"memkernels.{op}_: correction != 0 needs grad_refs")
-        if not kernel.device_step_scalars:
-            kwargs.pop("step_scalars", None)
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
 
     return impl

@@ -94,12 +94,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if not math.isfinite(group["memory_correction"]):
             raise ValueError(f"memory_correction must be finite, got {group['memory_correction']}")
         lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1 or not lr.is_floating_point():
-                raise ValueError(f"lr must be a float or a one-element floating tensor, got {tuple(lr.shape)} {lr.dtype}")
-            if not self.device_mode(group):  # device mode cannot read it without a sync
-                check_hyperparameters(lr=float(lr))
-        else:
+        if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
+            raise ValueError(f"lr must be a float or a one-element floating tensor, got {tuple(lr.shape)} {lr.dtype}")
+        if not (isinstance(lr, Tensor) and self.device_mode(group)):  # a tensor lr in device mode is not read
             check_hyperparameters(lr=float(lr))
         if group["capturable"] and self.measures(group) and group["hvp"] != "trajectory":
             raise ValueError(f"capturable=True measures memory with hvp='trajectory' only, got hvp={group['hvp']!r} "
@@ -244,7 +241,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
                                    bucket.grad_refs, None, grad_scale, None)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
-                    _ops.check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+                    check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
                 if self.measures(group) and group["hvp"] == "exact" and any(g.grad_fn is None for g in bucket.grads):
                     raise ValueError("hvp='exact' needs gradients with a graph: "
