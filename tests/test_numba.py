@@ -33,6 +33,7 @@ from memkernels import _ops, backends  # noqa: E402
 from memkernels.backends import numba as nb  # noqa: E402
 from memkernels.backends._numba_kernels import CHUNK, SUB_BLOCK  # noqa: E402
 from memkernels.backends._numba_log1p import log1p  # noqa: E402
+from memkernels.backends._numba_penalty import _split  # noqa: E402
 
 if nb.numba is None:
     pytest.skip(backends.load("numba"), allow_module_level=True)
@@ -375,6 +376,70 @@ def test_diagnostic_sums_past_the_float32_range_stay_finite():
     inputs["grads"] = [torch.full_like(inputs["grads"][0], 1.5e18)]  # 0.5 g^2 = 1.1e36, g~^2 = 2.3e36 per element
     diag = compare("sgd", inputs, dict(kwargs, weight_decay=0.0), True)["diagnostics"][0]
     assert diag[0].isfinite() and diag[0] > 3.4e38 and diag[4] > 3.4e38
+
+
+# ---------------------------------------------------------------- AdamW's penalty sum (_numba_penalty.py)
+
+def adamw_penalty_inputs(grads: torch.Tensor, seed: int) -> dict:
+    inputs = make_inputs("adamw", [tuple(grads.shape)], refs=True, seed=seed)
+    inputs["grads"] = [grads.to(torch.float32)]
+    return inputs
+
+
+@pytest.mark.parametrize("low,high", [(1e-12, 1e3), (0.5, 20.0), (1e-3, 1e-1), (1e4, 1e7)])
+def test_penalty_sum_over_gradient_scales(low, high):
+    """|g| / eps log-uniform in [low, high]: from far below eps (the log part cancels |g|) to far above it."""
+    gen = torch.Generator().manual_seed(51)
+    n = 3 * CHUNK + SUB_BLOCK + 9
+    ratio = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(np.log(low), np.log(high), generator=gen))
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    inputs = adamw_penalty_inputs(ratio * sign * BASE["adamw"]["eps"], seed=53)
+    diag = compare("adamw", inputs, mode("adamw", "trajectory")[2], True)["diagnostics"][0]
+    assert diag[4] > 0
+
+
+@pytest.mark.parametrize("mantissa", [2 ** -0.5, 2 ** 0.5, 1.0, 1.25])
+def test_penalty_sum_of_equal_gradients(mantissa):
+    """u = 1 + |g| / eps the same in every element, one ulp either side of mantissa * 2**9: a sub-block's 256
+    equal factors take its product of mantissas to its extremes (about 2**+-128 next to sqrt(2))."""
+    center = np.float32(mantissa * 2.0 ** 9)
+    for ulps in (-1, 0, 1):
+        u = float(center + ulps * np.spacing(center))
+        grads = torch.full((2 * SUB_BLOCK + 3,), (u - 1.0) * BASE["adamw"]["eps"])
+        compare("adamw", adamw_penalty_inputs(grads, seed=55), mode("adamw", "trajectory")[2], True)
+
+
+@pytest.mark.parametrize("eps,special", [(1e-8, 1e35), (1e-8, float("inf")), (1e-8, float("nan")), (1e-40, 1.0)])
+def test_penalty_sub_blocks_with_specials_are_summed_per_element(eps, special):
+    """|g| / eps past float32's range, Inf or NaN in one sub-block: that sub-block takes the per-element
+    formula (the reference's -Inf, NaN), the others keep the product; subnormal eps overflows 1 / eps."""
+    inputs = make_inputs("adamw", [(4 * SUB_BLOCK,)], refs=True, seed=57)
+    inputs["grads"][0][SUB_BLOCK + 7] = special
+    kwargs = dict(mode("adamw", "trajectory")[2], eps=eps)
+    expected = run("adamw", "reference", inputs, kwargs, True)["diagnostics"][0]
+    actual = compare("adamw", inputs, kwargs, True)["diagnostics"][0]
+    assert torch.equal(actual[4].isfinite(), expected[4].isfinite())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_gives_mantissa_and_biased_exponent(dtype):
+    """u = 2**(e - bias) m exactly, m in [sqrt(1/2), sqrt(2)), over u from 1 to the dtype's largest value."""
+    @njit
+    def split_all(u):
+        m = np.empty_like(u)
+        e = np.empty(u.size, np.int64)
+        for i in range(u.size):
+            m[i], e[i] = _split(u[i])
+        return m, e
+
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(59)
+    u = np.concatenate([np.exp(rng.uniform(0.0, np.log(float(info.max)), 100_000)),
+                        [1.0, 2 ** 0.5, np.nextafter(2 ** 0.5, 0), 2.0, float(info.max)]]).astype(dtype)
+    m, e = split_all(u)
+    bias = 127 if dtype == np.float32 else 1023
+    assert np.all(m >= dtype(2 ** -0.5)) and np.all(m < dtype(2 ** 0.5))
+    assert np.array_equal(np.ldexp(m, (e - bias).astype(np.int32)), u)
 
 
 # ---------------------------------------------------------------- shapes and seeds

@@ -23,19 +23,22 @@ in the loop would stop vectorization).
 
 Diagnostics: the terms of each SUB_BLOCK elements are summed in the compute
 dtype (float32 adds are a quarter of the vector work of converting every term
-to float64 and adding there), each term first scaled by 1/SUB_BLOCK (exact: a
-power of two), so that no partial sum can overflow where the reference's
-float64 sum stays finite; the partials are added, unscaled, into float64
-totals per chunk, one row of `sums` per chunk, and the host adds the rows in
-work order: the totals do not depend on the number of threads, and two runs
-give the same bits. Every term is >= 0 (squares, penalties, flips), so a
-float32 partial of n terms is within (n - 1) 2**-24 relative of their exact sum
-(1.5e-5 for n = 256 at worst; rounding errors of random sign make it ~1e-7 in
-practice, and the float64 total averages the partials' errors); the reference
-sums the same float32 terms in float64. A scaled term below 2**-126 (a term
-below 2**-118, 3e-36) is subnormal and may lose bits: it changes a sum only
-where the whole slot is that small. Inf and NaN terms propagate as in the
-reference (+Inf stays +Inf, NaN stays NaN).
+to float64 and adding there), one multiply-add per term: the squares of F, lr M,
+the memory and the residual from values the element math scaled by 2**-4, the
+penalty and sign flips times 2**-8, so every partial is scaled by 1/SUB_BLOCK
+(exact: powers of two) and none can overflow where the reference's float64 sum
+stays finite. The partials are added, unscaled, into float64 totals per chunk,
+one row of `sums` per chunk, and the host adds the rows in work order: the
+totals do not depend on the number of threads, and two runs give the same
+bits. Every term is >= 0 (squares, penalties, flips), so a float32 partial of
+n terms is within (n - 1) 2**-24 relative of their exact sum (1.5e-5 for
+n = 256 at worst; rounding errors of random sign make it ~1e-7 in practice,
+and the float64 total averages the partials' errors); the reference sums
+float32 terms in float64. A scaled value below 2**-126 is subnormal and may
+lose bits: it changes a sum only where the whole slot is that small. Inf and
+NaN terms propagate as in the reference (+Inf stays +Inf, NaN stays NaN).
+AdamW's penalty with eps outside the square root is summed as a log of
+products (_numba_penalty.py).
 """
 from __future__ import annotations
 
@@ -46,12 +49,12 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from . import _numba_dtypes, _numba_log1p
+from . import _numba_dtypes, _numba_log1p, _numba_penalty
 from . import _numba_math as element
 from ._numba_dtypes import cast_like, load, store, view
 
 SOURCES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
-                                  for module in (element, _numba_dtypes, _numba_log1p))).hexdigest()
+                                  for module in (element, _numba_dtypes, _numba_log1p, _numba_penalty))).hexdigest()
 
 CHUNK = 1 << 14  # 64 KiB of fp32 per array: a few arrays of a chunk fit in L2
 SUB_BLOCK = 256  # elements per partial sum of the diagnostics
@@ -59,25 +62,37 @@ _SCALE, _UNSCALE = 1.0 / SUB_BLOCK, float(SUB_BLOCK)
 
 
 @njit(error_model="numpy", forceinline=True, cache=True)
-def scaled(terms, scale):
-    """terms * scale, exact; a separate function without fastmath flags, so that no pass factors it out of the sums."""
-    return (terms[0] * scale, terms[1] * scale, terms[2] * scale, terms[3] * scale, terms[4] * scale,
-            terms[5] * scale)
+def load_ref(r_, i, c, has_ref, stored):
+    """g_ref; refs this kernel stores hold processed g already (ref_inv_scale is 1), so they skip the multiply."""
+    if not has_ref:
+        return c.zero
+    g_ref = load(r_, i, c.zero)
+    return g_ref if stored else element.load_grad(g_ref, c.ref_inv_scale)
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", forceinline=True, cache=True)
-def add(partial, terms):
-    """partial + terms in the compute dtype. reassoc on these adds only lets LLVM vectorize the sums."""
-    return (partial[0] + terms[0], partial[1] + terms[1], partial[2] + terms[2], partial[3] + terms[3],
-            partial[4] + terms[4], partial[5] + terms[5])
+@njit(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", forceinline=True, cache=True)
+def add(partial, terms, scale, flips):
+    """partial + each term's part, one multiply-add each: squares of the first four, the rest times scale.
+
+    The flags only let LLVM vectorize the sums (reassoc), fuse each multiply into its add
+    (contract) and skip the absent flips (nsz); the terms are >= 0.
+    """
+    return (partial[0] + terms[0] * terms[0], partial[1] + terms[1] * terms[1], partial[2] + terms[2] * terms[2],
+            partial[3] + terms[3] * terms[3], partial[4] + terms[4] * scale,
+            partial[5] + terms[5] * scale if flips else partial[5])
 
 
 @njit(error_model="numpy", forceinline=True, cache=True)
-def accumulate(totals, partial, unscale):
-    """totals + partial * unscale in float64 (exact scaling: the partial is widened first)."""
-    return (totals[0] + np.float64(partial[0]) * unscale, totals[1] + np.float64(partial[1]) * unscale,
-            totals[2] + np.float64(partial[2]) * unscale, totals[3] + np.float64(partial[3]) * unscale,
-            totals[4] + np.float64(partial[4]) * unscale, totals[5] + np.float64(partial[5]) * unscale)
+def unscaled(partial, unscale):
+    """partial * unscale in float64 (exact scaling: the partial is widened first)."""
+    return (np.float64(partial[0]) * unscale, np.float64(partial[1]) * unscale, np.float64(partial[2]) * unscale,
+            np.float64(partial[3]) * unscale, np.float64(partial[4]) * unscale, np.float64(partial[5]) * unscale)
+
+
+@njit(error_model="numpy", forceinline=True, cache=True)
+def accumulate(totals, block):
+    return (totals[0] + block[0], totals[1] + block[1], totals[2] + block[2], totals[3] + block[3],
+            totals[4] + block[4], totals[5] + block[5])
 
 
 @njit(error_model="numpy", forceinline=True, cache=True)
@@ -93,6 +108,7 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, correct: bool,
                  has_ref: bool, write_ref: bool, diagnose: bool, sources: str = SOURCES):
     block = SUB_BLOCK if diagnose else CHUNK
+    log_penalty = diagnose and decoupled and not eps_inside_sqrt  # the penalty term is |g| (_numba_penalty.py)
 
     @_kernel
     def adamw(addresses, work, params, grads, exp_avgs, exp_avg_sqs, grad_refs, sums, c):
@@ -101,6 +117,7 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
         for chunk in prange(work.shape[0]):
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
+            logs = (0.0, 1.0)  # the chunk's exponent sum and float64 mantissa product
             for start in range(lo, lo + count, block):
                 n = min(block, lo + count - start)
                 p_ = view(addresses[row, 0], start, n, params)
@@ -109,9 +126,10 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                 v_ = view(addresses[row, 3], start, n, exp_avg_sqs)
                 r_ = view(addresses[row, 4], start, n, grad_refs)
                 partial = zeros_like(c.zero)
+                exponents, product = _numba_penalty.no_exponents(c.zero), c.one
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
                         load(p_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), g_ref, c,
                         decoupled, eps_inside_sqrt, memoryless, correct, has_ref)
@@ -121,9 +139,19 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                     if write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
-                        partial = add(partial, scaled(diag, scale))
+                        partial = add(partial, diag, scale, False)
+                    if log_penalty:
+                        exponents, product = _numba_penalty.add_logs(exponents, product, diag[4], c)
                 if diagnose:
-                    totals = accumulate(totals, partial, _UNSCALE)
+                    sub = unscaled(partial, _UNSCALE)
+                    if log_penalty:
+                        penalty, logs = _numba_penalty.sub_block(sub[4], exponents, product, n, logs, g_,
+                                                                 c.inv_scale, c)
+                        sub = (sub[0], sub[1], sub[2], sub[3], penalty, sub[5])
+                    totals = accumulate(totals, sub)
+            if log_penalty:
+                totals = (totals[0], totals[1], totals[2], totals[3],
+                          totals[4] - np.float64(c.eps) * _numba_penalty.log_sum(logs), totals[5])
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
@@ -151,7 +179,7 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
                 partial = zeros_like(c.zero)
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     p, exp_avg, g_out, diag = element.lion(load(p_, i, c.zero), g, load(m_, i, c.zero), g_ref, c,
                                                            smooth, memoryless, correct, has_ref)
                     store(p_, i, p)
@@ -159,9 +187,9 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
                     if write_ref:
                         store(r_, i, g_out)
                     if diagnose:
-                        partial = add(partial, scaled(diag, scale))
+                        partial = add(partial, diag, scale, True)
                 if diagnose:
-                    totals = accumulate(totals, partial, _UNSCALE)
+                    totals = accumulate(totals, unscaled(partial, _UNSCALE))
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
@@ -189,7 +217,7 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                 partial = zeros_like(c.zero)
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
-                    g_ref = element.load_grad(load(r_, i, c.zero), c.ref_inv_scale) if has_ref else c.zero
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     buf = load(b_, i, c.zero) if has_momentum else c.zero
                     p, buf, g_raw, diag = element.sgd(load(p_, i, c.zero), g, buf, g_ref, c,
                                                       has_momentum, nesterov, memoryless, correct, has_ref)
@@ -199,9 +227,9 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                     if write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
-                        partial = add(partial, scaled(diag, scale))
+                        partial = add(partial, diag, scale, False)
                 if diagnose:
-                    totals = accumulate(totals, partial, _UNSCALE)
+                    totals = accumulate(totals, unscaled(partial, _UNSCALE))
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]

@@ -1,20 +1,30 @@
 """Per-element math of the fused steps for numba, mirroring memkernels/reference.py line by line.
 
-Same names, same order of floating-point operations: every Python-float scalar
-of reference.py arrives here already rounded to the compute dtype (as torch
-rounds a Python scalar to the tensor's dtype), ``scalar / tensor`` is written
-``one / x * scalar`` (torch evaluates it as ``reciprocal(x) * scalar``), and no
-fastmath flag is set, so NaN and Inf propagate and nothing is contracted into
-an FMA (an FMA would change the states' last bits). Results therefore equal
-the reference's to the last bit wherever no sqrt or log enters (all states,
-SGD, sign-Lion); torch.sqrt and torch.log1p on CPU come from MKL and are not
-always correctly rounded, where np.sqrt here is IEEE, so AdamW and smooth-Lion
-parameters and the diagnostics agree to about an ulp.
+Same names, same order of floating-point operations for the parameters and
+states: every Python-float scalar of reference.py arrives here already rounded
+to the compute dtype (as torch rounds a Python scalar to the tensor's dtype),
+``scalar / tensor`` is written ``one / x * scalar`` (torch evaluates it as
+``reciprocal(x) * scalar``), and no fastmath flag is set on them, so NaN and Inf
+propagate and nothing is contracted into an FMA (an FMA would change the
+states' last bits). Results therefore equal the reference's to the last bit
+wherever no sqrt enters (all states, SGD, sign-Lion); torch.sqrt on CPU comes
+from MKL and is not always correctly rounded, where np.sqrt here is IEEE, so
+AdamW and smooth-Lion parameters agree to about an ulp.
 
 The flags (decoupled, eps_inside_sqrt, memoryless, ...) are compile-time
 constants of each kernel (see _numba_kernels.py): after inlining, the branches
 on them vanish. The scalars arrive as one of the named tuples below, all in the
 compute dtype.
+
+Diagnostics (the kernels sum them per sub-block in the compute dtype, see
+_numba_kernels.py) leave the reference's order where that saves instructions,
+since they are compared to 1e-6 and the diagnostics path is compute-bound:
+F, u and lr M arrive scaled by DIAG_SCALE = 2**-4 through the diag_* scalars
+(exact: a power of two), F and u as one multiply-add each, so that the
+kernel's sums of their squares, one multiply-add per term, are scaled by
+2**-8 like its other sums. The squares are formed from the scaled values: a
+term past float32's range counts as its value where the reference's float32
+square is Inf.
 """
 from __future__ import annotations
 
@@ -22,8 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
-
-from ._numba_log1p import log1p
 
 # numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see _numba_kernels.py.
 _jit = njit(error_model="numpy", forceinline=True)
@@ -41,16 +49,20 @@ class AdamWScalars(NamedTuple):
     eps: float
     weight_decay: float
     bias_correction1: float
-    inv_bias_correction1: float  # 1 / bias_correction1, for F (diagnostics only)
     inv_eps: float  # 1 / eps, for the penalty (diagnostics only)
     bias_correction2: float
-    sqrt_bias_correction2: float  # bias_correction2 ** 0.5, evaluated in Python like reference.py
+    inv_sqrt_bias_correction2: float  # 1 / bias_correction2 ** 0.5
     mean_age1: float
     mean_age2: float
     hvp_scale: float
     shrink: float  # 1 - lr * weight_decay when decoupled, else 1
     step_size: float  # lr in memoryless mode, else lr / bias_correction1
     correction_lr2: float  # correction * lr * lr
+    diag_scale: float  # DIAG_SCALE, and the next three times DIAG_SCALE (diagnostics only)
+    diag_lr: float
+    diag_weight_decay: float
+    diag_inv_bias_correction1: float
+    penalty_limit: float  # a quarter of the dtype's largest value (see _numba_penalty.py)
 
 
 class LionScalars(NamedTuple):
@@ -70,6 +82,9 @@ class LionScalars(NamedTuple):
     hvp_scale: float
     shrink: float  # 1 - lr * weight_decay
     correction_lr2: float
+    diag_scale: float
+    diag_lr: float
+    diag_weight_decay: float
 
 
 class SGDScalars(NamedTuple):
@@ -85,6 +100,11 @@ class SGDScalars(NamedTuple):
     memory_coef: float
     hvp_scale: float
     correction_lr2: float
+    diag_scale: float
+    diag_lr: float
+
+
+DIAG_SCALE = 2.0 ** -4
 
 
 @_jit
@@ -103,12 +123,19 @@ def descend(p, shrink, step_size, step, M, correction_lr2, correct):
     return p
 
 
+@njit(error_model="numpy", forceinline=True, fastmath={"contract"})
+def scaled_sum(x, diag_scale, diag_y):
+    """x * DIAG_SCALE + diag_y as one multiply-add (diag_y already scaled)."""
+    return x * diag_scale + diag_y
+
+
 @_jit
-def diagnostics(F, u, M, lr, penalty, sign_flips):
-    hM = lr * M
+def diagnostics(F, u, M, diag_lr, penalty, sign_flips):
+    """reference.diagnostics on F, u and lr M scaled by DIAG_SCALE; the kernel squares the first four."""
+    hM = diag_lr * M
     memory = F - u
     residual = memory - hM
-    return (F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips)
+    return (F, hM, memory, residual, penalty, sign_flips)
 
 
 @_jit
@@ -136,41 +163,45 @@ def smooth_sign_slope(x, smoothing, smooth, one, zero):
 def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memoryless, correct, has_ref):
     """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
 
-    p, the states and M follow the reference's operations. F, the penalty and (when it
-    reaches neither p nor M) u only enter the diagnostics, compared to 1e-6: they
-    reuse the quotients p and M need and multiply by reciprocals instead of dividing,
-    which saves five of the ten divisions per element (the dearest instructions here).
+    The states follow the reference's operations. Divisions are the dearest
+    instructions here (each costs the core's divider a third of the vector pass), so
+    with eps outside the square root denom and M multiply by reciprocals where the
+    reference divides (p moves by an ulp of the step; NaN and Inf land where the
+    reference's do), and F and u, which only enter the diagnostics, reuse 1 / a.
+    Where eps is outside the square root, the penalty term is |g|: the kernel turns
+    the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
     """
     g_raw = g
     if not decoupled:
         g = g + c.weight_decay * p  # coupled L2: the EMAs see g~ = g + lambda theta
     exp_avg = exp_avg + c.one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * g * g
-    decay = c.weight_decay * p if decoupled else c.zero
     if eps_inside_sqrt:
         denom = np.sqrt(exp_avg_sq / c.bias_correction2 + c.eps)
         a = np.sqrt(g * g + c.eps)
-        inv_a = c.one / a
-        coef = inv_a * c.mean_age1 - c.mean_age2 * (g * g) / (a * a * a)
         penalty = a
     else:
-        denom = np.sqrt(exp_avg_sq) / c.sqrt_bias_correction2 + c.eps
+        denom = np.sqrt(exp_avg_sq) * c.inv_sqrt_bias_correction2 + c.eps
         a = abs(g) + c.eps
-        inv_a = c.one / a
-        coef = inv_a * c.mean_age1 - c.mean_age2 * abs(g) / (a * a)
-        penalty = abs(g) - c.eps * log1p(abs(g) * c.inv_eps)
+        penalty = abs(g)
+    inv_a = c.one / a
+    if eps_inside_sqrt:
+        coef = inv_a * c.mean_age1 - c.mean_age2 * (g * g) / (a * a * a)
+    else:
+        coef = inv_a * c.mean_age1 - c.mean_age2 * abs(g) * (inv_a * inv_a)
     step = exp_avg / denom
-    F = step * c.inv_bias_correction1 + decay  # reference: exp_avg / bias_correction1 / denom + decay
     g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it reaches p or M
-    u = g_over_a + decay
     if has_ref:
         hvp = (g_ref - g_raw) * c.hvp_scale
         if not decoupled:
-            hvp = hvp + c.weight_decay * u  # H~ = H + lambda I
+            hvp = hvp + c.weight_decay * g_over_a  # H~ = H + lambda I; u = g / a when coupled
         M = coef * hvp
     else:
         M = c.zero
-    diag = diagnostics(F, u, M, c.lr, penalty, c.zero)
+    decay = c.diag_weight_decay * p if decoupled else c.zero
+    F = scaled_sum(step, c.diag_inv_bias_correction1, decay)  # reference: exp_avg / bias_correction1 / denom + decay
+    u = scaled_sum(g_over_a, c.diag_scale, decay)
+    diag = diagnostics(F, u, M, c.diag_lr, penalty, c.zero)
     p = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2, correct)
     return p, exp_avg, exp_avg_sq, g_raw, diag
 
@@ -180,11 +211,11 @@ def lion(p, g, exp_avg, g_ref, c, smooth, memoryless, correct, has_ref):
     """reference.lion; returns (p, exp_avg, g, diag terms)."""
     cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
     wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
-    decay = c.weight_decay * p
+    decay = c.diag_weight_decay * p
     phi_c = smooth_sign(cm, c.smoothing, smooth, c.one, c.zero)
     phi_wg = smooth_sign(wg, c.smoothing, smooth, c.one, c.zero)
-    F = phi_c + decay
-    u = phi_wg + decay
+    F = scaled_sum(phi_c, c.diag_scale, decay)
+    u = scaled_sum(phi_wg, c.diag_scale, decay)
     if has_ref:
         hvp = (g_ref - g) * c.hvp_scale
         M = smooth_sign_slope(wg, c.smoothing, smooth, c.one, c.zero) * c.age_weight * hvp
@@ -193,7 +224,7 @@ def lion(p, g, exp_avg, g_ref, c, smooth, memoryless, correct, has_ref):
     exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * g
     penalty = np.sqrt(wg * wg + c.smoothing)
     sign_flips = c.one if sign(cm, c.one, c.zero) != sign(g, c.one, c.zero) else c.zero
-    diag = diagnostics(F, u, M, c.lr, penalty, sign_flips)
+    diag = diagnostics(F, u, M, c.diag_lr, penalty, sign_flips)
     p = descend(p, c.shrink, c.lr, phi_wg if memoryless else phi_c, M, c.correction_lr2, correct)
     return p, exp_avg, g, diag
 
@@ -214,6 +245,6 @@ def sgd(p, g, momentum_buffer, g_ref, c, has_momentum, nesterov, memoryless, cor
         M = c.memory_coef * hvp
     else:
         M = c.zero
-    diag = diagnostics(F, u, M, c.lr, c.half * g * g, c.zero)
+    diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.diag_lr, c.half * g * g, c.zero)
     p = descend(p, c.one, c.lr, u if memoryless else F, M, c.correction_lr2, correct)
     return p, momentum_buffer, g_raw, diag

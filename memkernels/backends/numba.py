@@ -26,7 +26,7 @@ from . import register, unavailable
 try:
     import numba
     from . import _numba_kernels as kernels
-    from ._numba_math import AdamWScalars, LionScalars, SGDScalars
+    from ._numba_math import DIAG_SCALE, AdamWScalars, LionScalars, SGDScalars
 except ImportError as exc:  # the registry reports the reason; auto falls back to the reference
     numba = None
     unavailable("numba", f"cannot import numba ({exc})")
@@ -87,6 +87,12 @@ def _reciprocal(x: float) -> float:
     return 1.0 / x if x != 0.0 else math.copysign(math.inf, x)
 
 
+def _rounded(scalars: NamedTuple, dtype: type) -> NamedTuple:
+    """The scalars in the compute dtype; one past its range becomes Inf, as torch rounds a Python scalar."""
+    with np.errstate(over="ignore"):
+        return type(scalars)(*map(dtype, scalars))
+
+
 _launched: set[tuple] = set()  # (kernel, argument dtypes) already timed
 
 
@@ -131,19 +137,21 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, b
     if _skipped(found_inf):
         return
     inv_scale = _inv_scale(grad_scale, maximize)
+    dtype = _compute_dtype(params[0])
     scalars = AdamWScalars(
         zero=0.0, one=1.0, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
         lr=lr, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
-        weight_decay=weight_decay, bias_correction1=bias_correction1, inv_bias_correction1=_reciprocal(bias_correction1),
-        inv_eps=_reciprocal(eps), bias_correction2=bias_correction2,
-        sqrt_bias_correction2=bias_correction2 ** 0.5, mean_age1=mean_age1, mean_age2=mean_age2,
-        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay if decoupled else 1.0,
-        step_size=lr if memoryless else lr / bias_correction1, correction_lr2=correction * lr * lr)
-    dtype = _compute_dtype(params[0])
+        weight_decay=weight_decay, bias_correction1=bias_correction1, inv_eps=_reciprocal(eps),
+        bias_correction2=bias_correction2, inv_sqrt_bias_correction2=_reciprocal(bias_correction2 ** 0.5),
+        mean_age1=mean_age1, mean_age2=mean_age2, hvp_scale=hvp_scale,
+        shrink=1 - lr * weight_decay if decoupled else 1.0, step_size=lr if memoryless else lr / bias_correction1,
+        correction_lr2=correction * lr * lr,
+        diag_scale=DIAG_SCALE, diag_lr=lr * DIAG_SCALE, diag_weight_decay=weight_decay * DIAG_SCALE,
+        diag_inv_bias_correction1=_reciprocal(bias_correction1) * DIAG_SCALE,
+        penalty_limit=float(np.finfo(dtype).max) / 4)
     kernel = kernels.adamw_kernel(decoupled, eps_inside_sqrt, memoryless, correction != 0.0, bool(grad_refs),
                                   bool(grad_refs) and update_grad_refs, diagnostics is not None)
-    _run(kernel, "adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics,
-         AdamWScalars(*map(dtype, scalars)))
+    _run(kernel, "adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
 def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, weight_decay, smoothing,
@@ -156,11 +164,12 @@ def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, w
         zero=0.0, one=1.0, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
         lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
         weight_decay=weight_decay, smoothing=smoothing, ema_weight=ema_weight, age_weight=age_weight,
-        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)
+        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr,
+        diag_scale=DIAG_SCALE, diag_lr=lr * DIAG_SCALE, diag_weight_decay=weight_decay * DIAG_SCALE)
     dtype = _compute_dtype(params[0])
     kernel = kernels.lion_kernel(smoothing != 0.0, memoryless, correction != 0.0, bool(grad_refs),
                                  bool(grad_refs) and update_grad_refs, diagnostics is not None)
-    _run(kernel, "lion", params, grads, (exp_avgs,), grad_refs, diagnostics, LionScalars(*map(dtype, scalars)))
+    _run(kernel, "lion", params, grads, (exp_avgs,), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
 def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum, weight_decay, nesterov,
@@ -172,12 +181,12 @@ def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum
     scalars = SGDScalars(
         zero=0.0, one=1.0, half=0.5, inv_scale=inv_scale, ref_inv_scale=1.0 if update_grad_refs else inv_scale,
         lr=lr, momentum=momentum, weight_decay=weight_decay, update_scale=update_scale,
-        memory_coef=memory_coef, hvp_scale=hvp_scale, correction_lr2=correction * lr * lr)
+        memory_coef=memory_coef, hvp_scale=hvp_scale, correction_lr2=correction * lr * lr,
+        diag_scale=DIAG_SCALE, diag_lr=lr * DIAG_SCALE)
     dtype = _compute_dtype(params[0])
     kernel = kernels.sgd_kernel(bool(momentum_buffers), nesterov, memoryless, correction != 0.0, bool(grad_refs),
                                 bool(grad_refs) and update_grad_refs, diagnostics is not None)
-    _run(kernel, "sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics,
-         SGDScalars(*map(dtype, scalars)))
+    _run(kernel, "sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
 def numba_status() -> str:
