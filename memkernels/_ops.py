@@ -3,12 +3,18 @@
 Each op is in place and multi-tensor: one call updates a list of parameters of
 one device and dtype. The CPU and CUDA impls check every argument before any
 tensor is touched (a call that raises changes nothing), then run the kernel of
-the backend that memkernels.backends resolves.
+the backend that memkernels.backends resolves. The optimizers run the same
+check on all their calls' tensors before the first call (so that a step that
+raises changes nothing either) and mark their eager calls with
+checked_by_caller(), which skips the second check: on a model of 150 small
+tensors it is a fifth of the step's host time.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -165,6 +171,20 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                          f"{tuple(step_scalars.shape)} on {step_scalars.device}")
 
 
+_caller = threading.local()
+
+
+@contextlib.contextmanager
+def checked_by_caller(checked: bool = True) -> Iterator[None]:
+    """Op calls inside skip check_tensors: the caller ran it on exactly their tensors (checked=False: no effect)."""
+    before = getattr(_caller, "checked", False)
+    _caller.checked = checked
+    try:
+        yield
+    finally:
+        _caller.checked = before
+
+
 def _impl(op: str):
     state_names = SCHEMAS[op][0]
     schema = getattr(torch.ops.memkernels, f"{op}_").default._schema
@@ -173,8 +193,9 @@ def _impl(op: str):
     def impl(params, grads, *lists_and_diag, **kwargs):
         kwargs = {**defaults, **kwargs}  # the dispatcher leaves defaulted kwargs out
         *state_lists, grad_refs, diagnostics = lists_and_diag
-        check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
-                      kwargs.get("grad_scale"), kwargs.get("found_inf"), kwargs.get("step_scalars"))
+        if not getattr(_caller, "checked", False):
+            check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
+                          kwargs.get("grad_scale"), kwargs.get("found_inf"), kwargs.get("step_scalars"))
         if not params:
             return
         _, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type)

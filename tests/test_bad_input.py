@@ -111,6 +111,9 @@ def _unchanged(model, opt, error, match):
     (lambda model, opt: opt.param_groups[1].__setitem__("betas", (0.9, 1.2)), ValueError, "beta2"),
     (lambda model, opt: opt.param_groups[1].__setitem__("hvp", "nope"), ValueError, "hvp"),
     (lambda model, opt: setattr(model[1].weight, "grad", model[1].weight.grad.to_sparse()), TypeError, "sparse"),
+    # the optimizer's own check (its op calls skip theirs): a grad laid out unlike its parameter
+    (lambda model, opt: setattr(model[1].weight, "grad", model[1].weight.grad.t().contiguous().t()), ValueError,
+     r"grads\[0\] must be dense with the strides of params\[0\]"),
 ])
 def test_failed_step_changes_no_parameter_or_state(first_step, breakage, error, match):
     model, opt = _model_and_opt(memory_correction=-1.0)
@@ -147,3 +150,18 @@ def test_memory_stats_needs_tracking():
     _, opt = _model_and_opt()
     with pytest.raises(RuntimeError, match="track_memory"):
         opt.memory_stats()
+
+
+def test_ops_check_again_after_an_optimizer_step():
+    """The optimizer's calls skip the op's check (it ran its own); calls after a step, failed or not, do not."""
+    model, opt = _model_and_opt()
+    _backward(model)
+    model[1].weight.grad = model[1].weight.grad.t().contiguous().t()
+    with pytest.raises(ValueError, match="strides"):
+        opt.step()
+    _backward(model)
+    opt.step()
+    params, grads, m, v, refs = _adamw_args()
+    grads[1] = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        _call(params, grads, m, v, refs)

@@ -58,6 +58,7 @@ class Bucket:
         self.ref: tuple[list[Tensor], float] | None = None
         self.numel = 0  # global: a DTensor counts all its shards
         self.shard_groups: tuple = ()  # process groups over which the shards' diagnostics add up
+        self.local: Callable[[Tensor], Tensor] = _itself  # _local for DTensor parameters
 
 
 class MemoryOptimizer(torch.optim.Optimizer):
@@ -187,16 +188,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 fresh_refs = True  # no previous gradient yet (e.g. loaded from torch.optim): no HVP this step
             n = None if on_device else int(state["step"].item())
             key = (p.device, p.dtype, n, fresh_refs, shard_groups)
-            bucket = buckets.setdefault(key, Bucket(n, fresh_refs))
-            if bucket.step is None and on_device:
-                bucket.step = state["step"]
-            bucket.shard_groups = shard_groups or ()
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(n, fresh_refs)
+                bucket.step = state["step"] if on_device else None
+                bucket.shard_groups = shard_groups or ()
+                bucket.local = _local if shard_groups is not None else _itself  # DTensor grads and states too
             bucket.numel += p.numel()
-            bucket.params.append(_local(p))
-            bucket.grads.append(_local(p.grad))
+            bucket.params.append(bucket.local(p))
+            bucket.grads.append(bucket.local(p.grad))
             bucket.states.append(state)
             if measures and group["hvp"] == "trajectory":
-                bucket.grad_refs.append(_local(state["prev_grad"]))
+                bucket.grad_refs.append(bucket.local(state["prev_grad"]))
         return buckets, created
 
     def _call(self, group: dict, gi: int, bucket: Bucket, grad_scale: Tensor | None) -> tuple[dict[str, Any], list]:
@@ -208,7 +211,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                       maximize=bool(group["maximize"]), memoryless=bool(group["memoryless"]),
                       update_grad_refs=group["hvp"] == "trajectory", grad_scale=grad_scale,
                       backend=self.backend)
-        lists = [[_local(s[k]) for s in bucket.states if k in s] for k in self.state_keys]
+        lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in self.state_keys]
         return kwargs, lists
 
     @torch.no_grad()
@@ -239,7 +242,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             for bucket in buckets.values():
                 kwargs, lists = self._call(group, gi, bucket, grad_scale)
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
-                                   bucket.grad_refs, None, grad_scale, None)
+                                   bucket.grad_refs, None, grad_scale, found_inf)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
                     check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
@@ -266,7 +269,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 scalars, after = kwargs, bucket.n + 1
             grad_refs = bucket.ref[0] if bucket.ref else bucket.grad_refs
             diagnostics = self._diagnostics_for(gi, bucket) if self.track_memory else None
-            getattr(_ops, self.op + "_")(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
+            # checked above, unless a probe or the exact mode brought new reference gradients; traced, the
+            # op's own check is the one that runs with real tensors
+            with _ops.checked_by_caller(not bucket.ref and not torch.compiler.is_compiling()):
+                getattr(_ops, self.op + "_")(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
             torch._foreach_add_(steps, 1.0)
             if bucket.n is None and found_inf is not None:  # a skipped step does not count, as in torch.optim
                 torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
@@ -409,6 +415,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (an alias: updating it updates the DTensor); other tensors as they are."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _itself(t: Tensor) -> Tensor:
+    return t
 
 
 def _is_dtensor(t: Tensor) -> bool:
