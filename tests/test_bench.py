@@ -186,3 +186,14 @@ def test_cli_runs_one_suite(tmp_path, capsys):
     assert (tmp_path / "implicit.json").exists() and not (tmp_path / "speed.json").exists()
     report = (tmp_path / "report.md").read_text()
     assert "## Implicit regularization" in report and "## Speed" not in report
+
+
+def test_report_names_a_json_left_by_another_version(tmp_path, capsys):
+    """A suite JSON of another schema in the output folder: the report says to rerun it, the new suite renders."""
+    (tmp_path / "implicit.json").write_text(json.dumps({"suite": "implicit", "machine": {}, "summary": [{}]}))
+    assert main(["bench", "--tiny", "--suite", "theory", "--out", str(tmp_path), "--no-progress",
+                 "--math-backend", "reference"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Theory: order of accuracy" in report and "| problem | optimizer | experiment |" in report
+    assert "implicit.json lacks what this version reports" in report
+    assert "memkernels bench --suite implicit" in report

@@ -202,7 +202,11 @@ SECTIONS = {"speed": speed_section, "theory": theory_section, "implicit": implic
 
 
 def render(out: Path) -> str:
-    """report.md's text from the suite JSONs in `out` and their PNGs (named after the suite)."""
+    """report.md's text from the suite JSONs in `out` and their PNGs (named after the suite).
+
+    Suites run separately into one folder share the report; one whose JSON another version wrote
+    gets a line saying so instead of its section.
+    """
     lines = ["# memkernels bench report"]
     for suite in SUITES:
         path = out / f"{suite}.json"
@@ -212,6 +216,12 @@ def render(out: Path) -> str:
         mode = result.get("mode", "?")
         seconds = result.get("seconds")
         took = f", {seconds:.0f} s" if seconds is not None else ""
-        lines += ["", f"## {TITLES[suite]}", "", f"Machine: {summary(result['machine'])}. Mode: {mode}{took}.", ""]
-        lines += SECTIONS[suite](result, sorted(p.name for p in out.glob(f"{suite}*.png")))
+        lines += ["", f"## {TITLES[suite]}", ""]
+        try:
+            body = [f"Machine: {summary(result['machine'])}. Mode: {mode}{took}.", ""]
+            body += SECTIONS[suite](result, sorted(p.name for p in out.glob(f"{suite}*.png")))
+        except (KeyError, TypeError) as exc:  # a JSON an older memkernels left in this folder
+            body = [f"{path.name} lacks what this version reports ({type(exc).__name__}: {exc}); "
+                    f"rerun `memkernels bench --suite {suite}` into this folder."]
+        lines += body
     return "\n".join(lines) + "\n"
