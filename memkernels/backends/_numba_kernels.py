@@ -70,12 +70,12 @@ def load_ref(r_, i, c, has_ref, stored):
     return g_ref if stored else element.load_grad(g_ref, c.ref_inv_scale)
 
 
-@njit(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", forceinline=True, cache=True)
+@njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True, cache=True)
 def add(partial, terms, scale, flips):
     """partial + each term's part, one multiply-add each: squares of the first four, the rest times scale.
 
-    The flags only let LLVM vectorize the sums (reassoc), fuse each multiply into its add
-    (contract) and skip the absent flips (nsz); the terms are >= 0.
+    The flags only let LLVM vectorize the sums (reassoc) and fuse each multiply into its add
+    (contract). flips (a constant) leaves out the sign flips of AdamW and SGD, which have none.
     """
     return (partial[0] + terms[0] * terms[0], partial[1] + terms[1] * terms[1], partial[2] + terms[2] * terms[2],
             partial[3] + terms[3] * terms[3], partial[4] + terms[4] * scale,
@@ -145,8 +145,7 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                 if diagnose:
                     sub = unscaled(partial, _UNSCALE)
                     if log_penalty:
-                        penalty, logs = _numba_penalty.sub_block(sub[4], exponents, product, n, logs, g_,
-                                                                 c.inv_scale, c)
+                        penalty, logs = _numba_penalty.sub_block(sub[4], exponents, product, n, logs, g_, c)
                         sub = (sub[0], sub[1], sub[2], sub[3], penalty, sub[5])
                     totals = accumulate(totals, sub)
             if log_penalty:

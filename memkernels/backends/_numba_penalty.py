@@ -19,12 +19,14 @@ term, |g| 2**-24, wherever |g| >= 2 eps, and where the penalty is a sum over
 elements far below eps, those terms are cancellation noise in the reference
 too.
 
-A sub-block where some u is not a finite number (|g| / eps overflows, a NaN or
-Inf gradient, eps = 0), or whose product overflowed (256 factors all within
-3e-5 of sqrt(2)), is summed again from its gradients (the kernel never writes
-them) with the per-element formula and log1p, in float64: NaN and Inf come out
-as in the reference. The test needs no work per element: the terms are >= 0,
-so the sum of |g| bounds each of them.
+Near sqrt(1/2) 256 factors make a subnormal product, which keeps 22 bits
+(2**-22 in the log). A sub-block where some u is not a finite number (|g| / eps
+overflows, a NaN or Inf gradient, a subnormal eps whose reciprocal is Inf), or
+whose product rounded up to Inf (256 factors next to sqrt(2): 2**128 is
+float32's limit), is summed again from its gradients (the kernel never writes
+them) with the per-element formula and log1p, the sum in float64: NaN and Inf
+come out as in the reference. The test needs no work per element: the terms
+are >= 0, so the sub-block's sum of |g| bounds each of them.
 """
 from __future__ import annotations
 
@@ -106,14 +108,14 @@ def add_logs(exponents, product, abs_g, c):
 
 
 @_jit
-def sub_block(abs_sum, exponents, product, n, logs, g_, inv_scale, c):
+def sub_block(abs_sum, exponents, product, n, logs, g_, c):
     """This sub-block's part of the penalty sum, and the chunk's (exponent sum, float64 product) after it.
 
     abs_sum is the sub-block's float64 sum of |g|; the chunk's penalty is the sum of the
     returned parts less eps times log_sum(logs).
     """
     if abs_sum * c.inv_eps <= c.penalty_limit and np.float64(product) < np.inf:
-        bias = _split(c.one)[1]
+        bias = _split(c.one)[1]  # 1 = 2**0 * 1
         exponent, mantissa = logs[0] + (np.float64(exponents) - np.float64(bias) * n), logs[1] * np.float64(product)
         if not _LOW < mantissa < _HIGH:  # 256 factors move it by 2**128 at most: renormalize before float64 overflows
             mantissa, shift = math.frexp(mantissa)
@@ -121,7 +123,7 @@ def sub_block(abs_sum, exponents, product, n, logs, g_, inv_scale, c):
         return abs_sum, (exponent, mantissa)
     total = 0.0
     for i in range(n):
-        g = abs(load_grad(load(g_, i, c.zero), inv_scale))
+        g = abs(load_grad(load(g_, i, c.zero), c.inv_scale))
         total += np.float64(g - c.eps * log1p(g * c.inv_eps))
     return total, logs
 
