@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 
 import pytest
 
@@ -102,12 +103,15 @@ def test_speed_rows(out):
             assert f"{anchor}: not installed" in (out / "report.md").read_text()
 
 
-def test_interleaved_is_round_robin_after_warmup():
+def test_interleaved_is_round_robin_with_a_rotating_start():
     calls = []
     fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
     ticks = []
     times = timing.interleaved(fns, warmup=2, repeats=3, device=torch.device("cpu"), tick=ticks.append)
-    assert calls == ["a", "b", "c"] * 5 and ticks == [3] * 5
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]  # rotating start
+    assert ticks == [3] * 5
+    slow = timing.interleaved([lambda: None, lambda: time.sleep(0.002)], warmup=0, repeats=4, device=torch.device("cpu"))
+    assert max(slow[0]) < 1.0 <= min(slow[1])  # each row keeps its own times whatever the order
     assert [len(t) for t in times] == [3, 3, 3] and all(ms >= 0 for t in times for ms in t)
     assert timing.median_iqr([5.0, 1.0, 4.0, 2.0, 3.0]) == (3.0, 2.0)
     assert timing.median_iqr([7.0]) == (7.0, 0.0)

@@ -1,8 +1,10 @@
 """Timing that holds up on a shared machine: warm-up, round-robin repeats, medians and IQRs.
 
-Every round calls each timed function once, in the same order, so a slow spell
-of the machine (another process, a frequency change) hits every row alike
-instead of one row's whole sample. On CUDA each call sits between two CUDA
+Every round calls each timed function once, so a slow spell of the machine
+(another process, a frequency change) hits every row alike instead of one
+row's whole sample; round r starts at function r mod k, so no row always runs
+right after the same other row (whose caches and memory traffic it would
+inherit). On CUDA each call sits between two CUDA
 events (GPU time, launch gaps included); on the CPU it is wall time.
 """
 from __future__ import annotations
@@ -24,22 +26,24 @@ def interleaved(fns: Sequence[Callable[[], object]], *, warmup: int, repeats: in
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     times: list[list[float]] = [[] for _ in fns]
     for r in range(warmup + repeats):
+        order = [(r + j) % len(fns) for j in range(len(fns))]
+        sample = [0.0] * len(fns)
         if device.type == "cuda":
             events = []
-            for fn in fns:
+            for i in order:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                fns[i]()
                 end.record()
-                events.append((start, end))
+                events.append((i, start, end))
             torch.cuda.synchronize(device)
-            sample = [start.elapsed_time(end) for start, end in events]
+            for i, start, end in events:
+                sample[i] = start.elapsed_time(end)
         else:
-            sample = []
-            for fn in fns:
+            for i in order:
                 t0 = time.perf_counter()
-                fn()
-                sample.append((time.perf_counter() - t0) * 1e3)
+                fns[i]()
+                sample[i] = (time.perf_counter() - t0) * 1e3
         if r >= warmup:
             for row, ms in zip(times, sample):
                 row.append(ms)
