@@ -1,15 +1,16 @@
 """Per-element math of the fused steps for numba, mirroring memkernels/reference.py line by line.
 
 Same names, same order of floating-point operations for the parameters and
-states: every Python-float scalar of reference.py arrives here already rounded
-to the compute dtype (as torch rounds a Python scalar to the tensor's dtype),
-``scalar / tensor`` is written ``one / x * scalar`` (torch evaluates it as
-``reciprocal(x) * scalar``), and no fastmath flag is set on them, so NaN and Inf
-propagate and nothing is contracted into an FMA (an FMA would change the
-states' last bits). Results therefore equal the reference's to the last bit
-wherever no sqrt enters (all states, SGD, sign-Lion); torch.sqrt on CPU comes
-from MKL and is not always correctly rounded, where np.sqrt here is IEEE, so
-AdamW and smooth-Lion parameters agree to about an ulp.
+states (but for the two AdamW divisions that adamw() names): every Python-float
+scalar of reference.py arrives here already rounded to the compute dtype (as
+torch rounds a Python scalar to the tensor's dtype), ``scalar / tensor`` is
+written ``one / x * scalar`` (torch evaluates it as ``reciprocal(x) *
+scalar``), and no fastmath flag is set on them, so NaN and Inf propagate and
+nothing is contracted into an FMA (an FMA would change the states' last bits).
+Results therefore equal the reference's to the last bit wherever no sqrt enters
+(all states, SGD, sign-Lion); torch.sqrt on CPU comes from MKL and is not always
+correctly rounded, where np.sqrt here is IEEE, so AdamW and smooth-Lion
+parameters agree to about an ulp.
 
 The flags (decoupled, eps_inside_sqrt, memoryless, ...) are compile-time
 constants of each kernel (see _numba_kernels.py): after inlining, the branches
@@ -164,10 +165,11 @@ def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memor
     """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
 
     The states follow the reference's operations. Divisions are the dearest
-    instructions here (each costs the core's divider a third of the vector pass), so
-    with eps outside the square root denom and M multiply by reciprocals where the
-    reference divides (p moves by an ulp of the step; NaN and Inf land where the
-    reference's do), and F and u, which only enter the diagnostics, reuse 1 / a.
+    instructions here (a 16-lane division holds Zen 4's divider for about 6 cycles, a
+    square root for 10), so with eps outside the square root denom and M multiply by
+    reciprocals where the reference divides (p moves by about an ulp of the step; NaN
+    and Inf land where the reference's do, which tests/test_numba.py checks), and F
+    and u, which only enter the diagnostics, reuse 1 / a.
     Where eps is outside the square root, the penalty term is |g|: the kernel turns
     the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
     """
