@@ -37,8 +37,8 @@ and the float64 total averages the partials' errors); the reference sums
 float32 terms in float64. A scaled value below 2**-126 is subnormal and may
 lose bits: it changes a sum only where the whole slot is that small. Inf and
 NaN terms propagate as in the reference (+Inf stays +Inf, NaN stays NaN).
-AdamW's penalty with eps outside the square root is summed as a log of
-products (_numba_penalty.py).
+Decoupled AdamW's penalty with eps outside the square root is summed as a log
+of products (_numba_penalty.py).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Every round calls each timed function once, so a slow spell of the machine
 (another process, a frequency change) hits every row alike instead of one
 row's whole sample; round r starts at function r mod k, so no row always runs
 right after the same other row (whose caches and memory traffic it would
-inherit). On CUDA each call sits between two CUDA
-events (GPU time, launch gaps included); on the CPU it is wall time.
+inherit). On CUDA each call sits between two CUDA events (GPU time, launch
+gaps included); on the CPU it is wall time.
 """
 from __future__ import annotations
 
