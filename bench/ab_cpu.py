@@ -4,6 +4,7 @@ The speed suite's 15 rounds leave about +-5% on rows that sit at parity on a sha
 script runs more rounds of a few rows only, alternating their order, and prints medians and ratios:
 
     python bench/ab_cpu.py --params 64000000 --rounds 101
+    python bench/ab_cpu.py --gpt2 --rounds 61      # the 148 tensors of GPT-2 small instead
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 import torch
 
 import memkernels as mk
+from memkernels.bench.shapes import gpt2_small
 
 
 def rows(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
@@ -36,10 +38,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=64_000_000)
     parser.add_argument("--rounds", type=int, default=101)
+    parser.add_argument("--gpt2", action="store_true", help="the real shapes of GPT-2 small (ignores --params)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(0.02 * torch.randn(args.params))]
-    params[0].grad = torch.randn(args.params)
+    shapes = gpt2_small() if args.gpt2 else [(args.params,)]
+    params = [torch.nn.Parameter(0.02 * torch.randn(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
     opts = rows(params)
     for opt in opts.values():  # state allocation and JIT compilation outside the timing
         opt.step()

@@ -271,8 +271,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
             diagnostics = self._diagnostics_for(gi, bucket) if self.track_memory else None
             # checked above, unless a probe or the exact mode brought new reference gradients; traced, the
             # op's own check is the one that runs with real tensors
-            with _ops.checked_by_caller(not bucket.ref and not torch.compiler.is_compiling()):
-                getattr(_ops, self.op + "_")(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
+            compiling = torch.compiler.is_compiling()
+            op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
+            with _ops.checked_by_caller(not bucket.ref and not compiling):
+                op(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
             torch._foreach_add_(steps, 1.0)
             if bucket.n is None and found_inf is not None:  # a skipped step does not count, as in torch.optim
                 torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
