@@ -521,3 +521,33 @@ def test_float32_log1p_is_within_two_ulps():
     assert ulps.max() <= 2.0, f"{ulps.max()} ulps at x = {x[ulps.argmax()]}"
     specials = evaluate(np.array([np.inf, np.nan], np.float32))
     assert specials[0] == np.inf and np.isnan(specials[1])
+
+
+def test_add_one_counts_as_torch_adds():
+    """The optimizers' one-call step count: CPU float32 scalars gain 1 exactly as torch's float32 add
+    (past 2**24 too); any other count is left to the caller, untouched."""
+    values = [0.0, 1.0, 2.0 ** 24 - 1, 2.0 ** 24, 2.0 ** 24 + 2, 3e38]
+    counts = [torch.tensor(v) for v in values] + [torch.tensor([5.0])]
+    expected = [c + 1.0 for c in counts]
+    assert nb.add_one(counts)
+    for got, want in zip(counts, expected):
+        assert torch.equal(got, want)
+    for others in ([torch.tensor(1.0, dtype=torch.float64)], [torch.tensor(1)], [torch.zeros(2)]):
+        before = [t.clone() for t in others]
+        assert not nb.add_one(counts[:1] + others)
+        assert all(torch.equal(a, b) for a, b in zip(others, before)) and torch.equal(counts[0], expected[0])
+
+
+def test_optimizer_step_counts_advance_through_numba_and_torch():
+    """Counts a torch.optim checkpoint left as float64 still advance (torch's add), CPU float32 ones by add_one."""
+    import memkernels as mk
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = mk.AdamW(ps, lr=1e-3, backend="numba")
+    for p in ps:
+        p.grad = torch.randn(3)
+    opt.step()
+    opt.state[ps[0]]["step"] = opt.state[ps[0]]["step"].double()
+    opt.step()
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in ps] == [3.0, 3.0, 3.0]
+    assert opt.state[ps[0]]["step"].dtype == torch.float64 and opt.state[ps[1]]["step"].dtype == torch.float32

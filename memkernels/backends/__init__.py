@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import time
 import warnings
 from typing import Callable
@@ -78,6 +79,13 @@ def requested(backend: str) -> str:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     return backend
+
+
+def add_one(counts: list) -> bool:
+    """+1 on step counts through the numba backend if it is loaded and they are CPU float32 scalars;
+    False: nothing was done, the caller adds."""
+    module = sys.modules.get(f"{__name__}.numba")
+    return module is not None and module.add_one(counts)
 
 
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:

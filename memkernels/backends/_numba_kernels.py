@@ -233,3 +233,11 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
     return sgd
+
+
+@njit(cache=True)
+def add_one(addresses, like):
+    """+1 on the scalar of like's dtype at each address."""
+    for i in range(addresses.size):
+        count = view(addresses[i], 0, 1, like)
+        count[0] += 1

@@ -275,7 +275,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
             with _ops.checked_by_caller(not bucket.ref and not compiling):
                 op(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
-            torch._foreach_add_(steps, 1.0)
+            if compiling or bucket.n is None or not backends.add_one(steps):
+                torch._foreach_add_(steps, 1.0)
             if bucket.n is None and found_inf is not None:  # a skipped step does not count, as in torch.optim
                 torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
             if self.track_memory:
