@@ -58,7 +58,9 @@ def main() -> None:
     median = {name: statistics.median(sample) * 1e3 for name, sample in times.items()}
     for name in names:
         anchor = "torch SGD fused" if "SGD" in name or "heavy" in name else "torch AdamW fused"
-        print(f"{name:40s} {median[name]:8.2f} ms  {median[name] / median[anchor]:.3f}x {anchor}")
+        paired = statistics.median(a / b for a, b in zip(times[name], times[anchor]))
+        print(f"{name:40s} {median[name]:8.2f} ms  {median[name] / median[anchor]:.3f}x {anchor} "
+              f"(per round: {paired:.3f}x)")
 
 
 if __name__ == "__main__":
