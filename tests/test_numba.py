@@ -460,6 +460,16 @@ def test_penalty_sub_blocks_with_specials_are_summed_per_element(eps, special):
     assert torch.equal(actual[4].isfinite(), expected[4].isfinite())
 
 
+def test_penalty_sub_block_whose_float32_sum_of_abs_g_overflows():
+    """|g| = 3e36 in every element (eps = 1 keeps |g| / eps finite): a sub-block's float32 sum of |g|
+    (summed unscaled) overflows, so each sub-block is summed again per element in float64, finite like
+    the reference's float64 sum."""
+    grads = torch.full((2 * SUB_BLOCK + 3,), 3e36)
+    kwargs = dict(mode("adamw", "trajectory")[2], eps=1.0)
+    diag = compare("adamw", adamw_penalty_inputs(grads, seed=59), kwargs, True)["diagnostics"][0]
+    assert diag[4].isfinite() and diag[4] > 3.4e38
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_split_gives_mantissa_and_biased_exponent(dtype):
     """u = 2**(e - bias) m exactly, m in [sqrt(1/2), sqrt(2)), over u from 1 to the dtype's largest value."""

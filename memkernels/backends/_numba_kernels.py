@@ -38,7 +38,8 @@ float32 terms in float64. A scaled value below 2**-126 is subnormal and may
 lose bits: it changes a sum only where the whole slot is that small. Inf and
 NaN terms propagate as in the reference (+Inf stays +Inf, NaN stays NaN).
 Decoupled AdamW's penalty with eps outside the square root is summed as a log
-of products (_numba_penalty.py).
+of products (_numba_penalty.py); its term is |g|, summed unscaled: a sub-block
+whose float32 sum of |g| overflows is summed again per element in float64 there.
 """
 from __future__ import annotations
 
@@ -67,18 +68,20 @@ def load_ref(r_, i, c, has_ref, stored):
     if not has_ref:
         return c.zero
     g_ref = load(r_, i, c.zero)
-    return g_ref if stored else element.load_grad(g_ref, c.ref_inv_scale)
+    return g_ref if stored else element.load_grad(g_ref, c.ref_inv_scale, True)
 
 
 @njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True, cache=True)
-def add(partial, terms, scale, flips):
+def add(partial, terms, scale, flips, raw_penalty):
     """partial + each term's part, one multiply-add each: squares of the first four, the rest times scale.
 
     The flags only let LLVM vectorize the sums (reassoc) and fuse each multiply into its add
-    (contract). flips (a constant) leaves out the sign flips of AdamW and SGD, which have none.
+    (contract). flips (a constant) leaves out the sign flips of AdamW and SGD, which have none;
+    raw_penalty (a constant) adds the penalty term unscaled (decoupled AdamW's |g|, see the module
+    docstring), one multiply fewer in a loop bound by its multiplies.
     """
     return (partial[0] + terms[0] * terms[0], partial[1] + terms[1] * terms[1], partial[2] + terms[2] * terms[2],
-            partial[3] + terms[3] * terms[3], partial[4] + terms[4] * scale,
+            partial[3] + terms[3] * terms[3], partial[4] + terms[4] if raw_penalty else partial[4] + terms[4] * scale,
             partial[5] + terms[5] * scale if flips else partial[5])
 
 
@@ -106,7 +109,7 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 @functools.cache
 def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, correct: bool,
-                 has_ref: bool, write_ref: bool, diagnose: bool, sources: str = SOURCES):
+                 has_ref: bool, write_ref: bool, diagnose: bool, scaled: bool, sources: str = SOURCES):
     block = SUB_BLOCK if diagnose else CHUNK
     log_penalty = diagnose and decoupled and not eps_inside_sqrt  # the penalty term is |g| (_numba_penalty.py)
 
@@ -128,7 +131,7 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                 partial = zeros_like(c.zero)
                 exponents, product = _numba_penalty.no_exponents(c.zero), c.one
                 for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
                         load(p_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), g_ref, c,
@@ -139,13 +142,14 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                     if write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
-                        partial = add(partial, diag, scale, False)
+                        partial = add(partial, diag, scale, False, log_penalty)
                     if log_penalty:
                         exponents, product = _numba_penalty.add_logs(exponents, product, diag[4], c)
                 if diagnose:
                     sub = unscaled(partial, _UNSCALE)
                     if log_penalty:
-                        penalty, logs = _numba_penalty.sub_block(sub[4], exponents, product, n, logs, g_, c)
+                        penalty, logs = _numba_penalty.sub_block(np.float64(partial[4]), exponents, product, n,
+                                                                 logs, g_, c)
                         sub = (sub[0], sub[1], sub[2], sub[3], penalty, sub[5])
                     totals = accumulate(totals, sub)
             if log_penalty:
@@ -159,7 +163,7 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
 
 @functools.cache
 def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, write_ref: bool, diagnose: bool,
-                sources: str = SOURCES):
+                scaled: bool, sources: str = SOURCES):
     block = SUB_BLOCK if diagnose else CHUNK
 
     @_kernel
@@ -177,7 +181,7 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
                 r_ = view(addresses[row, 3], start, n, grad_refs)
                 partial = zeros_like(c.zero)
                 for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     p, exp_avg, g_out, diag = element.lion(load(p_, i, c.zero), g, load(m_, i, c.zero), g_ref, c,
                                                            smooth, memoryless, correct, has_ref)
@@ -186,7 +190,7 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
                     if write_ref:
                         store(r_, i, g_out)
                     if diagnose:
-                        partial = add(partial, diag, scale, True)
+                        partial = add(partial, diag, scale, True, False)
                 if diagnose:
                     totals = accumulate(totals, unscaled(partial, _UNSCALE))
             if diagnose:
@@ -197,7 +201,7 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
 
 @functools.cache
 def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bool, has_ref: bool,
-               write_ref: bool, diagnose: bool, sources: str = SOURCES):
+               write_ref: bool, diagnose: bool, scaled: bool, sources: str = SOURCES):
     block = SUB_BLOCK if diagnose else CHUNK
 
     @_kernel
@@ -215,7 +219,7 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                 r_ = view(addresses[row, 3], start, n, grad_refs)
                 partial = zeros_like(c.zero)
                 for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale)
+                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     g_ref = load_ref(r_, i, c, has_ref, write_ref)
                     buf = load(b_, i, c.zero) if has_momentum else c.zero
                     p, buf, g_raw, diag = element.sgd(load(p_, i, c.zero), g, buf, g_ref, c,
@@ -226,7 +230,7 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                     if write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
-                        partial = add(partial, diag, scale, False)
+                        partial = add(partial, diag, scale, False, False)
                 if diagnose:
                     totals = accumulate(totals, unscaled(partial, _UNSCALE))
             if diagnose:

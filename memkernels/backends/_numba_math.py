@@ -109,9 +109,13 @@ DIAG_SCALE = 2.0 ** -4
 
 
 @_jit
-def load_grad(grad, inv_scale):
-    """reference.load_grad with the maximize sign folded into inv_scale: -(x * s) == x * (-s) exactly."""
-    return grad * inv_scale
+def load_grad(grad, inv_scale, scaled):
+    """reference.load_grad with the maximize sign folded into inv_scale: -(x * s) == x * (-s) exactly.
+
+    Without a grad scale or maximize (scaled False) inv_scale is 1 and x * 1 == x, so the multiply is
+    left out: the diagnostics loop is bound by its multiplies, and each is ~2.5% of it.
+    """
+    return grad * inv_scale if scaled else grad
 
 
 @_jit

@@ -111,7 +111,8 @@ def add_logs(exponents, product, abs_g, c):
 def sub_block(abs_sum, exponents, product, n, logs, g_, c):
     """This sub-block's part of the penalty sum, and the chunk's (exponent sum, float64 product) after it.
 
-    abs_sum is the sub-block's float64 sum of |g|; the chunk's penalty is the sum of the
+    abs_sum is the sub-block's sum of |g| (the kernel's float32 sum, widened: Inf if it overflowed,
+    which sends the sub-block to the per-element sum); the chunk's penalty is the sum of the
     returned parts less eps times log_sum(logs).
     """
     if abs_sum * c.inv_eps <= c.penalty_limit and np.float64(product) < np.inf:
@@ -123,7 +124,7 @@ def sub_block(abs_sum, exponents, product, n, logs, g_, c):
         return abs_sum, (exponent, mantissa)
     total = 0.0
     for i in range(n):
-        g = abs(load_grad(load(g_, i, c.zero), c.inv_scale))
+        g = abs(load_grad(load(g_, i, c.zero), c.inv_scale, True))
         total += np.float64(g - c.eps * log1p(g * c.inv_eps))
     return total, logs
 

@@ -150,7 +150,7 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, b
         diag_inv_bias_correction1=_reciprocal(bias_correction1) * DIAG_SCALE,
         penalty_limit=float(np.finfo(dtype).max) / 4)
     kernel = kernels.adamw_kernel(decoupled, eps_inside_sqrt, memoryless, correction != 0.0, bool(grad_refs),
-                                  bool(grad_refs) and update_grad_refs, diagnostics is not None)
+                                  bool(grad_refs) and update_grad_refs, diagnostics is not None, inv_scale != 1.0)
     _run(kernel, "adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
@@ -168,7 +168,7 @@ def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, w
         diag_scale=DIAG_SCALE, diag_lr=lr * DIAG_SCALE, diag_weight_decay=weight_decay * DIAG_SCALE)
     dtype = _compute_dtype(params[0])
     kernel = kernels.lion_kernel(smoothing != 0.0, memoryless, correction != 0.0, bool(grad_refs),
-                                 bool(grad_refs) and update_grad_refs, diagnostics is not None)
+                                 bool(grad_refs) and update_grad_refs, diagnostics is not None, inv_scale != 1.0)
     _run(kernel, "lion", params, grads, (exp_avgs,), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
@@ -185,7 +185,7 @@ def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum
         diag_scale=DIAG_SCALE, diag_lr=lr * DIAG_SCALE)
     dtype = _compute_dtype(params[0])
     kernel = kernels.sgd_kernel(bool(momentum_buffers), nesterov, memoryless, correction != 0.0, bool(grad_refs),
-                                bool(grad_refs) and update_grad_refs, diagnostics is not None)
+                                bool(grad_refs) and update_grad_refs, diagnostics is not None, inv_scale != 1.0)
     _run(kernel, "sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics, _rounded(scalars, dtype))
 
 
