@@ -239,9 +239,13 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
     return sgd
 
 
-@njit(cache=True)
-def add_one(addresses, like):
-    """+1 on the scalar of like's dtype at each address."""
-    for i in range(addresses.size):
-        count = view(addresses[i], 0, 1, like)
-        count[0] += 1
+@functools.cache
+def add_one_kernel(sources: str = SOURCES):
+    """+1 on the scalar of like's dtype at each address (the optimizers' step counts)."""
+    @njit(cache=True)
+    def add_one(addresses, like):
+        sources  # noqa: B018 (a closure value, hence part of the cache key)
+        for i in range(addresses.size):
+            count = view(addresses[i], 0, 1, like)
+            count[0] += 1
+    return add_one

@@ -197,8 +197,8 @@ def add_one(counts: list[Tensor]) -> bool:
     """
     if numba is None or not all(t.dtype == torch.float32 and t.is_cpu and t.numel() == 1 for t in counts):
         return False
-    kernels.add_one(np.fromiter((t.data_ptr() for t in counts), np.int64, len(counts)),
-                    _DTYPE_CARRIERS[torch.float32])
+    kernels.add_one_kernel()(np.fromiter((t.data_ptr() for t in counts), np.int64, len(counts)),
+                             _DTYPE_CARRIERS[torch.float32])
     return True
 
 
