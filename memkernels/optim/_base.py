@@ -166,13 +166,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, Bucket] = {}
         created: dict[Tensor, dict] = {}
         measures, on_device = self.measures(group), self.device_mode(group)
+        trajectory, capturable = measures and group["hvp"] == "trajectory", group["capturable"]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise TypeError(f"memkernels.{type(self).__name__} does not support sparse gradients")
             shard_groups = _shard_groups(p)
-            if shard_groups is not None and measures and group["hvp"] != "trajectory":
+            if shard_groups is not None and measures and not trajectory:
                 raise ValueError(f"hvp={group['hvp']!r} with DTensor parameters is not supported; use "
                                  "hvp='trajectory' (its estimate is elementwise, so it needs no communication)")
             state = self.state.get(p)
@@ -180,10 +182,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 state = created[p] = self.new_state(p, group)
             elif "step" not in state:  # e.g. loaded from torch.optim.SGD or lion_pytorch, which keep no count
                 state = created[p] = {**state, "step": self.new_step(p, group)}
-            if group["capturable"] and state["step"].device != p.device:  # e.g. from a host-mode checkpoint
+            if capturable and state["step"].device != p.device:  # e.g. from a host-mode checkpoint
                 state = created[p] = {**state, "step": state["step"].to(p.device)}
             fresh_refs = False
-            if measures and group["hvp"] == "trajectory" and "prev_grad" not in state:
+            if trajectory and "prev_grad" not in state:
                 state = created[p] = {**state, "prev_grad": torch.zeros_like(p, dtype=compute_dtype(p))}
                 fresh_refs = True  # no previous gradient yet (e.g. loaded from torch.optim): no HVP this step
             n = None if on_device else int(state["step"].item())
@@ -196,9 +198,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 bucket.local = _local if shard_groups is not None else _itself  # DTensor grads and states too
             bucket.numel += p.numel()
             bucket.params.append(bucket.local(p))
-            bucket.grads.append(bucket.local(p.grad))
+            bucket.grads.append(bucket.local(grad))
             bucket.states.append(state)
-            if measures and group["hvp"] == "trajectory":
+            if trajectory:
                 bucket.grad_refs.append(bucket.local(state["prev_grad"]))
         return buckets, created
 
