@@ -228,7 +228,7 @@ for _name in SCHEMAS:
     for _key in ("CPU", "CUDA", "SparseCPU", "SparseCUDA"):  # sparse: so the check can name the tensor
         _lib.impl(f"{_name}_", EAGER[_name], _key)
     # reached only by a call without any tensor (every list empty, no diagnostics): a no-op
-    _lib.impl(f"{_name}_", _impl(_name), "CompositeExplicitAutograd")
+    _lib.impl(f"{_name}_", EAGER[_name], "CompositeExplicitAutograd")
     torch.library.register_fake(f"{LIB}::{_name}_")(_fake)
 
 adamw_ = torch.ops.memkernels.adamw_
