@@ -82,15 +82,18 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_ref: Tens
     if eps_inside_sqrt:
         denom = torch.sqrt(exp_avg_sq / bias_correction2 + eps)
         a = torch.sqrt(g * g + eps)
-        coef = mean_age1 / a - mean_age2 * (g * g) / (a * a * a)
+        g_over_a = g / a
+        # A/a - B g^2/a^3 without a^3 to overflow; factored as below, it makes the fp64 CUDA kernel spill
+        coef = mean_age1 / a - mean_age2 * (g_over_a * g_over_a) / a
         penalty = a
     else:
         denom = torch.sqrt(exp_avg_sq) / bias_correction2 ** 0.5 + eps
         a = torch.abs(g) + eps
-        coef = mean_age1 / a - mean_age2 * torch.abs(g) / (a * a)
+        g_over_a = g / a
+        coef = (mean_age1 - mean_age2 * torch.abs(g_over_a)) / a  # A/a - B |g|/a^2 without a^2 to overflow
         penalty = torch.abs(g) - eps * torch.log1p(torch.abs(g) / eps)
     F = exp_avg / bias_correction1 / denom + decay
-    u = g / a + decay
+    u = g_over_a + decay
     if g_ref is None:
         M = torch.zeros_like(p)
     else:
@@ -101,7 +104,7 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_ref: Tens
     diag = diagnostics(F, u, M, lr, penalty, torch.zeros_like(p))
     shrink = 1 - lr * weight_decay if decoupled else 1.0
     if memoryless:
-        p = descend(p, shrink, lr, g / a, M, lr, correction)
+        p = descend(p, shrink, lr, g_over_a, M, lr, correction)
     else:
         p = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction)
     return Step(p, (exp_avg, exp_avg_sq), g_raw, M, diag)

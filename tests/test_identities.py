@@ -87,6 +87,26 @@ def test_adam_eps_inside_and_signum_ops_agree(beta):
         torch.testing.assert_close(s, expected, rtol=1e-13, atol=1e-15)
 
 
+# ---------------------------------------------------------------- AdamW's coefficient in float32
+
+@pytest.mark.parametrize("eps_inside_sqrt, low, high", [(False, 1e19, 1e20), (True, 1e13, 1e18)])
+def test_adamw_coefficient_in_float32_where_powers_of_a_overflow(eps_inside_sqrt, low, high):
+    """A/a - B |g|/a^2 (eps outside) and A/a - B g^2/a^3 (inside) where a^2 (a^3) is past float32's
+    range but the coefficient is not: float32 M agrees with float64 M (a formula through a^2 would
+    lose the B term and flip M's sign)."""
+    g = torch.exp(torch.empty(100, dtype=F64).uniform_(math.log(low), math.log(high),
+                                                        generator=torch.Generator().manual_seed(0)))
+    g = torch.where(torch.arange(100) % 2 == 0, g, -g)
+    inputs = (torch.ones_like(g), g, torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g))
+    kwargs = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=1.0,
+                  bias_correction2=1.0, mean_age1=9.0, mean_age2=999.0, correction=1.0, hvp_scale=1.0,
+                  decoupled=True, eps_inside_sqrt=eps_inside_sqrt, memoryless=False)
+    M64 = reference.adamw(*inputs, **kwargs).M
+    M32 = reference.adamw(*(t.float() for t in inputs), **kwargs).M
+    assert (M64 * g > 0).all()  # hvp = -g and the coefficient has the sign of A - B: M = 990 g / a
+    torch.testing.assert_close(M32.double(), M64, rtol=1e-5, atol=0.0)
+
+
 # ---------------------------------------------------------------- sign-Lion: no correction
 
 def test_sign_lion_reference_correction_is_zero():

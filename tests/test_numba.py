@@ -282,6 +282,15 @@ def test_nan_and_inf_match_reference(op):
     assert not diag.isfinite().all()  # the specials reached the diagnostics, as they reach the reference's
 
 
+@pytest.mark.parametrize("eps_inside_sqrt, scale", [(False, 1e19), (True, 1e13)])
+def test_huge_gradients_match_reference(eps_inside_sqrt, scale):
+    """Gradients whose a^2 (a^3) is past float32's range: M, hence p and the (lr M)^2 sum, as the reference's."""
+    inputs = make_inputs("adamw", [(CHUNK + 3,)], refs=True, seed=7)
+    inputs["grads"] = [g * scale for g in inputs["grads"]]
+    inputs["grad_refs"] = [r * scale for r in inputs["grad_refs"]]
+    compare("adamw", inputs, dict(TRAJECTORY, eps_inside_sqrt=eps_inside_sqrt), True)
+
+
 def test_zero_correction_never_touches_p_with_M():
     """correction == 0 with an infinite reference gradient: M is NaN, p still equals the plain step."""
     inputs = make_inputs("adamw", [(1000,)], refs=True, seed=5)

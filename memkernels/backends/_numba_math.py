@@ -170,10 +170,11 @@ def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memor
 
     The states follow the reference's operations. Divisions are the dearest
     instructions here (a 16-lane division holds Zen 4's divider for about 6 cycles, a
-    square root for 10), so with eps outside the square root denom and M multiply by
-    reciprocals where the reference divides (p moves by about an ulp of the step; NaN
-    and Inf land where the reference's do, which tests/test_numba.py checks), and F
-    and u, which only enter the diagnostics, reuse 1 / a.
+    square root for 10), so with eps outside the square root denom multiplies by a
+    reciprocal where the reference divides, coef multiplies by 1 / a, and so does g / a
+    where it reaches neither p nor hvp (decoupled, not memoryless): p moves by about an
+    ulp of the step; NaN and Inf land where the reference's do, which
+    tests/test_numba.py checks.
     Where eps is outside the square root, the penalty term is |g|: the kernel turns
     the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
     """
@@ -191,12 +192,12 @@ def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memor
         a = abs(g) + c.eps
         penalty = abs(g)
     inv_a = c.one / a
+    g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it reaches p or hvp
     if eps_inside_sqrt:
-        coef = inv_a * c.mean_age1 - c.mean_age2 * (g * g) / (a * a * a)
+        coef = inv_a * c.mean_age1 - c.mean_age2 * (g_over_a * g_over_a) * inv_a
     else:
-        coef = inv_a * c.mean_age1 - c.mean_age2 * abs(g) * (inv_a * inv_a)
+        coef = (c.mean_age1 - c.mean_age2 * abs(g_over_a)) * inv_a
     step = exp_avg / denom
-    g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it reaches p or M
     if has_ref:
         hvp = (g_ref - g_raw) * c.hvp_scale
         if not decoupled:

@@ -223,13 +223,15 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
     if MEMORYLESS or DIAG or NEED_M:
         if EPS_INSIDE_SQRT:
             a = tl.sqrt_rn(g * g + eps)
-            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * (g * g), a * a * a)
+            g_over_a = tl.div_rn(g, a)
+            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * (g_over_a * g_over_a), a)
             penalty = a
         else:
             a = tl.abs(g) + eps
-            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * tl.abs(g), a * a)
+            g_over_a = tl.div_rn(g, a)
+            coef = tl.div_rn(mean_age1 - mean_age2 * tl.abs(g_over_a), a)
             penalty = tl.abs(g) - eps * _log1p(tl.div_rn(tl.abs(g), eps))
-        u = tl.div_rn(g, a) + decay
+        u = g_over_a + decay
     M = tl.zeros_like(p)
     if NEED_M:
         r_ptrs = _tile(table, row, 4, start, R, ALIGNED, BLOCK)
@@ -242,7 +244,7 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
         F = tl.div_rn(tl.div_rn(exp_avg, bias_correction1), denom) + decay
         _diagnostics(diagnostics, F, u, M, lr, penalty, 0.0, mask, MASKED, False)
     if MEMORYLESS:
-        p = _descend(p, shrink, lr, tl.div_rn(g, a), M, correction_lr2, DECOUPLED, CORRECTION)
+        p = _descend(p, shrink, lr, g_over_a, M, correction_lr2, DECOUPLED, CORRECTION)
     else:
         p = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, DECOUPLED, CORRECTION)
 

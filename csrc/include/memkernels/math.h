@@ -146,20 +146,22 @@ MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T g_ref, bool has_ref,
   exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg);
   exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
   T decay = s.decoupled ? s.weight_decay * p : T(0);
-  T denom, a, coef, penalty;
+  T denom, a, g_over_a, coef, penalty;
   if (s.eps_inside_sqrt) {
     denom = mk_sqrt(exp_avg_sq / s.bias_correction2 + s.eps);
     a = mk_sqrt(g * g + s.eps);
-    coef = rdiv(s.mean_age1, a) - s.mean_age2 * (g * g) / (a * a * a);
+    g_over_a = g / a;
+    coef = rdiv(s.mean_age1, a) - s.mean_age2 * (g_over_a * g_over_a) / a;
     penalty = a;
   } else {
     denom = mk_sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
     a = mk_abs(g) + s.eps;
-    coef = rdiv(s.mean_age1, a) - s.mean_age2 * mk_abs(g) / (a * a);
+    g_over_a = g / a;
+    coef = (s.mean_age1 - s.mean_age2 * mk_abs(g_over_a)) / a;
     penalty = mk_abs(g) - s.eps * mk_log1p(mk_abs(g) / s.eps);
   }
   T F = exp_avg / s.bias_correction1 / denom + decay;
-  T u = g / a + decay;
+  T u = g_over_a + decay;
   T M;
   if (!has_ref) {
     M = T(0);
@@ -170,7 +172,7 @@ MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T g_ref, bool has_ref,
   }
   Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0));
   if (s.memoryless) {
-    p = descend(p, s.shrink, s.shrink_on, s.step_size, g / a, M, s.correction_lr2, s.correction_on);
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, g_over_a, M, s.correction_lr2, s.correction_on);
   } else {
     p = descend(p, s.shrink, s.shrink_on, s.step_size, exp_avg / denom, M, s.correction_lr2,
                 s.correction_on);
