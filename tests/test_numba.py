@@ -17,6 +17,7 @@ is a separately compiled kernel: the first run of this file compiles about 40
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -521,6 +522,27 @@ def test_status_reports_first_calls_and_a_second_process_loads_from_the_cache():
     code = "from memkernels.backends import numba as nb; print(nb.numba_status())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "kernel loaded from the disk cache" in out.stdout, out.stdout + out.stderr
+
+
+def test_only_the_sgd_kernel_is_built_for_256_bit_vectors(tmp_path):
+    """The vector-width hint reaches LLVM's IR of SGD's kernel and no other (compiled afresh in a
+    process with an empty cache: a kernel loaded from the cache has no IR to inspect)."""
+    code = """
+import torch
+from memkernels.backends import numba as nb, _numba_kernels as K
+x = [torch.ones(100)]
+common = dict(maximize=False, memoryless=False, update_grad_refs=False, grad_scale=None, found_inf=None,
+              correction=0.0, hvp_scale=0.0)
+nb.sgd(x, x, [torch.ones(100)], [], None, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False,
+       update_scale=1.0, memory_coef=0.0, **common)
+nb.lion(x, x, [torch.ones(100)], [], None, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, smoothing=0.0,
+        ema_weight=0.1, age_weight=1.0, **common)
+for name, kernel in (("sgd", K.sgd_kernel(True, *[False] * 7)), ("lion", K.lion_kernel(*[False] * 7))):
+    print(name, '"prefer-vector-width"="256"' in kernel.inspect_llvm(kernel.signatures[0]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.split() == ["sgd", "True", "lion", "False"], out.stdout + out.stderr
 
 
 def test_float32_log1p_is_within_two_ulps():
