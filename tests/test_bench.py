@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import time
 
 import pytest
@@ -91,6 +92,16 @@ def test_speed_rows(out):
             assert r["pct_bandwidth"] == pytest.approx(100 * r["gb_s"] / shape_set["bandwidth"]["gb_s"])
         fused = next(r for r in mine if r["backend"] == "torch.optim fused")
         assert fused["ratio_to_torch_fused"] == 1.0
+        anchors = {"AdamW": fused, "Lion": next(r for r in mine if r["backend"] == "lion_pytorch"),
+                   "heavy ball": next(r for r in mine if r["backend"].startswith("torch.optim SGD"))}
+        for r in mine:
+            assert len(r["samples_ms"]) == r["repeats"] and statistics.median(r["samples_ms"]) == r["median_ms"]
+            if r["kind"] == "anchor":
+                assert "paired_ratio" not in r
+                continue
+            anchor = anchors[r["name"].split(" + ")[0]]
+            per_round = [a / b for a, b in zip(r["samples_ms"], anchor["samples_ms"])]
+            assert r["paired_ratio"] == {"anchor": anchor["backend"], "median": statistics.median(per_round)}
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
     assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 36,
                                "AdamW + trajectory + diagnostics": 36, "AdamW + probe correction": 32,

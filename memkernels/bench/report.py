@@ -61,6 +61,10 @@ def implementation(row: dict[str, Any]) -> str:
     return f"memkernels {row['backend']}" if row["kind"] == "memkernels" else row["backend"]
 
 
+def _paired(paired: dict[str, Any] | None) -> str:
+    return "" if paired is None else f"{paired['median']:.3f} ({paired['anchor']})"
+
+
 def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
     cfg = result["config"]
     lines = [f"Device: {result['device']}. Each row is the median of {cfg['repeats']} round-robin repeats "
@@ -71,10 +75,10 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
                       f"in {shape_set['tensors']} tensor(s). Bandwidth ({bw['kernel']} over as many fp32 elements, "
                       f"same run): {bw['gb_s']:.1f} GB/s.", ""]
         rows = [[r["name"], implementation(r), _num(r["median_ms"]), _num(r["iqr_ms"], 2), _num(r["gb_s"]),
-                 f"{r['pct_bandwidth']:.0f}%", _num(r["ratio_to_torch_fused"])]
+                 f"{r['pct_bandwidth']:.0f}%", _num(r["ratio_to_torch_fused"]), _paired(r.get("paired_ratio"))]
                 for r in result["rows"] if r["shape_set"] == shape_set["name"]]
         lines += _table(["optimizer", "implementation", "median ms", "IQR ms", "GB/s", f"% of {bw['kernel']}",
-                         "time / torch fused AdamW"], rows)
+                         "time / torch fused AdamW", "paired ratio (to)"], rows)
     missing = [f"{name}: {why}" for name, why in result["unavailable"].items()]
     if missing:
         lines += ["", "Not timed: " + "; ".join(missing) + "."]

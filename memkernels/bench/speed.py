@@ -9,6 +9,7 @@ figure of a table comes from the same minutes of the same machine.
 from __future__ import annotations
 
 import gc
+import statistics
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -38,6 +39,9 @@ NOTES = [
     "and is included in its time, not in its byte model.",
     "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
     "below 1 is faster.",
+    "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time in the same "
+    "round (torch fused AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion): a slow "
+    "or fast spell of the machine that spans a round cancels out, which a ratio of medians keeps.",
     "GB/s counts DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
     "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
     "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
@@ -262,13 +266,27 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
         gb_s = cand.bytes_per_param * numel / (ms * 1e-3) / 1e9
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
                      "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
-                     "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample)})
+                     "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
+                     "samples_ms": sample})
     fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
     for row in rows:
         row["ratio_to_torch_fused"] = row["median_ms"] / fused if fused else None
+    for row in rows:
+        if row["kind"] == "memkernels":
+            row["paired_ratio"] = paired_ratio(row, rows)
     unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
                    for c in cands if c.step is None}
     return info, rows, unavailable
+
+
+def paired_ratio(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row's per-round time ratio to the first timed anchor of its optimizer (AdamW variants: AdamW)."""
+    optimizer = row["name"].split(" + ")[0]
+    anchor = next((r for r in rows if r["kind"] == "anchor" and r["name"] == optimizer), None)
+    if anchor is None:
+        return None
+    ratios = [mine / theirs for mine, theirs in zip(row["samples_ms"], anchor["samples_ms"])]
+    return {"anchor": anchor["backend"], "median": statistics.median(ratios)}
 
 
 def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
