@@ -545,6 +545,25 @@ for name, kernel in (("sgd", K.sgd_kernel(True, *[False] * 7)), ("lion", K.lion_
     assert out.stdout.split() == ["sgd", "True", "lion", "False"], out.stdout + out.stderr
 
 
+def test_an_llvmlite_without_the_hint_builds_the_kernel_and_warns(monkeypatch):
+    """If llvmlite refuses the attribute, the function compiles at LLVM's default width, with a warning."""
+    from memkernels.backends import _numba_kernels as K
+
+    class Refusing(K._FunctionAttributes):
+        def add(self, name):
+            raise ValueError(f"unknown attr {name!r}")
+
+    monkeypatch.setattr(K, "_FunctionAttributes", Refusing)
+
+    @njit
+    def doubled(x):
+        K.prefer_256_bit_vectors()
+        return 2 * x
+
+    with pytest.warns(RuntimeWarning, match="no vector-width hint"):
+        assert doubled(21) == 42
+
+
 def test_float32_log1p_is_within_two_ulps():
     """The kernels' division-free float32 log1p against float64 numpy over the whole float32 range."""
     @njit
