@@ -271,7 +271,6 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
     fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
     for row in rows:
         row["ratio_to_torch_fused"] = row["median_ms"] / fused if fused else None
-    for row in rows:
         if row["kind"] == "memkernels":
             row["paired_ratio"] = paired_ratio(row, rows)
     unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
