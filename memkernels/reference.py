@@ -178,14 +178,17 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, g_ref: Tensor | No
 
 def adamw_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, decoupled: bool,
                     eps_inside_sqrt: bool) -> Tensor:
+    """g / a + decay, in place on a where the values are the same: each full-size temporary is a fresh
+    allocation, and its first-touch page faults cost more than the arithmetic."""
     if not decoupled:
         g = g + weight_decay * p
-    a = torch.sqrt(g * g + eps) if eps_inside_sqrt else torch.abs(g) + eps
-    return g / a + (weight_decay * p if decoupled else 0.0)
+    a = (g * g).add_(eps).sqrt_() if eps_inside_sqrt else torch.abs(g).add_(eps)
+    u = torch.div(g, a, out=a)
+    return u.add_(weight_decay * p) if decoupled else u
 
 
 def lion_direction(p: Tensor, g: Tensor, *, weight_decay: float, smoothing: float, ema_weight: float) -> Tensor:
-    return smooth_sign(ema_weight * g, smoothing) + weight_decay * p
+    return smooth_sign(ema_weight * g, smoothing).add_(weight_decay * p)  # in place: see adamw_direction
 
 
 def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float) -> Tensor:
