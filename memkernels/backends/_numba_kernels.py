@@ -246,7 +246,7 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
         sources  # noqa: B018 (a closure value, hence part of the cache key)
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
-            prefer_256_bit_vectors()
+            prefer_256_bit_vectors()  # here: numba outlines the prange body into the function LLVM vectorizes
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
             for start in range(lo, lo + count, block):
