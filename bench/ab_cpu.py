@@ -1,7 +1,9 @@
 """Long interleaved A/B of the numba optimizers against torch's fused ones on one set of CPU parameters.
 
 The speed suite's 15 rounds leave about +-5% on rows that sit at parity on a shared 2-core machine; this
-script runs more rounds of a few rows only, alternating their order, and prints medians and ratios:
+script runs more rounds of a few rows only, alternating their order, and prints medians and ratios. The
+trajectory rows step on a new gradient tensor every step, as after zero_grad() (the previous one is kept),
+but for the 'grads in place' row, which reuses one and copies it:
 
     python bench/ab_cpu.py --params 64000000 --rounds 101
     python bench/ab_cpu.py --gpt2 --rounds 61      # the 148 tensors of GPT-2 small instead
@@ -12,25 +14,32 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import Callable
 
 import torch
 
 import memkernels as mk
 from memkernels.bench.shapes import gpt2_small
+from memkernels.bench.speed import with_own_grads
 
 
-def rows(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
+def rows(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], object]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trajectory-HVP note is a training caveat, not a timing one
+        grads = [p.grad for p in params]
+
+        def trajectory(turns: int, **kw) -> Callable[[], object]:  # 2: a new gradient tensor every step, 1: reused
+            opt = mk.AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend="numba", **kw)
+            return with_own_grads(opt.step, params, grads, turns)
+
         return {
-            "torch AdamW fused": torch.optim.AdamW(params, lr=1e-3, fused=True),
-            "numba AdamW": mk.AdamW(params, lr=1e-3, backend="numba"),
-            "numba AdamW + trajectory": mk.AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory",
-                                                 backend="numba"),
-            "numba AdamW + trajectory + diagnostics": mk.AdamW(params, lr=1e-3, memory_correction=-1.0,
-                                                               hvp="trajectory", track_memory=True, backend="numba"),
-            "torch SGD fused": torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True),
-            "numba heavy ball": mk.SGD(params, lr=1e-3, momentum=0.9, backend="numba"),
+            "torch AdamW fused": torch.optim.AdamW(params, lr=1e-3, fused=True).step,
+            "numba AdamW": mk.AdamW(params, lr=1e-3, backend="numba").step,
+            "numba AdamW + trajectory": trajectory(2),
+            "numba AdamW + trajectory + diagnostics": trajectory(2, track_memory=True),
+            "numba AdamW + trajectory + diagnostics, grads in place": trajectory(1, track_memory=True),
+            "torch SGD fused": torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True).step,
+            "numba heavy ball": mk.SGD(params, lr=1e-3, momentum=0.9, backend="numba").step,
         }
 
 
@@ -45,21 +54,21 @@ def main() -> None:
     params = [torch.nn.Parameter(0.02 * torch.randn(shape)) for shape in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
-    opts = rows(params)
-    for opt in opts.values():  # state allocation and JIT compilation outside the timing
-        opt.step()
-    names = list(opts)
+    steps = rows(params)
+    for step in steps.values():  # state allocation and JIT compilation outside the timing
+        step()
+    names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else reversed(names):
             start = time.perf_counter()
-            opts[name].step()
+            steps[name]()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(sample) * 1e3 for name, sample in times.items()}
     for name in names:
         anchor = "torch SGD fused" if "SGD" in name or "heavy" in name else "torch AdamW fused"
         paired = statistics.median(a / b for a, b in zip(times[name], times[anchor]))
-        print(f"{name:40s} {median[name]:8.2f} ms  {median[name] / median[anchor]:.3f}x {anchor} "
+        print(f"{name:56s} {median[name]:8.2f} ms  {median[name] / median[anchor]:.3f}x {anchor} "
               f"(per round: {paired:.3f}x)")
 
 

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import torch
 
 # Bytes moved per parameter per step, fp32 (DESIGN.md "Performance model"); copy: read + write.
-BYTES_PER_PARAM = {"copy": 8, "adamw": 28, "adamw_traj": 36, "lion": 20, "heavy_ball": 20}
+# adamw_kept: the trajectory's previous gradient kept by the optimizer (a new gradient tensor every step), read only
+BYTES_PER_PARAM = {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "lion": 20, "heavy_ball": 20}
 TRITON_TILES = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps) swept on the flat tensor
 BASELINE = "torch AdamW fused"
 
@@ -176,10 +177,12 @@ ADAMW = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, bias_
 LION = dict(lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.01, smoothing=0.0, ema_weight=0.2, age_weight=0.5)
 HEAVY_BALL = dict(lr=1e-4, momentum=0.9, weight_decay=0.0, nesterov=False, update_scale=6.5, memory_coef=30.0)
 TRAJECTORY = dict(correction=-1.0, hvp_scale=1e4, update_grad_refs=True)
+KEPT = {**TRAJECTORY, "update_grad_refs": False}
 
 
 def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -> list[Row]:
-    """AdamW, AdamW + trajectory correction + diagnostics, Lion and heavy ball through the ops."""
+    """AdamW, AdamW + trajectory correction + diagnostics (previous gradient copied, or kept), Lion and heavy ball
+    through the ops."""
     ops = torch.ops.memkernels
     label = label or f"memkernels {backend}"
     P, G, M, V, R, D = t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.grad_refs, t.diagnostics
@@ -187,6 +190,7 @@ def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -
         ("AdamW", "adamw", lambda: ops.adamw_(P, G, M, V, [], None, backend=backend, **ADAMW)),
         ("AdamW+traj+diag", "adamw_traj",
          lambda: ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **TRAJECTORY)),
+        ("AdamW+traj+diag kept", "adamw_kept", lambda: ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **KEPT)),
         ("Lion", "lion", lambda: ops.lion_(P, G, M, [], None, backend=backend, **LION)),
         ("heavy ball", "heavy_ball", lambda: ops.sgd_(P, G, M, [], None, backend=backend, **HEAVY_BALL)),
     ]

@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 
 import pytest
 
@@ -103,15 +104,36 @@ def test_speed_rows(out):
             per_round = [a / b for a, b in zip(r["samples_ms"], anchor["samples_ms"])]
             assert r["paired_ratio"] == {"anchor": anchor["backend"], "median": statistics.median(per_round)}
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
-    assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 36,
-                               "AdamW + trajectory + diagnostics": 36, "AdamW + probe correction": 32,
-                               "Lion": 20, "heavy ball": 20}
+    assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 32,
+                               "AdamW + trajectory + diagnostics": 32,
+                               "AdamW + trajectory + diagnostics, grads in place": 36,
+                               "AdamW + probe correction": 32, "Lion": 20, "heavy ball": 20}
     assert result["backends"] == {"reference": "ok"}
     for module, anchor in (("bitsandbytes", "AdamW (bitsandbytes AdamW32bit)"),
                            ("deepspeed", "AdamW (DeepSpeedCPUAdam)")):
         if importlib.util.find_spec(module) is None:
             assert result["unavailable"][anchor].startswith("not installed")
             assert f"{anchor}: not installed" in (out / "report.md").read_text()
+
+
+def test_rows_with_new_gradients_keep_the_previous_one(monkeypatch):
+    """The byte model of the trajectory rows: 32 when the previous gradient is kept, 36 when it is copied."""
+    made = []
+    factory = speed._memkernels_optimizer
+    monkeypatch.setattr(speed, "_memkernels_optimizer", lambda *args: made.append(factory(*args)) or made[-1])
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    stored = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, stored):
+        p.grad = g.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the trajectory note
+        steps = {variant: speed._stepper(variant, params, stored, "reference", closure, grads)
+                 for variant, (_, _, closure, grads) in speed.VARIANTS.items() if "trajectory" in variant}
+    for n in range(3):
+        for variant, opt in zip(steps, made):  # round-robin, as the timing runs them
+            steps[variant]()
+            kept = [opt.state[p]["prev_grad"] is p.grad for p in params]
+            assert kept == [speed.VARIANTS[variant][1] == 32 and n > 0] * 2, variant  # none before step 1
 
 
 def test_interleaved_is_round_robin_with_a_rotating_start():

@@ -47,6 +47,7 @@ def test_corrected_optimizer_resumes_exactly(hvp):
     model = mlp()
     opt = make(model.parameters())
     train(model, opt, batches(60))
+    assert all(opt.state[p]["prev_grad"] is p.grad for p in model.parameters())  # kept, not copied: it travels
     twin, state = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
     train(model, opt, batches(40, seed=9))
     resumed = make(twin.parameters())

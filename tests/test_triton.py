@@ -542,7 +542,8 @@ def test_bench_byte_model_and_table(gpu_bench):
     """GB/s from DESIGN.md's bytes per parameter; percent of copy and time over fused AdamW per workload."""
     Row = gpu_bench.Row
     assert gpu_bench.gbps("adamw", 10 ** 9, 28.0) == pytest.approx(1000.0)
-    assert gpu_bench.BYTES_PER_PARAM == {"copy": 8, "adamw": 28, "adamw_traj": 36, "lion": 20, "heavy_ball": 20}
+    assert gpu_bench.BYTES_PER_PARAM == {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "lion": 20,
+                                         "heavy_ball": 20}
     rows = [Row("flat", "device copy (copy_)", "copy", 10 ** 9, times_ms=[4.0, 2.0, 3.0]),  # 8 GB in 3 ms
             Row("flat", gpu_bench.BASELINE, "adamw", 10 ** 9, times_ms=[14.0]),
             Row("flat", "memkernels triton AdamW+traj+diag", "adamw_traj", 10 ** 9, times_ms=[18.0, 12.0]),
@@ -568,7 +569,8 @@ def test_bench_smoke_on_cpu(gpu_bench, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     timed = {r["row"] for r in report["rows"] if r["ms"] is not None}
     assert {"device copy (copy_)", "torch AdamW fused", "torch AdamW foreach", "memkernels triton AdamW",
-            "memkernels triton AdamW+traj+diag", "memkernels triton Lion", "memkernels triton heavy ball"} <= timed
+            "memkernels triton AdamW+traj+diag", "memkernels triton AdamW+traj+diag kept", "memkernels triton Lion",
+            "memkernels triton heavy ball"} <= timed
     graph = [r for r in report["rows"] if "CUDA graph" in r["row"]]
     assert graph and all(r["skip"] for r in graph)
     assert (tmp_path / "gpu_bench.md").read_text().startswith("| workload |")

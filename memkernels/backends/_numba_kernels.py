@@ -100,12 +100,13 @@ def prefer_256_bit_vectors(typingctx):
 
 
 @njit(error_model="numpy", forceinline=True, cache=True)
-def load_ref(r_, i, c, has_ref, stored):
-    """g_ref; refs this kernel stores hold processed g already (ref_inv_scale is 1), so they skip the multiply."""
+def load_ref(r_, i, c, has_ref, processed):
+    """g_ref, multiplied by ref_inv_scale unless processed (a constant): refs this kernel stores hold
+    processed g already (ref_inv_scale is 1), and refs it only reads share g's factor, 1 when not scaled."""
     if not has_ref:
         return c.zero
     g_ref = load(r_, i, c.zero)
-    return g_ref if stored else element.load_grad(g_ref, c.ref_inv_scale, True)
+    return g_ref if processed else element.load_grad(g_ref, c.ref_inv_scale, True)
 
 
 @njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True, cache=True)
@@ -169,7 +170,7 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                 exponents, product = _numba_penalty.no_exponents(c.zero), c.one
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref or not scaled)
                     p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
                         load(p_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), g_ref, c,
                         decoupled, eps_inside_sqrt, memoryless, correct, has_ref)
@@ -219,7 +220,7 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_ref: bool, wr
                 partial = zeros_like(c.zero)
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref or not scaled)
                     p, exp_avg, g_out, diag = element.lion(load(p_, i, c.zero), g, load(m_, i, c.zero), g_ref, c,
                                                            smooth, memoryless, correct, has_ref)
                     store(p_, i, p)
@@ -258,7 +259,7 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
                 partial = zeros_like(c.zero)
                 for i in range(n):
                     g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    g_ref = load_ref(r_, i, c, has_ref, write_ref)
+                    g_ref = load_ref(r_, i, c, has_ref, write_ref or not scaled)
                     buf = load(b_, i, c.zero) if has_momentum else c.zero
                     p, buf, g_raw, diag = element.sgd(load(p_, i, c.zero), g, buf, g_ref, c,
                                                       has_momentum, nesterov, memoryless, correct, has_ref)

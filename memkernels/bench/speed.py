@@ -9,6 +9,7 @@ figure of a table comes from the same minutes of the same machine.
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,20 +24,28 @@ from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr
 
 # DESIGN.md's byte model per parameter and step, fp32 everything.
-# memkernels variants: (optimizer op, bytes per parameter, needs a closure)
-VARIANTS: dict[str, tuple[str, int, bool]] = {
-    "AdamW": ("adamw", 28, False),
-    "AdamW + trajectory correction": ("adamw", 36, False),  # + read and write the previous gradient
-    "AdamW + trajectory + diagnostics": ("adamw", 36, False),  # the same, with memory_stats' sums
-    "AdamW + probe correction": ("adamw", 32, True),        # + read the probe gradient
-    "Lion": ("lion", 20, False),
-    "heavy ball": ("sgd", 20, False),
+# memkernels variants: (optimizer op, bytes per parameter, needs a closure, gradients: "new" tensors every
+# step, the row's own tensors "reused" every step, or "any" tensors that hold the stored values)
+VARIANTS: dict[str, tuple[str, int, bool, str]] = {
+    "AdamW": ("adamw", 28, False, "any"),
+    # new gradient tensors, as after zero_grad(): the previous one is kept and read (optim/_prev_grads.py)
+    "AdamW + trajectory correction": ("adamw", 32, False, "new"),
+    "AdamW + trajectory + diagnostics": ("adamw", 32, False, "new"),  # the same, with memory_stats' sums
+    # one gradient tensor rewritten in place every step: + read and write a copy of the previous gradient
+    "AdamW + trajectory + diagnostics, grads in place": ("adamw", 36, False, "reused"),
+    "AdamW + probe correction": ("adamw", 32, True, "any"),  # + read the probe gradient
+    "Lion": ("lion", 20, False, "any"),
+    "heavy ball": ("sgd", 20, False, "any"),
 }
 REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios are taken to this row of the same shape set
 NOTES = [
     "The probe row's closure only copies stored gradients back into .grad (no model), so it times the "
     "optimizer; that copy runs twice per step (step() calls the closure at the point and at the probe point) "
     "and is included in its time, not in its byte model.",
+    "The trajectory rows get their gradients as a training loop does after zero_grad() (each step's .grad is "
+    "another tensor, with the same values), so the optimizer keeps the previous gradient instead of copying it; "
+    "the 'grads in place' row steps on one gradient tensor per parameter, as a loop with "
+    "zero_grad(set_to_none=False) does, and copies.",
     "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
     "below 1 is faster.",
     "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time in the same "
@@ -133,7 +142,7 @@ def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.opt
         return AdamW(params, lr=1e-3, backend=backend)
     if variant == "AdamW + trajectory correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend)
-    if variant == "AdamW + trajectory + diagnostics":
+    if variant.startswith("AdamW + trajectory + diagnostics"):
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", track_memory=True, backend=backend)
     if variant == "AdamW + probe correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="probe", backend=backend)
@@ -207,12 +216,13 @@ def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: t
     for backend, state in backend_status.items():
         if state != "ok":
             continue
-        for variant, (op, nbytes, closure) in VARIANTS.items():
+        for variant, (op, nbytes, closure, grads) in VARIANTS.items():
             row = Candidate(variant, backend, "memkernels", nbytes)
             if not backends.has_kernel(op, backend, device.type):
                 row.status = f"backend {backend} has no {op} kernel for {device.type}"
             else:
-                row.step, row.status = _prepare(lambda: _stepper(variant, params, stored, backend, closure))
+                row.step, row.status = _prepare(
+                    lambda: _stepper(variant, params, stored, backend, closure, grads))
             rows.append(row)
     for name, anchor, nbytes, factory in anchors(device):
         row = Candidate(name, anchor, "anchor", nbytes)
@@ -221,17 +231,35 @@ def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: t
     return rows
 
 
-def _stepper(variant: str, params: list, stored: list, backend: str, closure: bool) -> Callable[[], object]:
+def with_own_grads(step: Callable[[], object], params: list, stored: list, turns: int) -> Callable[[], object]:
+    """step() on gradients of its own, copies of `stored`: `turns` sets used in turn (2: a new tensor every
+    step, as after zero_grad(); 1: one tensor reused, as with zero_grad(set_to_none=False))."""
+    sets = itertools.cycle([[g.clone() for g in stored] for _ in range(turns)])
+
+    def stepped() -> object:
+        for p, g in zip(params, next(sets)):
+            p.grad = g
+        return step()
+
+    return stepped
+
+
+def _stepper(variant: str, params: list, stored: list, backend: str, closure: bool,
+             grads: str) -> Callable[[], object]:
+    """A row's step (VARIANTS' gradients). Rows that set .grad use their own tensors and never write another
+    row's, which may be the previous gradient a trajectory row keeps."""
     opt = _memkernels_optimizer(variant, params, backend)
+    if grads != "any":
+        return with_own_grads(opt.step, params, stored, 2 if grads == "new" else 1)
     if not closure:
         return opt.step
-    buffers = [torch.empty_like(g) for g in stored]
+    points, probes = ([torch.empty_like(g) for g in stored] for _ in range(2))
 
     def refill() -> None:
-        """Gradients without a model: copy the stored ones back (probe points included)."""
-        for p, g, buf in zip(params, stored, buffers):
-            if p.grad is None:
-                p.grad = buf
+        """Gradients without a model: copy the stored ones back into this row's tensors (the point's, or the
+        probe point's when step() has set .grad to None)."""
+        for p, g, point, probe in zip(params, stored, points, probes):
+            p.grad = probe if p.grad is None else point
             p.grad.copy_(g)
 
     return lambda: opt.step(refill)

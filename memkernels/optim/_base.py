@@ -34,6 +34,7 @@ from .. import _ops, backends
 from ..coefficients import replay
 from .._ops import check_hyperparameters
 from ..reference import DIAGNOSTICS, NDIAG, compute_dtype, inv_scale, load_grad
+from ._prev_grads import Mode, PrevGrads
 
 HVP_MODES = ("trajectory", "probe", "exact")
 _TRAJECTORY_NOTE = ("memkernels: hvp='trajectory' estimates H d from the change of the gradient between "
@@ -46,15 +47,18 @@ class Bucket:
 
     n is the step count in host mode (None in device mode, where `step` is the first param's count).
     ref: the probe or exact mode's reference gradients and their hvp_scale, once computed.
+    keep_refs: the trajectory's previous gradients are kept gradients, read and not written; keepable:
+    this bucket's gradients may be kept (see _prev_grads.py).
     """
 
-    def __init__(self, n: int | None, fresh_refs: bool) -> None:
-        self.n, self.fresh_refs = n, fresh_refs
+    def __init__(self, n: int | None, fresh_refs: bool, keep_refs: bool, keepable: bool) -> None:
+        self.n, self.fresh_refs, self.keep_refs, self.keepable = n, fresh_refs, keep_refs, keepable
         self.step: Tensor | None = None
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.states: list[dict[str, Any]] = []
         self.grad_refs: list[Tensor] = []
+        self.prev_grad_modes: list[tuple[Tensor, Tensor, dict, Mode]] = []  # PrevGrads.record's arguments
         self.ref: tuple[list[Tensor], float] | None = None
         self.numel = 0  # global: a DTensor counts all its shards
         self.shard_groups: tuple = ()  # process groups over which the shards' diagnostics add up
@@ -83,6 +87,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._tracks: dict[tuple, Any] = {}
         self._diagnostics: dict[tuple[int, torch.device, tuple], Tensor] = {}
         self._stats_meta: dict[int, tuple[int, float, int]] = {}
+        self._prev_grads = PrevGrads()
         if any(self.measures(g) and g["hvp"] == "trajectory" for g in self.param_groups):
             warnings.warn(_TRAJECTORY_NOTE, UserWarning, stacklevel=3)
 
@@ -160,13 +165,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._tracks, self._diagnostics, self._stats_meta = {}, {}, {}
+        self._prev_grads = PrevGrads()
 
-    def _buckets(self, group: dict) -> tuple[dict[tuple, Bucket], dict[Tensor, dict]]:
-        """Group this group's parameters with gradients; new state is returned, not stored yet."""
+    def _buckets(self, group: dict, scaled: bool) -> tuple[dict[tuple, Bucket], dict[Tensor, dict]]:
+        """Group this group's parameters with gradients; new state is returned, not stored yet.
+
+        scaled: the step has an AMP grad scale.
+        """
         buckets: dict[tuple, Bucket] = {}
         created: dict[Tensor, dict] = {}
         measures, on_device = self.measures(group), self.device_mode(group)
         trajectory, capturable = measures and group["hvp"] == "trajectory", group["capturable"]
+        keeps = trajectory and not (on_device or scaled or group["maximize"])
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -184,15 +194,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 state = created[p] = {**state, "step": self.new_step(p, group)}
             if capturable and state["step"].device != p.device:  # e.g. from a host-mode checkpoint
                 state = created[p] = {**state, "step": state["step"].to(p.device)}
-            fresh_refs = False
-            if trajectory and "prev_grad" not in state:
-                state = created[p] = {**state, "prev_grad": torch.zeros_like(p, dtype=compute_dtype(p))}
-                fresh_refs = True  # no previous gradient yet (e.g. loaded from torch.optim): no HVP this step
+            mode: Mode = "copy"
+            keepable = keeps and shard_groups is None
+            if trajectory:  # "fresh" e.g. when loaded from torch.optim: no previous gradient, no HVP this step
+                mode, prev_grad = self._prev_grads.plan(p, grad, state.get("prev_grad"), keepable, compute_dtype(p))
+                if prev_grad is not None:
+                    state = created[p] = {**state, "prev_grad": prev_grad}
+            fresh_refs, keep_refs = mode in ("fresh", "lost"), mode == "keep"
             n = None if on_device else int(state["step"].item())
-            key = (p.device, p.dtype, n, fresh_refs, shard_groups)
+            key = (p.device, p.dtype, n, fresh_refs, keep_refs, shard_groups)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(n, fresh_refs)
+                bucket = buckets[key] = Bucket(n, fresh_refs, keep_refs, keepable)
                 bucket.step = state["step"] if on_device else None
                 bucket.shard_groups = shard_groups or ()
                 bucket.local = _local if shard_groups is not None else _itself  # DTensor grads and states too
@@ -202,6 +215,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             bucket.states.append(state)
             if trajectory:
                 bucket.grad_refs.append(bucket.local(state["prev_grad"]))
+                bucket.prev_grad_modes.append((p, grad, state, mode))
         return buckets, created
 
     def _call(self, group: dict, gi: int, bucket: Bucket, grad_scale: Tensor | None) -> tuple[dict[str, Any], list]:
@@ -211,7 +225,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             kwargs = {"lr": float(group["lr"]), **self.static_kwargs(group), **self.coefficients(group, gi, bucket.n)}
         kwargs.update(correction=float(group["memory_correction"]), hvp_scale=0.0,
                       maximize=bool(group["maximize"]), memoryless=bool(group["memoryless"]),
-                      update_grad_refs=group["hvp"] == "trajectory", grad_scale=grad_scale,
+                      update_grad_refs=group["hvp"] == "trajectory" and not bucket.keep_refs, grad_scale=grad_scale,
                       backend=self.backend)
         lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in self.state_keys]
         return kwargs, lists
@@ -237,7 +251,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
         plans = []
         for gi, group in enumerate(self.param_groups):
-            buckets, created = self._buckets(group)
+            buckets, created = self._buckets(group, grad_scale is not None)
             plans.append((gi, group, buckets, created))
         calls = []
         for gi, group, buckets, _ in plans:
@@ -277,6 +291,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
             with _ops.checked_by_caller(not bucket.ref and not compiling):
                 op(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
+            for p, grad, state, mode in bucket.prev_grad_modes:
+                self._prev_grads.record(p, grad, state, mode, bucket.keepable)
             if compiling or bucket.n is None or not backends.add_one(steps):
                 torch._foreach_add_(steps, 1.0)
             if bucket.n is None and found_inf is not None:  # a skipped step does not count, as in torch.optim

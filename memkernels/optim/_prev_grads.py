@@ -1,0 +1,98 @@
+"""The trajectory HVP's previous gradients: a buffer the kernel writes, or the gradient tensor itself, kept.
+
+Step n needs g_{n-1}. The portable way is a buffer (the state's prev_grad) that the kernel reads and then
+overwrites with g_n in the same pass: 8 bytes per fp32 parameter. When backward hands the optimizer a new
+gradient tensor every step, as after zero_grad() (set_to_none=True, torch's default), that tensor holds g_n
+already and nothing writes it again; the state can hold the tensor itself, which the next step only reads:
+4 bytes (AdamW's step 36 -> 32 bytes per parameter), and the buffer is freed.
+
+A gradient is kept only where that gives the numbers the buffer would:
+- it is not the tensor of the previous step (a loop that reuses one gradient tensor, zeroed in place, would
+  overwrite it: such loops keep the buffer), owns its memory alone (no view, no other tensor on its storage:
+  DDP's bucket views and flat gradient buffers are written in place) and has the compute dtype;
+- the step has no AMP scale and maximize is off (the buffer holds the processed gradient, g * inv_scale);
+- host mode and no DTensor (the checks read Python objects; DTensor.to_local makes a new tensor each time).
+A kept gradient is checked before it is read: if it was written since (its version counter moved, or the
+new gradient shares its memory), g_{n-1} is gone. That parameter steps once without the HVP, as a new state
+does, with a warning, and the optimizer uses buffers from then on. The one write the check cannot see is one
+through `.data`, which torch itself does not version either.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Mode = Literal["copy", "keep", "fresh", "lost"]
+
+_LOST = ("memkernels: a gradient kept as the previous gradient of the trajectory HVP was written in place "
+         "after the step that kept it (the loop went from new gradient tensors to reusing them?); those "
+         "parameters step once without the memory correction's HVP, and this optimizer copies gradients "
+         "from now on")
+
+
+def _storage_users(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_SOLE_OWNER = _storage_users(torch.empty(1))  # the count of a tensor that alone holds its storage (with the wrapper)
+
+
+class PrevGrads:
+    """One optimizer's record of which prev_grad states are kept gradients, and the gradients seen last."""
+
+    def __init__(self) -> None:
+        # keyed by id(param) (a tensor's __hash__ is a Python call); the param_groups hold the params
+        self.kept: dict[int, tuple[Tensor, int]] = {}  # -> (the kept gradient, its version then)
+        self.seen: dict[int, weakref.ref] = {}  # -> the gradient of its last step with a buffer
+        self.buffers_only = False  # set once a kept gradient was found overwritten
+
+    def plan(self, p: Tensor, grad: Tensor, ref: Tensor | None, keepable: bool,
+             dtype: torch.dtype) -> tuple[Mode, Tensor | None]:
+        """How this step treats p's previous gradient, and a new prev_grad state (None: the state's stays).
+
+        copy: the kernel reads the buffer and writes g into it; keep: it reads ref only, and the state
+        holds grad after the step; fresh (no previous gradient) and lost (overwritten): no HVP this step,
+        the kernel writes g into a new buffer. Changes nothing: record() does, after the step.
+        keepable: the step allows keeping at all (host mode, no AMP scale, no maximize, no DTensor).
+        """
+        if ref is None:
+            return "fresh", torch.zeros_like(p, dtype=dtype)
+        kept = self.kept.get(id(p)) if self.kept else None
+        if kept is not None and kept[0] is ref:
+            if grad is ref and ref._version == kept[1]:  # a second step on the same gradient: M = 0 either way
+                return "fresh", torch.zeros_like(p, dtype=dtype)
+            if grad is ref or (grad.numel() and grad.data_ptr() == ref.data_ptr()) or ref._version != kept[1]:
+                return "lost", torch.zeros_like(p, dtype=dtype)
+            if self._can_keep(grad, keepable, dtype):
+                return "keep", None
+            return "copy", ref.clone()  # a buffer that holds g_{n-1}, for the kernel to overwrite
+        if keepable:
+            seen = self.seen.get(id(p))
+            if (seen is None or seen() is not grad) and self._can_keep(grad, keepable, dtype):
+                return "keep", None
+        return "copy", None
+
+    def _can_keep(self, grad: Tensor, keepable: bool, dtype: torch.dtype) -> bool:
+        return (keepable and not self.buffers_only and grad.dtype == dtype and grad._base is None
+                and _storage_users(grad) == _SOLE_OWNER)
+
+    def record(self, p: Tensor, grad: Tensor, state: dict, mode: Mode, keepable: bool) -> None:
+        """After the step: a kept gradient becomes the state's prev_grad; otherwise remember which tensor grad was."""
+        if mode == "keep":
+            state["prev_grad"] = grad
+            self.kept[id(p)] = (grad, grad._version)
+            self.seen.pop(id(p), None)
+            return
+        if self.kept:
+            self.kept.pop(id(p), None)
+        if mode == "lost" and not self.buffers_only:
+            self.buffers_only = True
+            warnings.warn(_LOST, RuntimeWarning, stacklevel=5)
+        if keepable:
+            seen = self.seen.get(id(p))
+            if seen is None or seen() is not grad:
+                self.seen[id(p)] = weakref.ref(grad)
