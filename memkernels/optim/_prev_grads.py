@@ -38,7 +38,12 @@ def _storage_users(t: Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-_SOLE_OWNER = _storage_users(torch.empty(1))  # the count of a tensor that alone holds its storage (with the wrapper)
+_SOLE_OWNER = _storage_users(torch.empty(1))  # what a tensor that alone holds its storage counts
+
+
+def _sole_owner(t: Tensor) -> bool:
+    """t is no view and no other tensor shares its storage."""
+    return t._base is None and _storage_users(t) == _SOLE_OWNER
 
 
 class PrevGrads:
@@ -61,31 +66,28 @@ class PrevGrads:
         """
         if ref is None:
             return "fresh", torch.zeros_like(p, dtype=dtype)
+        keep = keepable and not self.buffers_only and grad.dtype == dtype
         kept = self.kept.get(id(p)) if self.kept else None
         if kept is not None and kept[0] is ref:
-            if grad is ref and ref._version == kept[1]:  # a second step on the same gradient: M = 0 either way
-                return "fresh", torch.zeros_like(p, dtype=dtype)
-            if grad is ref or (grad.numel() and grad.data_ptr() == ref.data_ptr()) or ref._version != kept[1]:
+            version = ref._version
+            if grad is ref:  # unchanged: a second step on the same gradient, where M = 0 either way
+                return ("fresh" if version == kept[1] else "lost"), torch.zeros_like(p, dtype=dtype)
+            if version != kept[1] or grad.data_ptr() == ref.data_ptr() != 0:  # written since, or shared
                 return "lost", torch.zeros_like(p, dtype=dtype)
-            if self._can_keep(grad, keepable, dtype):
+            if keep and _sole_owner(grad):
                 return "keep", None
             return "copy", ref.clone()  # a buffer that holds g_{n-1}, for the kernel to overwrite
-        if keepable:
+        if keep:
             seen = self.seen.get(id(p))
-            if (seen is None or seen() is not grad) and self._can_keep(grad, keepable, dtype):
+            if (seen is None or seen() is not grad) and _sole_owner(grad):
                 return "keep", None
         return "copy", None
-
-    def _can_keep(self, grad: Tensor, keepable: bool, dtype: torch.dtype) -> bool:
-        return (keepable and not self.buffers_only and grad.dtype == dtype and grad._base is None
-                and _storage_users(grad) == _SOLE_OWNER)
 
     def record(self, p: Tensor, grad: Tensor, state: dict, mode: Mode, keepable: bool) -> None:
         """After the step: a kept gradient becomes the state's prev_grad; otherwise remember which tensor grad was."""
         if mode == "keep":
             state["prev_grad"] = grad
             self.kept[id(p)] = (grad, grad._version)
-            self.seen.pop(id(p), None)
             return
         if self.kept:
             self.kept.pop(id(p), None)
