@@ -54,6 +54,17 @@ def _assert_same(opt_a, params_a, opt_b, params_b):
     assert repr(opt_a.memory_stats()) == repr(opt_b.memory_stats())  # repr: NaN equals NaN
 
 
+def _step_alike(pair, grads=None):
+    """Feed grads (new tensors to the first optimizer, in place to its twin) unless None, step both, compare."""
+    kept_ps, kept, copied_ps, copied = pair
+    if grads is not None:
+        _feed(kept_ps, grads, new=True)
+        _feed(copied_ps, grads, new=False)
+    kept.step()
+    copied.step()
+    _assert_same(kept, kept_ps, copied, copied_ps)
+
+
 def _kept(opt, params):
     return [opt.state[p]["prev_grad"] is p.grad for p in params]
 
@@ -61,13 +72,9 @@ def _kept(opt, params):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_kept_and_copied_previous_gradients_step_alike(name, backend):
-    kept_ps, kept, copied_ps, copied = _pair(name, backend=backend)
+    pair = kept_ps, kept, copied_ps, copied = _pair(name, backend=backend)
     for n, grads in enumerate(_grads(6)):
-        _feed(kept_ps, grads, new=True)
-        _feed(copied_ps, grads, new=False)
-        kept.step()
-        copied.step()
-        _assert_same(kept, kept_ps, copied, copied_ps)
+        _step_alike(pair, grads)
         assert _kept(kept, kept_ps) == [n >= 1] * len(SHAPES)  # the first step has no previous gradient
         assert not any(_kept(copied, copied_ps))
 
@@ -76,7 +83,7 @@ def test_kept_and_copied_previous_gradients_step_alike(name, backend):
 def test_gradients_that_are_not_kept(why):
     dtype = torch.bfloat16 if why == "bfloat16" else torch.float32
     kw = {"maximize": why == "maximize", "capturable": why == "capturable"}
-    kept_ps, kept, copied_ps, copied = _pair(dtype=dtype, backend="reference", **kw)
+    pair = kept_ps, kept, copied_ps, copied = _pair(dtype=dtype, backend="reference", **kw)
     aliases = []
     for grads in _grads(4, dtype):
         if why == "grad scale":  # as GradScaler hands them over: scaled gradients and the scale
@@ -92,14 +99,12 @@ def test_gradients_that_are_not_kept(why):
             _feed(kept_ps, grads, new=True)
         if why == "storage alias":  # another tensor on the gradient's memory, which may write it
             aliases.append([p.grad.data for p in kept_ps])
-        kept.step()
-        copied.step()
-        _assert_same(kept, kept_ps, copied, copied_ps)
+        _step_alike(pair)
         assert not any(_kept(kept, kept_ps))
 
 
 def test_kept_then_unkeepable_gradients_copy_the_kept_one():
-    kept_ps, kept, copied_ps, copied = _pair()
+    pair = kept_ps, kept, copied_ps, copied = _pair()
     for n, grads in enumerate(_grads(6)):
         _feed(copied_ps, grads, new=False)
         if n < 3:
@@ -107,21 +112,16 @@ def test_kept_then_unkeepable_gradients_copy_the_kept_one():
         else:  # views from now on: the kept gradient becomes a buffer again, with its values
             for p, g in zip(kept_ps, grads):
                 p.grad = torch.stack([g, g])[0]
-        kept.step()
-        copied.step()
-        _assert_same(kept, kept_ps, copied, copied_ps)
+        _step_alike(pair)
         assert _kept(kept, kept_ps) == [1 <= n < 3] * len(SHAPES)
 
 
 @pytest.mark.parametrize("how", ["accumulated into", "written after the step"])
 def test_a_kept_gradient_written_in_place_costs_one_hvp_and_a_warning(how):
-    kept_ps, kept, copied_ps, copied = _pair()
+    pair = kept_ps, kept, copied_ps, copied = _pair()
     grads = _grads(8)
     for step in grads[:3]:
-        _feed(kept_ps, step, new=True)
-        _feed(copied_ps, step, new=False)
-        kept.step()
-        copied.step()
+        _step_alike(pair, step)
     assert all(_kept(kept, kept_ps))
     for p, q, g in zip(kept_ps, copied_ps, grads[3]):
         if how == "accumulated into":  # the loop turns to accumulating into the tensor the optimizer kept
@@ -132,30 +132,20 @@ def test_a_kept_gradient_written_in_place_costs_one_hvp_and_a_warning(how):
         q.grad.copy_(p.grad)
         del copied.state[q]["prev_grad"]  # the twin: the same gradient and no previous one (no HVP this step)
     with pytest.warns(RuntimeWarning, match="written in place"):
-        kept.step()
-    copied.step()
-    _assert_same(kept, kept_ps, copied, copied_ps)
+        _step_alike(pair)
     for step in grads[4:]:  # new tensors again: the optimizer copies from now on
-        _feed(kept_ps, step, new=True)
-        _feed(copied_ps, step, new=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            kept.step()
-        copied.step()
-        _assert_same(kept, kept_ps, copied, copied_ps)
+            _step_alike(pair, step)
         assert not any(_kept(kept, kept_ps))
 
 
 def test_a_second_step_on_the_same_gradients_matches_the_copy():
-    kept_ps, kept, copied_ps, copied = _pair()
-    grads = _grads(6)
+    pair = kept_ps, kept, copied_ps, copied = _pair()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for n, step in enumerate(grads):
-            _feed(kept_ps, step, new=True)
-            _feed(copied_ps, step, new=False)
-            for _ in range(2 if n == 2 else 1):  # step 2 twice, on one gradient
-                kept.step()
-                copied.step()
-                _assert_same(kept, kept_ps, copied, copied_ps)
+        for n, step in enumerate(_grads(6)):
+            _step_alike(pair, step)
+            if n == 2:  # step 2 twice, on one gradient
+                _step_alike(pair)
     assert all(_kept(kept, kept_ps))  # kept again after the repeat
