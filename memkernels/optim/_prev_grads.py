@@ -88,6 +88,7 @@ class PrevGrads:
         if mode == "keep":
             state["prev_grad"] = grad
             self.kept[id(p)] = (grad, grad._version)
+            self.seen.pop(id(p), None)
             return
         if self.kept:
             self.kept.pop(id(p), None)
