@@ -1,6 +1,8 @@
 """Workers for test_distributed.py: 2-process gloo runs on the CPU (spawned, so they import this module)."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -77,6 +79,14 @@ def _entry(rank: int, fn: Callable, world: int, folder: str, args: tuple) -> Non
             torch.save(result, Path(folder) / "result.pt")
     finally:
         dist.destroy_process_group()
+    # A rank that succeeded skips the interpreter's teardown: a gloo worker thread may still be dropping a
+    # finished all-gather (tensors: it takes the GIL) while Python finalizes, and Python ends such a thread
+    # through C++ frames that may not unwind: std::terminate, SIGABRT (seen in about one run in ten of the
+    # FSDP2 test; the core's stack: ProcessGroupGloo::runLoop -> ~AsyncAllgatherCoalescedWork ->
+    # decref_pyobject -> take_gil -> PyThread_exit_thread).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def ddp(rank: int, world: int, folder: Path, name: str, correction: float, steps: int) -> dict:
