@@ -100,9 +100,10 @@ def test_speed_rows(out):
             if r["kind"] == "anchor":
                 assert "paired_ratio" not in r
                 continue
-            anchor = anchors[r["name"].split(" + ")[0]]
-            per_round = [a / b for a, b in zip(r["samples_ms"], anchor["samples_ms"])]
-            assert r["paired_ratio"] == {"anchor": anchor["backend"], "median": statistics.median(per_round)}
+            paired = r["paired_ratio"]
+            assert paired["anchor"] == anchors[r["name"].split(" + ")[0]]["backend"]
+            assert len(paired["ratios"]) == r["repeats"] and all(x > 0 for x in paired["ratios"])
+            assert paired["median"] == statistics.median(paired["ratios"])
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
     assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 32,
                                "AdamW + trajectory + diagnostics": 32,
@@ -150,6 +151,23 @@ def test_interleaved_is_round_robin_with_a_rotating_start():
     assert timing.median_iqr([7.0]) == (7.0, 0.0)
     with pytest.raises(ValueError, match="repeats"):
         timing.interleaved(fns, warmup=0, repeats=0, device=torch.device("cpu"))
+
+
+def test_paired_calls_the_two_back_to_back_in_alternating_order():
+    calls = []
+    ticks = []
+
+    def call(name, seconds):
+        return lambda: calls.append(name) or time.sleep(seconds)
+
+    ratios = timing.paired(call("mine", 0.01), call("anchor", 0.001), warmup=1, repeats=4,
+                           device=torch.device("cpu"), tick=ticks.append)
+    assert calls == ["mine", "anchor", "anchor", "mine", "mine", "anchor", "anchor", "mine", "mine", "anchor"]
+    assert ticks == [2] * 5 and len(ratios) == 4
+    assert all(x > 0 for x in ratios) and 3 < statistics.median(ratios) < 11  # 10 ms / 1 ms, give or take
+    # a sleep's overshoot
+    with pytest.raises(ValueError, match="repeats"):
+        timing.paired(call("mine", 0), call("anchor", 0), warmup=0, repeats=0, device=torch.device("cpu"))
 
 
 def test_gpt2_shape_scaling():

@@ -4,7 +4,8 @@ Each row times `opt.step()` on parameters whose gradients are already set (the
 optimizer alone: no forward or backward). All rows of a shape set share one set
 of parameters and gradients and keep their own optimizer state; they run
 round-robin with the bandwidth yardstick of the same size (timing.py), so every
-figure of a table comes from the same minutes of the same machine.
+figure of a table comes from the same minutes of the same machine; then each
+memkernels row runs as many rounds back to back with its anchor, for its ratio.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .. import backends
 from ..optim import SGD, AdamW, Lion
 from .machine import describe
 from .shapes import gpt2_small
-from .timing import bandwidth_kernel, interleaved, median_iqr
+from .timing import bandwidth_kernel, interleaved, median_iqr, paired
 
 # DESIGN.md's byte model per parameter and step, fp32 everything.
 # memkernels variants: (optimizer op, bytes per parameter, needs a closure, gradients: "new" tensors every
@@ -48,9 +49,10 @@ NOTES = [
     "zero_grad(set_to_none=False) does, and copies.",
     "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
     "below 1 is faster.",
-    "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time in the same "
-    "round (torch fused AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion): a slow "
-    "or fast spell of the machine that spans a round cancels out, which a ratio of medians keeps.",
+    "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time (torch fused "
+    "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round the two called "
+    "back to back, which goes first alternating (after the round-robin, as many rounds): a slow or fast spell "
+    "of the machine spans both calls and cancels out, which a ratio of medians keeps.",
     "GB/s counts DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
     "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
     "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
@@ -279,41 +281,43 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
         warnings.simplefilter("ignore")  # e.g. the trajectory-HVP note: a training caveat, not a timing one
         cands = candidates(params, stored, device, backend_status)
         runnable = [c for c in cands if c.step is not None]
+        counterparts = {i: a for i, c in enumerate(runnable)
+                        if c.kind == "memkernels" and (a := _anchor_of(c, runnable)) is not None}
         bw_name, bw_fn, bw_bytes = bandwidth_kernel(numel, device)
-        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1))
+        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1 + 2 * len(counterparts)))
         times = interleaved([bw_fn] + [c.step for c in runnable], warmup=cfg.warmup, repeats=cfg.repeats,
                             device=device, tick=tick)
+        ratios = {i: (a.backend, paired(runnable[i].step, a.step, warmup=cfg.warmup, repeats=cfg.repeats,
+                                        device=device, tick=tick)) for i, a in counterparts.items()}
     bw_ms, bw_iqr = median_iqr(times[0])
     bandwidth = bw_bytes / (bw_ms * 1e-3) / 1e9
     info = {"name": name, "description": description, "params": numel, "tensors": len(shapes),
             "bandwidth": {"kernel": bw_name, "gb_s": bandwidth, "median_ms": bw_ms, "iqr_ms": bw_iqr,
                           "bytes": bw_bytes}}
     rows = []
-    for cand, sample in zip(runnable, times[1:]):
+    for i, (cand, sample) in enumerate(zip(runnable, times[1:])):
         ms, iqr = median_iqr(sample)
         gb_s = cand.bytes_per_param * numel / (ms * 1e-3) / 1e9
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
                      "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
                      "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
                      "samples_ms": sample})
+        if i in ratios:
+            anchor, per_round = ratios[i]
+            rows[-1]["paired_ratio"] = {"anchor": anchor, "median": statistics.median(per_round),
+                                        "ratios": per_round}
     fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
     for row in rows:
         row["ratio_to_torch_fused"] = row["median_ms"] / fused if fused else None
-        if row["kind"] == "memkernels":
-            row["paired_ratio"] = paired_ratio(row, rows)
     unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
                    for c in cands if c.step is None}
     return info, rows, unavailable
 
 
-def paired_ratio(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The row's per-round time ratio to the first timed anchor of its optimizer (AdamW variants: AdamW)."""
-    optimizer = row["name"].split(" + ")[0]
-    anchor = next((r for r in rows if r["kind"] == "anchor" and r["name"] == optimizer), None)
-    if anchor is None:
-        return None
-    ratios = [mine / theirs for mine, theirs in zip(row["samples_ms"], anchor["samples_ms"])]
-    return {"anchor": anchor["backend"], "median": statistics.median(ratios)}
+def _anchor_of(row: Candidate, runnable: list[Candidate]) -> Candidate | None:
+    """The first timed anchor of the row's optimizer (AdamW variants: AdamW), its counterpart."""
+    optimizer = row.name.split(" + ")[0]
+    return next((c for c in runnable if c.kind == "anchor" and c.name == optimizer), None)
 
 
 def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,

@@ -4,7 +4,8 @@ Every round calls each timed function once, so a slow spell of the machine
 (another process, a frequency change) hits every row alike instead of one
 row's whole sample; round r starts at function r mod k, so no row always runs
 right after the same other row (whose caches and memory traffic it would
-inherit). On CUDA each call sits between two CUDA events (GPU time, launch
+inherit). A row's ratio to its anchor comes from the two called back to back
+(paired). On CUDA each call sits between two CUDA events (GPU time, launch
 gaps included); on the CPU it is wall time.
 """
 from __future__ import annotations
@@ -16,39 +17,67 @@ from typing import Callable, Sequence
 import torch
 
 
+def _timed(fns: Sequence[Callable[[], object]], order: Sequence[int], device: torch.device) -> list[float]:
+    """Milliseconds of one call of each function, called in `order`."""
+    sample = [0.0] * len(fns)
+    if device.type == "cuda":
+        events = []
+        for i in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[i]()
+            end.record()
+            events.append((i, start, end))
+        torch.cuda.synchronize(device)
+        for i, start, end in events:
+            sample[i] = start.elapsed_time(end)
+    else:
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            sample[i] = (time.perf_counter() - t0) * 1e3
+    return sample
+
+
+def _check_rounds(warmup: int, repeats: int) -> None:
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+
+
 def interleaved(fns: Sequence[Callable[[], object]], *, warmup: int, repeats: int, device: torch.device,
                 tick: Callable[[int], object] = lambda n: None) -> list[list[float]]:
     """Milliseconds of each call of each function over `repeats` rounds after `warmup` rounds.
 
     tick(k) is called after every round with the number of calls made, for a progress bar.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    _check_rounds(warmup, repeats)
     times: list[list[float]] = [[] for _ in fns]
     for r in range(warmup + repeats):
-        order = [(r + j) % len(fns) for j in range(len(fns))]
-        sample = [0.0] * len(fns)
-        if device.type == "cuda":
-            events = []
-            for i in order:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[i]()
-                end.record()
-                events.append((i, start, end))
-            torch.cuda.synchronize(device)
-            for i, start, end in events:
-                sample[i] = start.elapsed_time(end)
-        else:
-            for i in order:
-                t0 = time.perf_counter()
-                fns[i]()
-                sample[i] = (time.perf_counter() - t0) * 1e3
+        sample = _timed(fns, [(r + j) % len(fns) for j in range(len(fns))], device)
         if r >= warmup:
             for row, ms in zip(times, sample):
                 row.append(ms)
         tick(len(fns))
     return times
+
+
+def paired(fn: Callable[[], object], anchor: Callable[[], object], *, warmup: int, repeats: int,
+           device: torch.device, tick: Callable[[int], object] = lambda n: None) -> list[float]:
+    """fn's time / anchor's time in each of `repeats` rounds of the two called back to back.
+
+    In a round-robin over a dozen rows a row and its anchor run up to seconds apart, and this
+    machine's memory bandwidth moves by half within seconds; back to back, a slow spell spans both
+    calls and cancels in their ratio. The first of the two alternates, so neither always inherits
+    the other's caches.
+    """
+    _check_rounds(warmup, repeats)
+    ratios = []
+    for r in range(warmup + repeats):
+        mine, theirs = _timed((fn, anchor), (0, 1) if r % 2 == 0 else (1, 0), device)
+        if r >= warmup:
+            ratios.append(mine / theirs)
+        tick(2)
+    return ratios
 
 
 def median_iqr(sample: Sequence[float]) -> tuple[float, float]:
