@@ -50,9 +50,9 @@ NOTES = [
     "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
     "below 1 is faster.",
     "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time (torch fused "
-    "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round the two called "
-    "back to back, which goes first alternating (after the round-robin, as many rounds): a slow or fast spell "
-    "of the machine spans both calls and cancels out, which a ratio of medians keeps.",
+    "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round (after the "
+    "round-robin, as many rounds) calling row, counterpart, counterpart, row back to back: a slow or fast spell "
+    "of the machine spans the round and cancels out, which a ratio of medians keeps, and each goes first once.",
     "GB/s counts DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
     "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
     "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
@@ -284,7 +284,7 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
         counterparts = {i: a for i, c in enumerate(runnable)
                         if c.kind == "memkernels" and (a := _anchor_of(c, runnable)) is not None}
         bw_name, bw_fn, bw_bytes = bandwidth_kernel(numel, device)
-        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1 + 2 * len(counterparts)))
+        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1 + 4 * len(counterparts)))
         times = interleaved([bw_fn] + [c.step for c in runnable], warmup=cfg.warmup, repeats=cfg.repeats,
                             device=device, tick=tick)
         ratios = {i: (a.backend, paired(runnable[i].step, a.step, warmup=cfg.warmup, repeats=cfg.repeats,

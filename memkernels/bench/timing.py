@@ -18,7 +18,7 @@ import torch
 
 
 def _timed(fns: Sequence[Callable[[], object]], order: Sequence[int], device: torch.device) -> list[float]:
-    """Milliseconds of one call of each function, called in `order`."""
+    """Milliseconds each function took over its calls in `order` (a function may appear more than once)."""
     sample = [0.0] * len(fns)
     if device.type == "cuda":
         events = []
@@ -30,12 +30,12 @@ def _timed(fns: Sequence[Callable[[], object]], order: Sequence[int], device: to
             events.append((i, start, end))
         torch.cuda.synchronize(device)
         for i, start, end in events:
-            sample[i] = start.elapsed_time(end)
+            sample[i] += start.elapsed_time(end)
     else:
         for i in order:
             t0 = time.perf_counter()
             fns[i]()
-            sample[i] = (time.perf_counter() - t0) * 1e3
+            sample[i] += (time.perf_counter() - t0) * 1e3
     return sample
 
 
@@ -63,20 +63,21 @@ def interleaved(fns: Sequence[Callable[[], object]], *, warmup: int, repeats: in
 
 def paired(fn: Callable[[], object], anchor: Callable[[], object], *, warmup: int, repeats: int,
            device: torch.device, tick: Callable[[int], object] = lambda n: None) -> list[float]:
-    """fn's time / anchor's time in each of `repeats` rounds of the two called back to back.
+    """fn's time / anchor's time in each of `repeats` rounds of fn, anchor, anchor, fn back to back.
 
     In a round-robin over a dozen rows a row and its anchor run up to seconds apart, and this
-    machine's memory bandwidth moves by half within seconds; back to back, a slow spell spans both
-    calls and cancels in their ratio. The first of the two alternates, so neither always inherits
-    the other's caches.
+    machine's memory bandwidth moves by half within seconds; back to back, a slow spell spans the
+    round and cancels in its ratio. Each function runs once first and once second of the two: where
+    their working sets share cache (the same parameters and gradients), the second call of a pair
+    is faster, and one pair per round would make the ratio's median hang on which went first.
     """
     _check_rounds(warmup, repeats)
     ratios = []
     for r in range(warmup + repeats):
-        mine, theirs = _timed((fn, anchor), (0, 1) if r % 2 == 0 else (1, 0), device)
+        mine, theirs = _timed((fn, anchor), (0, 1, 1, 0), device)
         if r >= warmup:
             ratios.append(mine / theirs)
-        tick(2)
+        tick(4)
     return ratios
 
 
