@@ -25,10 +25,22 @@ from .reference import NDIAG
 
 LIB = "memkernels"
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# kappa: the correction term is limited to kappa * lr * |u| per element (docs/THEORY.md section 9)
+CORRECTION_LIMIT = 0.5
 
-_COMMON = ("float correction=0., float hvp_scale=0., bool maximize=False, bool memoryless=False, "
-           "bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
-           "Tensor? step_scalars=None, str backend=\"auto\"")
+# Beyond the step's own arguments:
+# - origins: the probe pass (probe=True) keeps theta there and writes theta + tau d into params; a step
+#   given origins reads theta from them and writes the new theta into params.
+# - probe_tau: tau (a float64 one-element tensor on the params' device, read by the kernel): the probe
+#   pass's displacement; in a step it replaces hvp_scale by 1 / tau.
+# - probe_norms: float64 (2,): the probe pass adds sum theta^2 and sum d^2 (the next step's tau).
+# - hvps: kept estimates of H d; a step that estimates H d from grad_refs stores it there, and with
+#   reuse_hvp=True a step reads it from there instead (grad_refs empty).
+_COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., bool maximize=False, "
+           "bool memoryless=False, bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
+           "Tensor? step_scalars=None, Tensor(o!)[]? origins=None, Tensor(k!)[]? hvps=None, bool reuse_hvp=False, "
+           "bool probe=False, Tensor? probe_tau=None, Tensor(n!)? probe_norms=None, str backend=\"auto\""
+           % CORRECTION_LIMIT)
 
 # The scalars that change from step to step, in the order of the optional `step_scalars` tensor (float64,
 # on the params' device). When it is given its values replace the float arguments of the same names, so a
@@ -79,7 +91,7 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open=F
 def check_hyperparameters(**values: float) -> None:
     """The rules every entry point applies to its scalars, by name."""
     for name, value in values.items():
-        if name in ("lr", "weight_decay", "smoothing", "hvp_scale"):
+        if name in ("lr", "weight_decay", "smoothing", "hvp_scale", "probe_tau"):
             _check_range(name, value, 0.0, math.inf)
         elif name in ("beta1", "beta2", "momentum"):
             _check_range(name, value, 0.0, 1.0)
@@ -87,6 +99,9 @@ def check_hyperparameters(**values: float) -> None:
             _check_range(name, value, 0.0, math.inf, low_open=True)
         elif name == "correction":
             _check_range(name, value, -math.inf, math.inf, low_open=True)
+        elif name == "correction_limit":
+            if not value > 0.0:  # inf switches the limit off; NaN fails here too
+                raise ValueError(f"correction_limit must be in (0, inf], got {value}")
 
 
 def _dense_layout(t: Tensor) -> bool:
@@ -99,6 +114,9 @@ def _dense_layout(t: Tensor) -> bool:
     return True
 
 
+_PARAM_LISTS = ("params", "grads", "origins")  # of the params' dtype; the others are states
+
+
 def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: torch.dtype) -> bool:
     """The per-tensor rules below in a few aggregated passes: the common case costs microseconds per tensor."""
     params = lists["params"]
@@ -109,7 +127,7 @@ def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: tor
         if not lst:
             continue
         dtypes = {t.dtype for t in lst}
-        allowed = (dtype,) if name in ("params", "grads") else (dtype, torch.float32, torch.float64)
+        allowed = (dtype,) if name in _PARAM_LISTS else (dtype, torch.float32, torch.float64)
         if len(dtypes) != 1 or lst[0].dtype not in allowed or any(t.device != device for t in lst):
             return False
         if lst is not params and [(t.shape, t.stride()) for t in lst] != layout:
@@ -120,21 +138,25 @@ def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: tor
 def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   states: dict[str, Sequence[Tensor]], grad_refs: Sequence[Tensor],
                   diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
-                  step_scalars: Tensor | None = None) -> None:
+                  step_scalars: Tensor | None = None, *, origins: Sequence[Tensor] | None = None,
+                  hvps: Sequence[Tensor] | None = None, probe_tau: Tensor | None = None,
+                  probe_norms: Tensor | None = None) -> None:
     where = f"memkernels.{op}_"
+    origins, hvps = origins or (), hvps or ()
     if len(grads) != len(params):
         raise ValueError(f"{where}: grads has {len(grads)} tensors, params has {len(params)}")
     for name, lst in states.items():
         if len(lst) not in (len(params),) and not (name == "momentum_buffers" and len(lst) == 0):
             raise ValueError(f"{where}: {name} has {len(lst)} tensors, params has {len(params)}")
-    if len(grad_refs) not in (0, len(params)):
-        raise ValueError(f"{where}: grad_refs has {len(grad_refs)} tensors, expected 0 or {len(params)}")
+    for name, lst in (("grad_refs", grad_refs), ("origins", origins), ("hvps", hvps)):
+        if len(lst) not in (0, len(params)):
+            raise ValueError(f"{where}: {name} has {len(lst)} tensors, expected 0 or {len(params)}")
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     if dtype not in PARAM_DTYPES:
         raise TypeError(f"{where}: params[0] has dtype {dtype}; supported: {PARAM_DTYPES}")
-    lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs}
+    lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs, "origins": origins, "hvps": hvps}
     if not _all_ok(lists, device, dtype):  # find and name the culprit
         for name, lst in lists.items():
             list_dtype = lst[0].dtype if lst else None
@@ -146,11 +168,11 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                     raise TypeError(f"{label} is {t.layout}; sparse tensors are not supported")
                 if t.device != device:
                     raise ValueError(f"{label} is on {t.device} but params[0] is on {device}")
-                if name in ("params", "grads") and t.dtype != dtype:
+                if name in _PARAM_LISTS and t.dtype != dtype:
                     raise TypeError(f"{label} has dtype {t.dtype} but params[0] has {dtype}")
                 if t.dtype != list_dtype:
                     raise TypeError(f"{label} has dtype {t.dtype} but {name}[0] has {list_dtype}")
-                if name not in ("params", "grads") and t.dtype not in (dtype, torch.float32, torch.float64):
+                if name not in _PARAM_LISTS and t.dtype not in (dtype, torch.float32, torch.float64):
                     raise TypeError(f"{label} has dtype {t.dtype}; states are {dtype} or float32")
                 p = params[i]
                 if t.shape != p.shape:
@@ -158,18 +180,36 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                 if t.numel() > 1 and (t.stride() != p.stride() or not _dense_layout(t)):
                     raise ValueError(f"{label} must be dense with the strides of params[{i}] "
                                      f"(strides {t.stride()} vs {p.stride()})")
-    if diagnostics is not None and (diagnostics.shape != (NDIAG,) or diagnostics.dtype != torch.float64
-                                    or diagnostics.device != device):
-        raise ValueError(f"{where}: diagnostics must be a float64 tensor of shape ({NDIAG},) on {device}")
+    for name, t, size in (("diagnostics", diagnostics, NDIAG), ("probe_norms", probe_norms, 2)):
+        if t is not None and (t.shape != (size,) or t.dtype != torch.float64 or t.device != device):
+            raise ValueError(f"{where}: {name} must be a float64 tensor of shape ({size},) on {device}")
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (t.numel() != 1 or not t.is_floating_point()):
             raise ValueError(f"{where}: {name} must be a one-element floating tensor")
+    if probe_tau is not None and (probe_tau.numel() != 1 or probe_tau.dtype != torch.float64
+                                  or probe_tau.device != device):
+        raise ValueError(f"{where}: probe_tau must be a one-element float64 tensor on {device}")
     n_step = len(STEP_SCALARS[op])
     if step_scalars is not None and (step_scalars.shape != (n_step,) or step_scalars.dtype != torch.float64
                                      or step_scalars.device != device or step_scalars.layout != torch.strided):
         raise ValueError(f"{where}: step_scalars must be a float64 tensor of shape ({n_step},) on {device} "
                          f"holding {', '.join(STEP_SCALARS[op])}; got {step_scalars.dtype} "
                          f"{tuple(step_scalars.shape)} on {step_scalars.device}")
+
+
+def check_modes(op: str, grad_refs: Sequence[Tensor], diagnostics: Tensor | None, *, correction: float,
+                origins: Sequence[Tensor] | None, hvps: Sequence[Tensor] | None, reuse_hvp: bool, probe: bool,
+                probe_tau: Tensor | None, **_: object) -> None:
+    """Which optional arguments each mode needs (counts and tensors are check_tensors' job)."""
+    where = f"memkernels.{op}_"
+    if probe and not (origins and probe_tau is not None and diagnostics is None and not reuse_hvp):
+        raise ValueError(f"{where}: probe=True needs origins and probe_tau, and takes no diagnostics or reuse_hvp")
+    if reuse_hvp and not (hvps and not grad_refs):
+        raise ValueError(f"{where}: reuse_hvp=True reads hvps (needed) instead of grad_refs (must be empty)")
+    if hvps and not reuse_hvp and not probe and not grad_refs:
+        raise ValueError(f"{where}: hvps without reuse_hvp stores the estimate from grad_refs, which are empty")
+    if correction != 0.0 and not probe and not grad_refs and not reuse_hvp:
+        raise ValueError(f"{where}: correction != 0 needs grad_refs (or hvps with reuse_hvp=True)")
 
 
 _caller = threading.local()
@@ -196,20 +236,27 @@ def _impl(op: str):
         *state_lists, grad_refs, diagnostics = lists_and_diag
         if not getattr(_caller, "checked", False):
             check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
-                          kwargs.get("grad_scale"), kwargs.get("found_inf"), kwargs.get("step_scalars"))
+                          kwargs["grad_scale"], kwargs["found_inf"], kwargs["step_scalars"],
+                          origins=kwargs["origins"], hvps=kwargs["hvps"], probe_tau=kwargs["probe_tau"],
+                          probe_norms=kwargs["probe_norms"])
         if not params:
             return
+        check_modes(op, grad_refs, diagnostics, **kwargs)
         _, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type)
+        kwargs["origins"], kwargs["hvps"] = kwargs["origins"] or [], kwargs["hvps"] or []
         step_scalars = kwargs.pop("step_scalars")
         if kernel.device_step_scalars:
             kwargs["step_scalars"] = step_scalars
-        elif step_scalars is not None:
-            kwargs.update(zip(STEP_SCALARS[op], step_scalars.tolist()))  # a host read
+        else:  # host reads: free for CPU tensors, the reference's way on others
+            if step_scalars is not None:
+                kwargs.update(zip(STEP_SCALARS[op], step_scalars.tolist()))
+            tau = 0.0 if kwargs["probe_tau"] is None else float(kwargs["probe_tau"])
+            if kwargs["probe_tau"] is not None and not kwargs["probe"]:
+                kwargs["hvp_scale"] = 1.0 / tau if tau > 0.0 else 0.0
+            kwargs["probe_tau"] = tau
         check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
-        if kwargs["correction"] != 0.0 and not grad_refs:
-            raise ValueError(f"memkernels.{op}_: correction != 0 needs grad_refs")
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
 
     return impl

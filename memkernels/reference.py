@@ -5,11 +5,17 @@ fp64 for fp64 params) and returns the new values; backends/reference.py loops
 over tensors and writes them back. Every kernel (numba, Triton, CUDA) mirrors
 these functions line by line with the same names.
 
-Notation (THEORY.md): g is the loss gradient after unscaling and the maximize
-sign; F is the update with memory, u = F(theta, ..., theta) the memoryless
-update, hvp the Hessian-vector estimate (g_ref - g) * hvp_scale of H d for the
-memoryless direction d, M the memory correction, and the parameter moves by
--lr * (F + correction * lr * M) (or u in place of F in memoryless mode).
+Notation (docs/THEORY.md): g is the loss gradient after unscaling and the
+maximize sign; F is the update with memory, u = F(theta, ..., theta) the
+memoryless update, hvp the estimate of H d for the memoryless direction d
+(estimate_hvp, or a kept estimate), M the memory correction, and the parameter
+moves by -lr * (F + correction * lr * M) (or u in place of F in memoryless
+mode), with the correction term limited to correction_limit * lr * |u| per
+element (docs/THEORY.md section 9).
+
+The probe estimate of H d takes two passes: probe() moves theta to
+theta + tau * d and keeps theta in an origin buffer; the step then reads theta
+from the origin (backends/reference.py).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from torch import Tensor
 
 # Per-group diagnostics, reduced in the same pass: slots of the diagnostics tensor.
-DIAGNOSTICS = ("update_sq", "correction_sq", "memory_sq", "residual_sq", "penalty_sum", "sign_flips")
+DIAGNOSTICS = ("update_sq", "correction_sq", "memory_sq", "residual_sq", "penalty_sum", "sign_flips", "limited")
 NDIAG = len(DIAGNOSTICS)
 
 
@@ -31,6 +37,14 @@ class Step(NamedTuple):
     g: Tensor  # the processed gradient, stored as the next trajectory reference
     M: Tensor  # the memory correction (tests and the theory engine read it)
     diag: tuple[Tensor, ...]  # one term per DIAGNOSTICS slot
+
+
+class Probe(NamedTuple):
+    """What one element's probe pass produces: theta + tau d, and its terms of the norms that set tau."""
+
+    p: Tensor
+    theta_sq: Tensor
+    d_sq: Tensor
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -49,30 +63,49 @@ def load_grad(grad: Tensor, inv_scale: float, maximize: bool) -> Tensor:
     return -g if maximize else g
 
 
+def estimate_hvp(g_ref: Tensor, g: Tensor, hvp_scale: float) -> Tensor:
+    """H d from two gradients: (g(theta + tau d) - g) / tau (probe), (g + H d) - g (exact), or the
+    trajectory's (g_{n-1} - g_n) / (lr_{n-1} r)."""
+    return (g_ref - g) * hvp_scale
+
+
 def descend(p: Tensor, shrink: float, step_size: float, step: Tensor, M: Tensor, lr: float,
-            correction: float) -> Tensor:
-    """p <- p * shrink - step_size * step - correction * lr^2 * M."""
+            correction: float, u: Tensor, correction_limit: float) -> tuple[Tensor, Tensor]:
+    """p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to kappa lr |u|.
+
+    Returns p and the elements where the limit acted. A NaN term is not limited (it propagates).
+    """
     if shrink != 1.0:
         p = p * shrink
     p = p - step_size * step
+    limited = torch.zeros_like(p, dtype=torch.bool)
     if correction != 0.0:
-        p = p - (correction * lr * lr) * M
-    return p
+        term = (correction * lr * lr) * M
+        bound = (correction_limit * lr) * torch.abs(u)
+        limited = torch.abs(term) > bound
+        term = torch.where(limited, torch.where(term < 0, -bound, bound), term)
+        p = p - term
+    return p, limited
 
 
-def diagnostics(F, u, M, lr, penalty, sign_flips):
+def diagnostics(F, u, M, lr, penalty, sign_flips, limited):
     hM = lr * M
     memory = F - u
     residual = memory - hM
-    return (F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips)
+    return (F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips, limited.to(F.dtype))
 
 
-def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_ref: Tensor | None, *,
+def probe(p: Tensor, d: Tensor, tau: float) -> Probe:
+    """The probe pass: theta + tau d (the caller keeps theta), and theta^2, d^2 for the next tau."""
+    return Probe(p + tau * d, p * p, d * d)
+
+
+def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor | None, *,
           lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
           bias_correction1: float, bias_correction2: float, mean_age1: float, mean_age2: float,
-          correction: float, hvp_scale: float, decoupled: bool, eps_inside_sqrt: bool,
+          correction: float, correction_limit: float, decoupled: bool, eps_inside_sqrt: bool,
           memoryless: bool) -> Step:
-    """AdamW (decoupled) or Adam with L2 (coupled) and the correction of THEORY.md section 3."""
+    """AdamW (decoupled) or Adam with L2 (coupled) and the correction of docs/THEORY.md section 3."""
     g_raw = g
     if not decoupled:
         g = g + weight_decay * p  # coupled L2: the EMAs see g~ = g + lambda theta
@@ -94,19 +127,19 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_ref: Tens
         penalty = torch.abs(g) - eps * torch.log1p(torch.abs(g) / eps)
     F = exp_avg / bias_correction1 / denom + decay
     u = g_over_a + decay
-    if g_ref is None:
+    if hvp is None:
         M = torch.zeros_like(p)
     else:
-        hvp = (g_ref - g_raw) * hvp_scale
         if not decoupled:
             hvp = hvp + weight_decay * u  # H~ = H + lambda I
         M = coef * hvp
-    diag = diagnostics(F, u, M, lr, penalty, torch.zeros_like(p))
     shrink = 1 - lr * weight_decay if decoupled else 1.0
     if memoryless:
-        p = descend(p, shrink, lr, g_over_a, M, lr, correction)
+        p, limited = descend(p, shrink, lr, g_over_a, M, lr, correction, u, correction_limit)
     else:
-        p = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction)
+        p, limited = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction, u,
+                             correction_limit)
+    diag = diagnostics(F, u, M, lr, penalty, torch.zeros_like(p), limited)
     return Step(p, (exp_avg, exp_avg_sq), g_raw, M, diag)
 
 
@@ -123,11 +156,11 @@ def smooth_sign_slope(x: Tensor, smoothing: float) -> Tensor:
     return smoothing / (s * torch.sqrt(s))
 
 
-def lion(p: Tensor, g: Tensor, exp_avg: Tensor, g_ref: Tensor | None, *,
+def lion(p: Tensor, g: Tensor, exp_avg: Tensor, hvp: Tensor | None, *,
          lr: float, beta1: float, beta2: float, weight_decay: float, smoothing: float,
-         ema_weight: float, age_weight: float, correction: float, hvp_scale: float,
+         ema_weight: float, age_weight: float, correction: float, correction_limit: float,
          memoryless: bool) -> Step:
-    """Lion (sign) or Lion-K with a smooth sign, and the correction of THEORY.md section 4."""
+    """Lion (sign) or Lion-K with a smooth sign, and the correction of docs/THEORY.md section 4."""
     c = beta1 * exp_avg + (1 - beta1) * g
     wg = ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
     decay = weight_decay * p
@@ -135,22 +168,22 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, g_ref: Tensor | None, *,
     phi_wg = smooth_sign(wg, smoothing)
     F = phi_c + decay
     u = phi_wg + decay
-    if g_ref is None:
+    if hvp is None:
         M = torch.zeros_like(p)
     else:
-        hvp = (g_ref - g) * hvp_scale
         M = smooth_sign_slope(wg, smoothing) * age_weight * hvp
     exp_avg = beta2 * exp_avg + (1 - beta2) * g
     penalty = torch.sqrt(wg * wg + smoothing)
     sign_flips = (torch.sign(c) != torch.sign(g)).to(p.dtype)
-    diag = diagnostics(F, u, M, lr, penalty, sign_flips)
-    p = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction)
+    p, limited = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction, u,
+                         correction_limit)
+    diag = diagnostics(F, u, M, lr, penalty, sign_flips, limited)
     return Step(p, (exp_avg,), g, M, diag)
 
 
-def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, g_ref: Tensor | None, *,
+def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, hvp: Tensor | None, *,
         lr: float, momentum: float, weight_decay: float, nesterov: bool,
-        update_scale: float, memory_coef: float, correction: float, hvp_scale: float,
+        update_scale: float, memory_coef: float, correction: float, correction_limit: float,
         memoryless: bool) -> Step:
     """Heavy-ball or Nesterov SGD (coupled decay, dampening 0) and the correction of section 2."""
     g_raw = g
@@ -163,21 +196,21 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, g_ref: Tensor | No
         F = g + momentum * momentum_buffer if nesterov else momentum_buffer
         states = (momentum_buffer,)
     u = update_scale * g
-    if g_ref is None:
+    if hvp is None:
         M = torch.zeros_like(p)
     else:
-        hvp = (g_ref - g_raw) * hvp_scale + weight_decay * g  # H~ g~ = H g~ + lambda g~
+        hvp = hvp + weight_decay * g  # H~ g~ = H g~ + lambda g~
         M = memory_coef * hvp
-    diag = diagnostics(F, u, M, lr, 0.5 * g * g, torch.zeros_like(p))
-    p = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction)
+    p, limited = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction, u, correction_limit)
+    diag = diagnostics(F, u, M, lr, 0.5 * g * g, torch.zeros_like(p), limited)
     return Step(p, states, g_raw, M, diag)
 
 
-# Memoryless directions d = F(theta, ..., theta), evaluated by the optimizers before a
-# probe or exact HVP (the fused steps above compute the same u inline).
+# Memoryless directions d = F(theta, ..., theta) whose H d the correction needs: the probe pass and
+# the exact HVP evaluate them (the fused steps above compute the same u inline).
 
 def adamw_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, decoupled: bool,
-                    eps_inside_sqrt: bool) -> Tensor:
+                    eps_inside_sqrt: bool, **_: object) -> Tensor:
     """g / a + decay, in place on a where the values are the same: each full-size temporary is a fresh
     allocation, and its first-touch page faults cost more than the arithmetic."""
     if not decoupled:
@@ -187,10 +220,15 @@ def adamw_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, de
     return u.add_(weight_decay * p) if decoupled else u
 
 
-def lion_direction(p: Tensor, g: Tensor, *, weight_decay: float, smoothing: float, ema_weight: float) -> Tensor:
+def lion_direction(p: Tensor, g: Tensor, *, weight_decay: float, smoothing: float, ema_weight: float,
+                   **_: object) -> Tensor:
     return smooth_sign(ema_weight * g, smoothing).add_(weight_decay * p)  # in place: see adamw_direction
 
 
-def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float) -> Tensor:
+def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float, **_: object) -> Tensor:
     """H~ is applied to g~ itself (M = c_n H~ g~), so d = g~ without the factor S_n."""
     return g + weight_decay * p
+
+
+# op -> (step, direction); the directions take the op's scalars and ignore the ones they do not use.
+OPS = {"adamw": (adamw, adamw_direction), "lion": (lion, lion_direction), "sgd": (sgd, sgd_direction)}

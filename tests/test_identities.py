@@ -1,4 +1,4 @@
-"""Identities the math must satisfy exactly (THEORY.md sections 2-6).
+"""Identities the math must satisfy exactly (docs/THEORY.md sections 2-6).
 
 - Section 4's cross-check: Adam with eps inside the sqrt and beta1 = beta2 = beta
   and smoothed Lion (Signum) with the same beta and smoothing = eps have the
@@ -42,14 +42,15 @@ def test_adam_eps_inside_and_signum_share_the_correction(beta, eps):
     age = replay(EMAAge(beta), LARGE_N)
     lion = replay(LionWeights(beta, beta), LARGE_N)
     hvp_scale = 3.0
-    adam = reference.adamw(p, g, exp_avg, exp_avg_sq, g_ref, lr=0.01, beta1=beta, beta2=beta, eps=eps,
+    hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
+    adam = reference.adamw(p, g, exp_avg, exp_avg_sq, hvp, lr=0.01, beta1=beta, beta2=beta, eps=eps,
                            weight_decay=0.0, bias_correction1=age.bias_correction,
                            bias_correction2=age.bias_correction, mean_age1=age.mean_age, mean_age2=age.mean_age,
-                           correction=1.0, hvp_scale=hvp_scale, decoupled=True, eps_inside_sqrt=True,
+                           correction=1.0, correction_limit=math.inf, decoupled=True, eps_inside_sqrt=True,
                            memoryless=True)
-    signum = reference.lion(p, g, exp_avg, g_ref, lr=0.01, beta1=beta, beta2=beta, weight_decay=0.0,
+    signum = reference.lion(p, g, exp_avg, hvp, lr=0.01, beta1=beta, beta2=beta, weight_decay=0.0,
                             smoothing=eps, ema_weight=lion.w, age_weight=lion.c, correction=1.0,
-                            hvp_scale=hvp_scale, memoryless=True)
+                            correction_limit=math.inf, memoryless=True)
     tau = beta / (1.0 - beta)
     expected = tau * eps / (g * g + eps) ** 1.5 * (g_ref - g) * hvp_scale
     # Adam's coefficient A/a - B g^2/a^3 cancels down to A eps/a^3: relative rounding ~ 1e-16 g^2/eps
@@ -69,8 +70,8 @@ def test_adam_eps_inside_and_signum_ops_agree(beta):
     refs = [rand(*s, seed=30 + i) for i, s in enumerate(shapes)]
     age = replay(EMAAge(beta), LARGE_N)
     lion = replay(LionWeights(beta, beta), LARGE_N)
-    common = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=0.0, correction=1.0, hvp_scale=2.0,
-                  memoryless=True, backend="reference")
+    common = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=0.0, correction=1.0, correction_limit=math.inf,
+                  hvp_scale=2.0, memoryless=True, backend="reference")
     p_adam = [p.clone() for p in params]
     torch.ops.memkernels.adamw_(p_adam, grads, [torch.zeros_like(p) for p in params],
                                 [torch.zeros_like(p) for p in params], refs, None, eps=eps,
@@ -97,9 +98,9 @@ def test_adamw_coefficient_in_float32_where_powers_of_a_overflow(eps_inside_sqrt
     g = torch.exp(torch.empty(100, dtype=F64).uniform_(math.log(low), math.log(high),
                                                         generator=torch.Generator().manual_seed(0)))
     g = torch.where(torch.arange(100) % 2 == 0, g, -g)
-    inputs = (torch.ones_like(g), g, torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g))
+    inputs = (torch.ones_like(g), g, torch.zeros_like(g), torch.zeros_like(g), -g)  # hvp = 0 - g
     kwargs = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=1.0,
-                  bias_correction2=1.0, mean_age1=9.0, mean_age2=999.0, correction=1.0, hvp_scale=1.0,
+                  bias_correction2=1.0, mean_age1=9.0, mean_age2=999.0, correction=1.0, correction_limit=0.5,
                   decoupled=True, eps_inside_sqrt=eps_inside_sqrt, memoryless=False)
     M64 = reference.adamw(*inputs, **kwargs).M
     M32 = reference.adamw(*(t.float() for t in inputs), **kwargs).M
@@ -112,9 +113,9 @@ def test_adamw_coefficient_in_float32_where_powers_of_a_overflow(eps_inside_sqrt
 def test_sign_lion_reference_correction_is_zero():
     p, g, exp_avg = (rand(1000, seed=s) for s in range(3))
     g[::7] = 0.0  # c = beta1 m is still nonzero there
-    g_ref = 1e30 * rand(1000, seed=3)  # however large the HVP
-    step = reference.lion(p, g, exp_avg, g_ref, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1,
-                          smoothing=0.0, ema_weight=0.95, age_weight=7.0, correction=1.0, hvp_scale=1.0,
+    hvp = 1e30 * rand(1000, seed=3)  # however large the HVP
+    step = reference.lion(p, g, exp_avg, hvp, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                          smoothing=0.0, ema_weight=0.95, age_weight=7.0, correction=1.0, correction_limit=0.5,
                           memoryless=False)
     c = 0.9 * exp_avg + 0.1 * g
     assert bool((c != 0).all())
@@ -270,7 +271,7 @@ def test_adamw_memory_stats_equal_brute_force(case, alpha):
 
 
 def heavy_ball_c(mu: float, n: int, nesterov: bool) -> tuple[float, float]:
-    """(F(theta..theta)/g~, c_n) by the double sum of THEORY.md section 1 (small n)."""
+    """(F(theta..theta)/g~, c_n) by the double sum of docs/THEORY.md section 1 (small n)."""
     def weights(s):  # dF^(s)/dg~_{s-k}
         return [1.0 + mu] + [mu ** (k + 1) for k in range(1, s + 1)] if nesterov else [mu ** k for k in range(s + 1)]
 

@@ -16,7 +16,7 @@ import torch
 import memkernels  # noqa: F401  (registers torch.ops.memkernels)
 
 F64 = torch.float64
-NDIAG = 6
+NDIAG = 7
 SHAPES = [(4, 3), (5,), (1,)]
 OP_KWARGS = {
     "adamw": dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, bias_correction1=0.1,

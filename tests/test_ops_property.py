@@ -1,6 +1,6 @@
-"""Property tests: each op equals an independent float64 evaluation of THEORY.md's formulas.
+"""Property tests: each op equals an independent float64 evaluation of docs/THEORY.md's formulas.
 
-The expected values are written here from THEORY.md sections 2-6 (not taken
+The expected values are written here from docs/THEORY.md sections 2-6 (not taken
 from memkernels.reference) and evaluated in float64 together with a bound on
 the error that computing them in the kernel's precision may make (fp32 for
 fp32/bf16/fp16 params, fp64 for fp64): every operation adds its rounding
@@ -11,6 +11,7 @@ rtol is not: cancellation (m - g, F - u, g_ref - g) is where kernels may differ.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ import memkernels  # noqa: F401  (registers torch.ops.memkernels)
 
 F64 = torch.float64
 SAFETY = 4.0  # the kernel's order of operations may round a few times more often than the one below
-NDIAG = 6
+NDIAG = 7
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -108,28 +109,41 @@ def zeros_like(x: Num) -> Num:
     return Num(torch.zeros_like(x.v), 0.0, x.u)
 
 
-# ---------------------------------------------------------------- THEORY.md's formulas, one element-wise step
+# ---------------------------------------------------------------- docs/THEORY.md's formulas, one element-wise step
 
 @dataclass
 class Expected:
     p: Num
     states: list[Num]
     g_raw: Num  # what the trajectory mode stores as the next reference gradient
-    diag: list[Num]  # update_sq, correction_sq, memory_sq, residual_sq, penalty, sign_flips
+    diag: list[Num]  # update_sq, correction_sq, memory_sq, residual_sq, penalty, sign_flips, limited
 
 
-def memory_terms(F: Num, u: Num, M: Num, lr: float, penalty: Num, flips: Num) -> list[Num]:
-    """Section 6: |F|^2, |h M|^2, |F - u|^2 (memory effect), |F - u - h M|^2 (unexplained), R's summand, flips."""
+def memory_terms(F: Num, u: Num, M: Num, lr: float, penalty: Num, flips: Num, limited: Num) -> list[Num]:
+    """Section 6: |F|^2, |h M|^2, |F - u|^2 (memory effect), |F - u - h M|^2 (unexplained), R's summand, flips,
+    and whether the correction was limited (section 9)."""
     hM = lr * M
     memory = F - u
     residual = memory - hM
-    return [F * F, hM * hM, memory * memory, residual * residual, penalty, flips]
+    return [F * F, hM * hM, memory * memory, residual * residual, penalty, flips, limited]
 
 
-def moved(p: Num, lr: float, update: Num, M: Num, correction: float) -> Num:
-    """p - h [update + alpha h M]; alpha = 0 leaves M out entirely."""
+def moved(p: Num, lr: float, update: Num, M: Num, correction: float, u: Num, kappa: float) -> tuple[Num, Num]:
+    """p - h update - alpha h^2 M, the last term at most kappa h |u| per element (section 9); and the
+    indicator of where it was limited. alpha = 0 leaves M out entirely. Where |term| is within its error
+    of the bound either outcome may come out: the two differ by at most that error."""
     p = p - lr * update
-    return p - (correction * lr * lr) * M if correction != 0.0 else p
+    if correction == 0.0:
+        return p, zeros_like(p)
+    term = (correction * lr * lr) * M
+    if math.isinf(kappa):  # a bound of inf (or NaN where u = 0) limits nothing
+        return p - term, zeros_like(p)
+    bound = (kappa * lr) * u.abs()
+    limited = term.v.abs() > bound.v  # NaN: not limited
+    ambiguous = ((term.v.abs() - bound.v).abs() <= SAFETY * (term.e + bound.e)).to(F64)
+    clipped = Num(torch.where(limited, torch.where(term.v < 0, -bound.v, bound.v), term.v),
+                  torch.where(limited, bound.e, term.e) + ambiguous * (term.e + bound.e), p.u)
+    return p - clipped, Num(limited.to(F64), ambiguous, p.u)
 
 
 def adamw_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> Expected:
@@ -159,8 +173,8 @@ def adamw_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> 
     else:
         M = coef * (hvp if kw["decoupled"] else hvp + lam * u)  # H~ u = H u + lambda u
     update = u if kw["memoryless"] else F
-    p_new = moved(p, kw["lr"], update, M, kw["correction"])
-    return Expected(p_new, [m, v], g_raw, memory_terms(F, u, M, kw["lr"], penalty, zeros_like(p)))
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    return Expected(p_new, [m, v], g_raw, memory_terms(F, u, M, kw["lr"], penalty, zeros_like(p), limited))
 
 
 def lion_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> Expected:
@@ -185,8 +199,8 @@ def lion_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> E
     m = ema(kw["beta2"], exp_avg, g, lerp=True)
     penalty = (wg * wg + s).sqrt()
     update = u if kw["memoryless"] else F
-    p_new = moved(p, kw["lr"], update, M, kw["correction"])
-    return Expected(p_new, [m], g, memory_terms(F, u, M, kw["lr"], penalty, c.differs_in_sign(g)))
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    return Expected(p_new, [m], g, memory_terms(F, u, M, kw["lr"], penalty, c.differs_in_sign(g), limited))
 
 
 def sgd_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> Expected:
@@ -203,8 +217,9 @@ def sgd_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> Ex
     u = kw["update_scale"] * g
     M = zeros_like(p) if hvp is None else kw["memory_coef"] * (hvp + kw["weight_decay"] * g)
     update = u if kw["memoryless"] else F
-    p_new = moved(p, kw["lr"], update, M, kw["correction"])
-    return Expected(p_new, new_states, g_raw, memory_terms(F, u, M, kw["lr"], 0.5 * (g * g), zeros_like(p)))
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    return Expected(p_new, new_states, g_raw, memory_terms(F, u, M, kw["lr"], 0.5 * (g * g), zeros_like(p),
+                                                            limited))
 
 
 # ---------------------------------------------------------------- the cases
@@ -219,6 +234,8 @@ class Case:
     grad_refs: list[Tensor]
     diagnostics: Tensor | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    origins: list[Tensor] = field(default_factory=list)  # theta, when params hold the probe point
+    hvps: list[Tensor] = field(default_factory=list)  # kept estimates of H d: stored, or reused
 
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (33,)]
@@ -230,6 +247,7 @@ def hyperparameters(op: str) -> st.SearchStrategy[dict]:
     lr = st.floats(1e-4, 1.0)
     common = dict(lr=lr, weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
                   correction=st.sampled_from([0.0, 1.0, -1.0, 0.5]),
+                  correction_limit=st.sampled_from([0.5, math.inf, 1e-3, 10.0]),
                   hvp_scale=st.sampled_from([0.0, 1.0, 100.0]), maximize=st.booleans(),
                   memoryless=st.booleans(), update_grad_refs=st.booleans())
     if op == "adamw":
@@ -279,13 +297,19 @@ def cases(draw, op: str) -> Case:
     if op == "sgd" and kw["momentum"] == 0.0 and draw(st.booleans()):
         states = [[]]  # no momentum buffers: F = g~
     grad_refs = [tensor(s, ref_dtype) for s in shapes] if has_refs else []
+    origins = [tensor(s, dtype) for s in shapes] if draw(st.booleans()) else []
+    hvps: list[Tensor] = []
+    if has_refs and draw(st.booleans()):  # reuse kept estimates instead of reading grad_refs, or store them
+        kw["reuse_hvp"] = draw(st.booleans())
+        hvps = [tensor(s, state_dtypes[0]) for s in shapes]
+        grad_refs = [] if kw["reuse_hvp"] else grad_refs
     diagnostics = torch.randn(NDIAG, generator=gen, dtype=F64) if draw(st.booleans()) else None
     kw["grad_scale"] = draw(st.sampled_from([None, 1024.0, 3.0]))
     kw["found_inf"] = draw(st.sampled_from([None, 0.0, 1.0]))
     for name in ("grad_scale", "found_inf"):
         if kw[name] is not None:
             kw[name] = torch.tensor(kw[name], dtype=torch.float32)
-    return Case(op, dtype, params, grads, states, grad_refs, diagnostics, kw)
+    return Case(op, dtype, params, grads, states, grad_refs, diagnostics, kw, origins, hvps)
 
 
 # ---------------------------------------------------------------- the comparison
@@ -330,44 +354,50 @@ def expected_of(case: Case) -> tuple[list[Expected], list[Num]]:
             g = g * inv_scale
         return -g if kw["maximize"] else g
 
-    out = []
+    out, estimates = [], []
     for i, p in enumerate(case.params):
         g = processed(case.grads[i])
         states = [load(lst[i], u) for lst in case.states if lst]
         hvp = None
-        if case.grad_refs:
+        if kw.get("reuse_hvp"):
+            hvp = load(case.hvps[i], u)
+        elif case.grad_refs:
             g_ref = load(case.grad_refs[i], u) if kw["update_grad_refs"] else processed(case.grad_refs[i])
             hvp = (g_ref - g) * kw["hvp_scale"]
-        scalars = {k: v for k, v in kw.items() if k not in ("grad_scale", "found_inf", "maximize")}
-        out.append(STEP_FNS[case.op](load(p, u), g, states, hvp, scalars))
+            estimates.append(hvp)
+        scalars = {k: v for k, v in kw.items() if k not in ("grad_scale", "found_inf", "maximize", "reuse_hvp")}
+        theta = case.origins[i] if case.origins else p
+        out.append(STEP_FNS[case.op](load(theta, u), g, states, hvp, scalars))
     diag = []
     for k in range(NDIAG):
         total = sum((x.diag[k].v.sum() for x in out), torch.tensor(0.0, dtype=F64))
         bound = sum((x.diag[k].e.sum() for x in out), torch.tensor(0.0, dtype=F64))
         magnitude = sum((x.diag[k].v.abs().sum() for x in out), torch.tensor(0.0, dtype=F64))
         diag.append(Num(total, bound + 1e-12 * magnitude, u))
-    return out, diag
+    return out, diag, estimates
 
 
 def clone_all(case: Case) -> dict[str, Any]:
     return {"params": [t.clone() for t in case.params], "grads": [t.clone() for t in case.grads],
             "states": [[t.clone() for t in lst] for lst in case.states],
-            "grad_refs": [t.clone() for t in case.grad_refs],
+            "grad_refs": [t.clone() for t in case.grad_refs], "origins": [t.clone() for t in case.origins],
+            "hvps": [t.clone() for t in case.hvps],
             "diagnostics": None if case.diagnostics is None else case.diagnostics.clone()}
 
 
 def check_case(case: Case) -> None:
     before = clone_all(case)
-    expected, diag = expected_of(case)
+    expected, diag, estimates = expected_of(case)
     op = getattr(torch.ops.memkernels, case.op + "_")
     op(case.params, case.grads, *case.states, case.grad_refs, case.diagnostics, backend="reference",
-       **case.kwargs)
+       origins=case.origins, hvps=case.hvps, **case.kwargs)
     kw = case.kwargs
     for i, (a, b) in enumerate(zip(case.grads, before["grads"])):
         assert torch.equal(a, b), f"grads[{i}] was written"
+    assert all(torch.equal(a, b) for a, b in zip(case.origins, before["origins"])), "origins were written"
     if kw["found_inf"] is not None and kw["found_inf"].item() != 0.0:
         after = clone_all(case)  # AMP found an inf: nothing at all may change
-        for name in ("params", "grad_refs"):
+        for name in ("params", "grad_refs", "hvps"):
             assert all(torch.equal(a, b) for a, b in zip(after[name], before[name])), name
         for lst, old in zip(after["states"], before["states"]):
             assert all(torch.equal(a, b) for a, b in zip(lst, old)), "states"
@@ -382,6 +412,11 @@ def check_case(case: Case) -> None:
                 assert_within(case.grad_refs[i], x.g_raw, f"grad_refs[{i}] (trajectory write)")
             else:
                 assert torch.equal(case.grad_refs[i], before["grad_refs"][i]), f"grad_refs[{i}] was written"
+    for i, h in enumerate(case.hvps):
+        if kw["reuse_hvp"]:
+            assert torch.equal(h, before["hvps"][i]), f"hvps[{i}] was written"
+        else:
+            assert_within(h, estimates[i], f"hvps[{i}] (stored estimate)")
     if case.diagnostics is not None:
         prior = before["diagnostics"]
         for k, d in enumerate(diag):
@@ -408,6 +443,62 @@ def test_lion_matches_theory(case: Case) -> None:
 @given(case=cases("sgd"))
 def test_sgd_matches_theory(case: Case) -> None:
     check_case(case)
+
+
+# ---------------------------------------------------------------- the probe pass
+
+def direction(op: str, p: Num, g: Num, kw: dict) -> Num:
+    """d = F(theta, ..., theta) whose H d the correction needs (sections 2-4): AdamW's and Lion's u, SGD's g~."""
+    lam = kw["weight_decay"]
+    if op == "adamw":
+        g = g if kw["decoupled"] else g + lam * p
+        a = (g * g + kw["eps"]).sqrt() if kw["eps_inside_sqrt"] else g.abs() + kw["eps"]
+        return g / a + lam * p if kw["decoupled"] else g / a
+    if op == "lion":
+        wg = kw["ema_weight"] * g
+        return (wg.sign() if kw["smoothing"] == 0.0 else wg / (wg * wg + kw["smoothing"]).sqrt()) + lam * p
+    return g + lam * p
+
+
+def check_probe(case: Case, tau: float, with_norms: bool) -> None:
+    """The probe pass: params <- theta + tau d, origins <- theta (exactly), norms += (sum theta^2, sum d^2)."""
+    kw = {k: v for k, v in case.kwargs.items() if k != "reuse_hvp"}
+    u = unit_roundoff(F64 if case.dtype == F64 else torch.float32)
+    inv_scale = 1.0 if kw["grad_scale"] is None else 1.0 / kw["grad_scale"].item()
+    before = clone_all(case)
+    origins = [torch.full_like(p, float("nan")) for p in case.params]
+    norms = torch.tensor([1.0, 2.0], dtype=F64) if with_norms else None
+    getattr(torch.ops.memkernels, case.op + "_")(
+        case.params, case.grads, *case.states, [], None, backend="reference", origins=origins, probe=True,
+        probe_tau=torch.tensor([tau], dtype=F64), probe_norms=norms, **kw)
+    for name in ("grads", "grad_refs"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(case, name), before[name])), f"{name} were written"
+    for lst, old in zip(case.states, before["states"]):
+        assert all(torch.equal(a, b) for a, b in zip(lst, old)), "states were written"
+    if kw["found_inf"] is not None and kw["found_inf"].item() != 0.0:
+        assert all(torch.equal(a, b) for a, b in zip(case.params, before["params"])), "skipped probe moved params"
+        assert norms is None or torch.equal(norms, torch.tensor([1.0, 2.0], dtype=F64))
+        return
+    sums = [Num(torch.tensor(1.0, dtype=F64), 0.0, u), Num(torch.tensor(2.0, dtype=F64), 0.0, u)]
+    for i, (theta, grad) in enumerate(zip(before["params"], case.grads)):
+        assert torch.equal(origins[i], theta), f"origins[{i}] is not theta"
+        g = load(grad, u) * inv_scale if inv_scale != 1.0 else load(grad, u)
+        g = -g if kw["maximize"] else g
+        t = load(theta, u)
+        d = direction(case.op, t, g, kw)
+        assert_within(case.params[i], t + tau * d, f"params[{i}] (theta + tau d)")
+        for k, x in enumerate((t * t, d * d)):
+            sums[k] = Num(sums[k].v + x.v.sum(), sums[k].e + x.e.sum() + 1e-12 * x.v.abs().sum(), u)
+    if norms is not None:
+        for k in range(2):
+            assert_within(norms[k], sums[k], f"probe_norms[{k}]")
+
+
+@SETTINGS
+@given(case=st.sampled_from(["adamw", "lion", "sgd"]).flatmap(cases), tau=st.sampled_from([0.0, 1e-3, 0.5]),
+       with_norms=st.booleans())
+def test_probe_pass_matches_theory(case: Case, tau: float, with_norms: bool) -> None:
+    check_probe(case, tau, with_norms)
 
 
 # Representative scalars of each op for the fixed-input tests below.
