@@ -9,11 +9,13 @@ kernel variant the host code launches, for a Hopper target, without a GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from memkernels import _ops, backends  # noqa: E402
-from memkernels.reference import NDIAG  # noqa: E402
+from memkernels.reference import DIAGNOSTICS, NDIAG  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATUS = backends.load("triton")
@@ -202,14 +204,169 @@ def test_zero_correction_never_touches_p_with_M(op):
     assert all(torch.equal(a, b) for a, b in zip(with_refs[1], without[1]))
 
 
+# ------------------------------------------------------------------ the limit, origins, kept estimates, the probe pass
+
+LIMITED = DIAGNOSTICS.index("limited")
+TAU = 1 / 300  # the probe's displacement, as PROBE's hvp_scale
+
+
+def tau_tensor(tau: float = TAU) -> torch.Tensor:
+    return torch.tensor([tau], dtype=torch.float64, device=DEVICE)
+
+
+def like(tensors, seed: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Fresh random tensors shaped as these (origins, kept estimates), of their dtype or the given one."""
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    return [torch.randn(t.shape, generator=gen, device=DEVICE).to(dtype or t.dtype) for t in tensors]
+
+
+def with_slope(op: str) -> dict:
+    """Lion's sign has slope zero (M = 0 whatever the HVP): a smooth sign where M matters."""
+    return dict(smoothing=1e-3) if op == "lion" else {}
+
+
+class Out(NamedTuple):
+    """A call's outputs: the case's lists, the diagnostics, and its origins, hvps and probe_norms."""
+
+    lists: list
+    diag: torch.Tensor | None
+    origins: list
+    hvps: list
+    norms: torch.Tensor | None
+
+
+def run_more(op: str, backend: str, case, diagnostics: torch.Tensor | None = None, *, origins=(), hvps=(),
+             probe_norms: torch.Tensor | None = None, **kw) -> Out:
+    """run() on copies of origins, hvps and probe_norms too."""
+    origins, hvps = [t.clone() for t in origins], [t.clone() for t in hvps]
+    norms = None if probe_norms is None else probe_norms.clone()
+    lists, diag = run(op, backend, case, diagnostics, origins=origins, hvps=hvps, probe_norms=norms, **kw)
+    return Out(lists, diag, origins, hvps, norms)
+
+
+def check_more(op: str, case, diagnostics: bool = True, **kw) -> Out:
+    """Every output of the triton call against the reference backend's, the "limited" count exactly; returns
+    the triton call's."""
+    start = torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE) if diagnostics else None  # counts add exactly
+    got = run_more(op, "triton", case, start, **kw)
+    want = run_more(op, "reference", case, start, **kw)
+    assert_same(got.lists + [got.origins, got.hvps], want.lists + [want.origins, want.hvps])
+    if diagnostics:
+        assert_diag(got.diag, want.diag)
+        assert got.diag[LIMITED].item() == want.diag[LIMITED].item()
+    if want.norms is not None:
+        assert_diag(got.norms, want.norms)
+    return got
+
+
+@pytest.mark.parametrize("op, kw", [
+    ("adamw", dict(PROBE)),
+    ("adamw", dict(PROBE, decoupled=False, memoryless=True)),
+    ("adamw", dict(PROBE, eps_inside_sqrt=True, correction_limit=2.0)),
+    ("lion", dict(PROBE, smoothing=1e-3)),
+    ("lion", dict(PROBE, smoothing=1e-3, memoryless=True, correction_limit=0.1)),
+    ("sgd", dict(TRAJECTORY)),
+    ("sgd", dict(TRAJECTORY, nesterov=True, correction_limit=2.0)),
+])
+def test_limit_matches_reference(op, kw):
+    """A correction large enough that the limit acts on a good fraction of the elements: the step and the count
+    of limited elements as the reference's."""
+    case = make_case(op, seed=50)
+    got = check_more(op, case, correction=0.5, **kw)
+    n = sum(t.numel() for t in case[0])
+    assert 0.1 * n < got.diag[LIMITED].item() < 0.95 * n
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_infinite_limit_limits_nothing(op):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy: inf * |u| on masked-off lanes
+        got = check_more(op, make_case(op, seed=51), **PROBE, correction=0.5, correction_limit=math.inf,
+                         **with_slope(op))
+    assert got.diag[LIMITED].item() == 0.0
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_step_reads_theta_from_origins(op):
+    """With origins, theta is read there and the new theta written into params: the bits of the step whose
+    params hold the origins."""
+    case = make_case(op, seed=52)
+    origins = like(case[0], 53)
+    kw = dict(PROBE, correction=0.5, **with_slope(op))
+    got = check_more(op, case, origins=origins, **kw)
+    start = torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE)
+    want, want_diag = run(op, "triton", [origins] + case[1:], start, **kw)
+    assert_identical(got.lists + [got.origins], want + [origins], got.diag, want_diag, diag_rtol=1e-12)
+
+
+@pytest.mark.parametrize("hvp_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_hvps_kept_then_reused(op, hvp_dtype):
+    """A step stores its estimate (before the decay terms) into hvps; a step that reuses them, without grad_refs
+    and with hvp_scale unread, gives the same bits."""
+    case = make_case(op, seed=54)
+    kw = dict(TRAJECTORY, correction=-1.0, decoupled=False, **with_slope(op)) if op == "adamw" else \
+        dict(TRAJECTORY, correction=-1.0, **with_slope(op))
+    kept = check_more(op, case, hvps=like(case[0], 55, hvp_dtype), **kw)
+    reused = check_more(op, case[:-1] + [[]], hvps=kept.hvps, reuse_hvp=True, **dict(kw, hvp_scale=7.0))
+    assert_identical(reused.lists[:-1] + [reused.hvps], kept.lists[:-1] + [kept.hvps], reused.diag, kept.diag,
+                     diag_rtol=1e-12)
+
+
+PROBE_PASSES = [("adamw", {}), ("adamw", dict(decoupled=False, eps_inside_sqrt=True)), ("lion", {}),
+                ("lion", dict(smoothing=1e-3)), ("sgd", {}), ("sgd", dict(maximize=True)),
+                ("adamw", dict(maximize=True, grad_scale=torch.tensor(4.0, device=DEVICE)))]
+
+
+@pytest.mark.parametrize("norms", [True, False])
+@pytest.mark.parametrize("op, kw", PROBE_PASSES)
+def test_probe_pass_matches_reference(op, kw, norms):
+    """theta + tau d into params, theta exactly into origins, sum theta^2 and d^2 added to probe_norms; grads,
+    states and grad_refs untouched."""
+    case = make_case(op, seed=56)
+    start = torch.rand(2, dtype=torch.float64, device=DEVICE) if norms else None
+    got = check_more(op, case, diagnostics=False, origins=like(case[0], 57), probe=True, probe_tau=tau_tensor(),
+                     probe_norms=start, **kw)
+    assert_identical([got.origins] + got.lists[1:], case)
+    assert all(not torch.equal(a, b) for a, b in zip(got.lists[0], case[0]) if a.numel())
+
+
+def test_probe_pass_skipped_on_inf():
+    case = make_case("lion", seed=58)
+    origins, norms = like(case[0], 59), torch.rand(2, dtype=torch.float64, device=DEVICE)
+    got = run_more("lion", "triton", case, origins=origins, probe=True, probe_tau=tau_tensor(), probe_norms=norms,
+                   found_inf=torch.tensor(1.0, device=DEVICE))
+    assert_identical(got.lists + [got.origins], case + [origins], got.norms, norms)
+
+
+@pytest.mark.parametrize("tau", [TAU, 0.0])
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_probe_tau_replaces_hvp_scale(op, tau):
+    """A step given probe_tau uses 1 / tau (0 for tau = 0) in place of hvp_scale: the bits of that float."""
+    case = make_case(op, seed=60)
+    kw = dict(PROBE, correction=0.5, **with_slope(op))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy divides by tau = 0
+        got = check_more(op, case, probe_tau=tau_tensor(tau), **dict(kw, hvp_scale=7.0))
+    start = torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE)
+    want, want_diag = run(op, "triton", case, start, **dict(kw, hvp_scale=1 / tau if tau > 0 else 0.0))
+    assert_identical(got.lists, want, got.diag, want_diag, diag_rtol=1e-12)
+
+
 # ------------------------------------------------------------------ per-step scalars read on the device
 
-# (grad_refs, diagnostics, kwargs): every path the per-step scalars feed (correction, M, diagnostics, shrink).
+# (grad_refs, diagnostics, kwargs): every path the per-step scalars feed (correction and its limit, M,
+# diagnostics, shrink, the probe pass). In kwargs, probe_tau is a float and origins, hvps and probe_norms are
+# True: check_step_scalars makes the tensors.
 STEP_MODES = {
     "plain": (False, False, {}),
     "traj-correct-diag": (True, True, dict(TRAJECTORY, correction=-1.0)),
     "memoryless": (True, True, dict(TRAJECTORY, correction=-1.0, memoryless=True)),
     "maximize-scaled": (True, True, dict(PROBE, correction=0.5, maximize=True)),
+    "probe-pass": (False, False, dict(probe=True, probe_tau=TAU, origins=True, probe_norms=True)),
+    "after-probe": (True, True, dict(PROBE, correction=0.5, correction_limit=0.25, probe_tau=TAU, origins=True,
+                                     hvps=True)),
+    "reuse-hvp": (False, True, dict(correction=-1.0, reuse_hvp=True, hvps=True)),
 }
 STEP_SHAPES = [(BLOCK + 37,), (0,), (5, 7)]  # a full tile, a tail, an empty tensor
 
@@ -249,11 +406,18 @@ def check_step_scalars(op: str, case, mode: str, overrides: dict, diag_rtol: flo
     kw = dict(kw)
     if mode == "maximize-scaled":
         kw["grad_scale"] = torch.tensor(1024.0, device=DEVICE)
+    if "probe_tau" in kw:
+        kw["probe_tau"] = tau_tensor(kw["probe_tau"])
+    more = {name: like(case[0], seed) for seed, name in enumerate(("origins", "hvps")) if kw.pop(name, False)}
+    if kw.pop("probe_norms", False):
+        more["probe_norms"] = torch.rand(2, dtype=torch.float64, device=DEVICE)
     values = step_values(op, kw, **overrides)
     start = torch.rand(NDIAG, dtype=torch.float64, device=DEVICE) if diagnostics else None
-    want, want_diag = run(op, "triton", case, start, **{**kw, **values})
-    got, got_diag = run(op, "triton", case, start, **{**kw, **wrong_floats(op)}, step_scalars=step_scalars(values))
-    assert_identical(got, want, got_diag, want_diag, diag_rtol)
+    want = run_more(op, "triton", case, start, **more, **{**kw, **values})
+    got = run_more(op, "triton", case, start, **more, **{**kw, **wrong_floats(op)}, step_scalars=step_scalars(values))
+    assert_identical(got.lists + [got.origins, got.hvps], want.lists + [want.origins, want.hvps], got.diag, want.diag,
+                     diag_rtol)
+    assert_identical([], [], got.norms, want.norms, diag_rtol)
 
 
 STEP_VALUES = {"given": {}, "lr_0_hvp_0": dict(lr=0.0, hvp_scale=0.0)}
@@ -268,12 +432,13 @@ def test_step_scalars_on_device_match_floats(op, mode, values):
     check_step_scalars(op, case, mode, STEP_VALUES[values])
 
 
+@pytest.mark.parametrize("mode", ["traj-correct-diag", "probe-pass", "after-probe"])
 @pytest.mark.parametrize("op, kw", [("adamw", dict(decoupled=False, eps_inside_sqrt=True)),
                                     ("lion", dict(smoothing=1e-3)), ("sgd", dict(nesterov=True))])
-def test_step_scalars_variants(op, kw, monkeypatch):
+def test_step_scalars_variants(op, kw, mode, monkeypatch):
     """Op flags that change how the per-step scalars are used (coupled decay: no shrink; a smooth sign)."""
     monkeypatch.setitem(HYPER, op, {**HYPER[op], **kw})
-    check_step_scalars(op, make_case(op, shapes=STEP_SHAPES, seed=32), "traj-correct-diag", {})
+    check_step_scalars(op, make_case(op, shapes=STEP_SHAPES, seed=32), mode, {})
 
 
 def test_step_scalars_are_read():
@@ -301,6 +466,19 @@ def test_half_precision_within_one_ulp(op, dtype, state_dtype):
     check(op, case, **TRAJECTORY, correction=-1.0)
 
 
+@pytest.mark.parametrize("dtype, hvp_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                              (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_half_precision_probe_and_kept_estimates(op, dtype, hvp_dtype):
+    """The probe pass and the step after it on half params, origins and (half or fp32) kept estimates."""
+    case = make_case(op, dtype=dtype, seed=64)
+    origins = like(case[0], 65)
+    check_more(op, case, diagnostics=False, origins=origins, probe=True, probe_tau=tau_tensor(),
+               probe_norms=torch.zeros(2, dtype=torch.float64, device=DEVICE), **with_slope(op))
+    check_more(op, case, origins=origins, hvps=like(case[0], 66, hvp_dtype), probe_tau=tau_tensor(), **PROBE,
+               correction=0.5, **with_slope(op))
+
+
 @pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
 def test_float64_states_with_float32_params(op):
     """States and grad_refs may be float64: read into fp32 math, written back exactly widened."""
@@ -313,21 +491,46 @@ def test_fp64_params_are_rejected():
         run("adamw", "triton", case)
 
 
+class Counting:
+    """Stands in for a kernel: records the grid of each launch, then launches."""
+
+    def __init__(self, kernel, grids: list) -> None:
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def grids(monkeypatch) -> list:
+    """The grids of the triton launches the test makes."""
+    recorded = []
+    for name in ("adamw_kernel", "lion_kernel", "sgd_kernel"):
+        monkeypatch.setattr(_triton_kernels, name, Counting(getattr(_triton_kernels, name), recorded))
+    return recorded
+
+
+MANY = [(3 * i + 1,) for i in range(19)] + [(BLOCK + 1,)]  # 20 tensors: 19 one-tile tensors + 2 tiles
+
+
 @pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
-def test_many_tensors_one_launch(op, monkeypatch):
+def test_many_tensors_one_launch(op, grids):
     """20 tensors are one launch of one program per tile."""
-    shapes = [(3 * i + 1,) for i in range(19)] + [(BLOCK + 1,)]
-    kernel = getattr(_triton_kernels, f"{op}_kernel")
-    grids = []
+    check(op, make_case(op, shapes=MANY, seed=10), **TRAJECTORY, correction=-1.0)
+    assert grids == [(21,)]
 
-    class Counting:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
 
-    monkeypatch.setattr(_triton_kernels, f"{op}_kernel", Counting())
-    check(op, make_case(op, shapes=shapes, seed=10), **TRAJECTORY, correction=-1.0)
-    assert grids == [(21,)]  # one launch of the triton backend: 19 one-tile tensors + 2 tiles
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_many_tensors_probe_then_step(op, grids):
+    """The probe pass, then the step from its origins that keeps its estimate: one launch each for 20 tensors."""
+    case = make_case(op, shapes=MANY, seed=16)
+    probed = check_more(op, case, diagnostics=False, origins=like(case[0], 17), probe=True, probe_tau=tau_tensor(),
+                        probe_norms=torch.zeros(2, dtype=torch.float64, device=DEVICE), **with_slope(op))
+    moved = [probed.lists[0]] + case[1:]  # params at theta + tau d; grad_refs stand for the gradients there
+    check_more(op, moved, origins=probed.origins, hvps=like(case[0], 18), probe_tau=tau_tensor(), **PROBE,
+               correction=0.5, **with_slope(op))
+    assert grids == [(21,)] * 2
 
 
 def test_all_empty_launches_nothing():
@@ -418,6 +621,7 @@ _COMPILE = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from memkernels.backends import _triton_kernels as K, _triton_ops
+    from memkernels.reference import NDIAG
 
     TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.bfloat16: "bf16",
              torch.float16: "fp16"}
@@ -432,13 +636,19 @@ _COMPILE = textwrap.dedent('''
 
     for name in ("adamw_kernel", "lion_kernel", "sgd_kernel"):
         setattr(K, name, Recorder(getattr(K, name)))
+    def tensors(dt):
+        return [torch.ones(1 + 2 * _triton_ops.BLOCK, dtype=getattr(torch, dt))] if dt else []
+
     for op, dtypes, kw in json.loads(sys.argv[1]):
-        lists = [[torch.ones(1 + 2 * _triton_ops.BLOCK, dtype=getattr(torch, dt))] if dt else [] for dt in dtypes]
+        lists = [tensors(dt) for dt in dtypes]
+        kw["origins"], kw["hvps"] = tensors(kw["origins"]), tensors(kw["hvps"])
         for name in ("grad_scale", "found_inf"):
             kw[name] = None if kw[name] is None else torch.tensor(kw[name])
-        if kw.get("step_scalars") is not None:
-            kw["step_scalars"] = torch.tensor(kw["step_scalars"], dtype=torch.float64)
-        diag = torch.zeros(6, dtype=torch.float64) if kw.pop("diag") else None
+        for name in ("step_scalars", "probe_tau"):
+            if kw.get(name) is not None:
+                kw[name] = torch.tensor(kw[name], dtype=torch.float64)
+        kw["probe_norms"] = torch.zeros(2, dtype=torch.float64) if kw["probe_norms"] else None
+        diag = torch.zeros(NDIAG, dtype=torch.float64) if kw.pop("diag") else None
         getattr(_triton_ops, op)(*lists, diag, **kw)
 
     results = []
@@ -459,7 +669,7 @@ _COMPILE = textwrap.dedent('''
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         results.append({"kernel": fn.__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
-                        "device_scalars": kw["DEVICE_SCALARS"],
+                        "device_scalars": kw["DEVICE_SCALARS"], "fmas": len(re.findall(r"\\bfma\\.", ptx)),
                         "ieee_f64": sorted(set(re.findall(r"(?:sqrt|div)\\.rn\\.f64", ptx)))})
     print(json.dumps(results))
 ''')
@@ -467,10 +677,15 @@ _COMPILE = textwrap.dedent('''
 
 def _compile_cases() -> list:
     """(op, list dtypes or None for an absent list, kwargs): the flag combinations worth compiling."""
-    f32, plain = "float32", dict(update_grad_refs=False, hvp_scale=0.0, correction=0.0, maximize=False,
-                                 memoryless=False, grad_scale=None, found_inf=None, diag=False)
+    f32, plain = "float32", dict(update_grad_refs=False, hvp_scale=0.0, correction=0.0, correction_limit=0.5,
+                                 maximize=False, memoryless=False, grad_scale=None, found_inf=None, diag=False,
+                                 origins=None, hvps=None, reuse_hvp=False, probe=False, probe_tau=None,
+                                 probe_norms=False)
     traj = dict(plain, update_grad_refs=True, hvp_scale=1.0, correction=-1.0, diag=True)
     amp = dict(traj, update_grad_refs=False, memoryless=True, maximize=True, grad_scale=2.0, found_inf=0.0)
+    probe = dict(plain, origins=f32, probe=True, probe_tau=1e-3, probe_norms=True, grad_scale=2.0, found_inf=0.0)
+    after_probe = dict(traj, update_grad_refs=False, origins=f32, hvps=f32, probe_tau=1e-3)
+    reuse = dict(traj, update_grad_refs=False, hvps="bfloat16", reuse_hvp=True, correction_limit=float("inf"))
     return [("adamw", [f32] * 4 + [None], dict(ADAMW, **plain)),
             ("lion", [f32] * 3 + [None], dict(LION, **plain)),
             ("sgd", [f32] * 3 + [None], dict(SGD, **plain)),
@@ -484,7 +699,14 @@ def _compile_cases() -> list:
             ("lion", [f32] * 4, dict(LION, **amp)),
             ("adamw", [f32] * 5, dict(ADAMW, **traj, step_scalars=[1e-3, 0.1, 0.01, 1.0, 2.0, 3.0])),
             ("lion", ["bfloat16"] * 4, dict(LION, **amp, step_scalars=[1e-3, 0.5, 2.0, 3.0])),
-            ("sgd", [f32] * 4, dict(SGD, **traj, step_scalars=[1e-3, 2.0, 3.0, 4.0]))]
+            ("sgd", [f32] * 4, dict(SGD, **traj, step_scalars=[1e-3, 2.0, 3.0, 4.0])),
+            ("adamw", [f32] * 4 + [None], dict(ADAMW, **dict(probe, eps_inside_sqrt=True))),
+            ("lion", ["bfloat16"] * 3 + [None],
+             dict(LION, **probe, smoothing=1e-3, step_scalars=[1e-3, 0.5, 2.0, 3.0])),
+            ("sgd", [f32, f32, None, None], dict(SGD, **dict(probe, probe_norms=False, momentum=0.0))),
+            ("adamw", [f32] * 5, dict(ADAMW, **after_probe, step_scalars=[1e-3, 0.1, 0.01, 1.0, 2.0, 3.0])),
+            ("lion", ["bfloat16"] * 3 + [None], dict(LION, **reuse)),
+            ("sgd", [f32] * 4, dict(SGD, **after_probe))]
 
 
 def test_kernels_compile_for_sm90():
@@ -499,6 +721,10 @@ def test_kernels_compile_for_sm90():
     assert len(results) == len(cases)
     for result in results:
         assert result["v4_loads"] > 0, result
+    # What a step does not use is dropped: AdamW's penalty (a log, libdevice's FMAs: the kernels contract none)
+    # is computed for the diagnostics only.
+    assert [(r["kernel"], r["fmas"] > 0) for r in (results[0], results[3])] == [("adamw_kernel", False),
+                                                                               ("adamw_kernel", True)], results
     # The device derives bias_correction2 ** 0.5 and lr / bias_correction1 with IEEE double sqrt and division,
     # as Python does on the host (not the approximations Triton may pick for `/` and tl.sqrt).
     adamw_step = [r for r in results if r["kernel"] == "adamw_kernel" and r["device_scalars"]]
@@ -539,11 +765,11 @@ def test_bench_arguments(gpu_bench, tmp_path):
 
 
 def test_bench_byte_model_and_table(gpu_bench):
-    """GB/s from DESIGN.md's bytes per parameter; percent of copy and time over fused AdamW per workload."""
+    """GB/s from docs/DESIGN.md's bytes per parameter; percent of copy and time over fused AdamW per workload."""
     Row = gpu_bench.Row
     assert gpu_bench.gbps("adamw", 10 ** 9, 28.0) == pytest.approx(1000.0)
-    assert gpu_bench.BYTES_PER_PARAM == {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "lion": 20,
-                                         "heavy_ball": 20}
+    assert gpu_bench.BYTES_PER_PARAM == {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32,
+                                         "adamw_probe": 48, "adamw_reuse": 32, "lion": 20, "heavy_ball": 20}
     rows = [Row("flat", "device copy (copy_)", "copy", 10 ** 9, times_ms=[4.0, 2.0, 3.0]),  # 8 GB in 3 ms
             Row("flat", gpu_bench.BASELINE, "adamw", 10 ** 9, times_ms=[14.0]),
             Row("flat", "memkernels triton AdamW+traj+diag", "adamw_traj", 10 ** 9, times_ms=[18.0, 12.0]),

@@ -2,9 +2,10 @@
 
 The checks of test_triton.py on millions of elements and on the GPT-2-small
 shape list, plus what only a GPU shows: no host synchronization (the op is
-captured in a CUDA graph and replayed with found_inf flipped on the device),
-repeatable results (no race between programs), cached tables used from
-another stream, and agreement with torch.optim.AdamW(fused=True).
+captured in a CUDA graph and replayed with found_inf flipped on the device, or
+with another tau written into probe_tau), repeatable results (no race between
+programs), cached tables used from another stream, and agreement with
+torch.optim.AdamW(fused=True).
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 # First: test_triton sets TRITON_INTERPRET when there is no GPU, before triton is imported (and skips without triton).
-from test_triton import (HYPER, MODES, PROBE, STEP_MODES, STEP_VALUES, TRAJECTORY, assert_diag, assert_identical,
-                         assert_same, check, check_step_scalars, make_case, run, step_scalars, step_values,
-                         wrong_floats)
+from test_triton import (HYPER, LIMITED, MODES, PROBE, STEP_MODES, STEP_VALUES, TAU, TRAJECTORY, assert_diag,
+                         assert_identical, assert_same, check, check_more, check_step_scalars, like, make_case, run,
+                         run_more, step_scalars, step_values, tau_tensor, with_slope, wrong_floats)
 
 from memkernels.bench.shapes import gpt2_small
+from memkernels.reference import NDIAG
 
 pytestmark = pytest.mark.gpu
 
@@ -58,6 +60,19 @@ def test_large_grad_scale(op):
     check(op, make_case(op, shapes=LARGE, scale=65536.0, seed=23), **PROBE, correction=-1.0, grad_scale=scale)
 
 
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_large_probe_limit_and_kept_estimates(op):
+    """The probe pass, the step from its origins that keeps its estimate (the limit acting), a step reusing it."""
+    case = make_case(op, shapes=LARGE, seed=42)
+    probed = check_more(op, case, diagnostics=False, origins=like(case[0], 43), probe=True, probe_tau=tau_tensor(),
+                        probe_norms=torch.zeros(2, dtype=torch.float64, device="cuda"), **with_slope(op))
+    moved = [probed.lists[0]] + case[1:]  # params at theta + tau d; grad_refs stand for the gradients there
+    stepped = check_more(op, moved, origins=probed.origins, hvps=like(case[0], 44), probe_tau=tau_tensor(), **PROBE,
+                         correction=0.5, **with_slope(op))
+    assert stepped.diag[LIMITED].item() > 0
+    check_more(op, case[:-1] + [[]], hvps=stepped.hvps, reuse_hvp=True, correction=0.5, **with_slope(op))
+
+
 def test_gpt2_small_shapes_in_one_launch():
     """All 148 tensors of GPT-2 small (124M parameters) in one call, trajectory correction and diagnostics."""
     check("adamw", make_case("adamw", shapes=gpt2_small(), seed=24), **TRAJECTORY, correction=-1.0)
@@ -74,7 +89,7 @@ def test_misaligned_views_large():
 def test_repeatable():
     """The same inputs give bit-identical updates (no race between programs); diagnostics to rounding."""
     case = make_case("adamw", shapes=LARGE, seed=26)
-    start = torch.zeros(6, dtype=torch.float64, device="cuda")
+    start = torch.zeros(NDIAG, dtype=torch.float64, device="cuda")
     first, d1 = run("adamw", "triton", case, start, **TRAJECTORY, correction=-1.0)
     second, d2 = run("adamw", "triton", case, start, **TRAJECTORY, correction=-1.0)
     assert all(torch.equal(a, b) for la, lb in zip(first, second) for a, b in zip(la, lb))
@@ -88,10 +103,10 @@ def test_no_host_sync_cuda_graph(op):
     grad_scale = torch.tensor(8.0, device="cuda")
     found_inf = torch.tensor(0.0, device="cuda")
     kw = dict(HYPER[op], **TRAJECTORY, correction=-1.0, grad_scale=grad_scale, found_inf=found_inf)
-    want, want_diag = run(op, "reference", case, torch.zeros(6, dtype=torch.float64, device="cuda"), **kw)
+    want, want_diag = run(op, "reference", case, torch.zeros(NDIAG, dtype=torch.float64, device="cuda"), **kw)
 
     lists = [[t.clone() for t in lst] for lst in case]
-    diag = torch.zeros(6, dtype=torch.float64, device="cuda")
+    diag = torch.zeros(NDIAG, dtype=torch.float64, device="cuda")
     op_fn = getattr(torch.ops.memkernels, f"{op}_")
     saved = [[t.clone() for t in lst] for lst in lists]
     stream = torch.cuda.Stream()
@@ -144,7 +159,7 @@ def test_step_scalars_cuda_graph(op):
                 step_values(op, kw, lr=3 * HYPER[op]["lr"], hvp_scale=7.0)]
     scalars = step_scalars(settings[0])
     lists = [[t.clone() for t in lst] for lst in case]
-    diag = torch.zeros(6, dtype=torch.float64, device="cuda")
+    diag = torch.zeros(NDIAG, dtype=torch.float64, device="cuda")
     op_fn = getattr(torch.ops.memkernels, f"{op}_")
     call = {**HYPER[op], **kw, **wrong_floats(op), "step_scalars": scalars, "backend": "triton"}
     stream = torch.cuda.Stream()
@@ -164,9 +179,56 @@ def test_step_scalars_cuda_graph(op):
         scalars.copy_(step_scalars(values))
         graph.replay()
         torch.cuda.synchronize()
-        want, want_diag = run(op, "triton", case, torch.zeros(6, dtype=torch.float64, device="cuda"),
+        want, want_diag = run(op, "triton", case, torch.zeros(NDIAG, dtype=torch.float64, device="cuda"),
                               **{**kw, **values})
         assert_identical(lists, want, diag, want_diag, diag_rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_probe_and_step_cuda_graph(op):
+    """The probe pass and the step after it captured in one CUDA graph, replayed with taus written into probe_tau
+    in place: each replay gives the bits of the eager calls with that tau (tau is never read on the host)."""
+    case = make_case(op, shapes=LARGE, seed=45)
+    origins, hvps = like(case[0], 46), like(case[0], 47)
+    tau = tau_tensor()
+    lists = [[t.clone() for t in lst] for lst in case]
+    buffers = dict(origins=[t.clone() for t in origins], hvps=[t.clone() for t in hvps],
+                   norms=torch.zeros(2, dtype=torch.float64, device="cuda"),
+                   diag=torch.zeros(NDIAG, dtype=torch.float64, device="cuda"))
+    op_fn = getattr(torch.ops.memkernels, f"{op}_")
+    kw = dict(HYPER[op], **with_slope(op), probe_tau=tau, backend="triton")
+
+    def calls():
+        op_fn(*lists, None, origins=buffers["origins"], probe=True, probe_norms=buffers["norms"], **kw)
+        op_fn(*lists, buffers["diag"], origins=buffers["origins"], hvps=buffers["hvps"], **PROBE, correction=0.5,
+              **kw)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: compile, build and cache the pointer tables
+        calls()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+
+    for value in (TAU, 3 * TAU, 0.0):
+        for lst, original in zip(lists + [buffers["origins"], buffers["hvps"]], case + [origins, hvps]):
+            for t, o in zip(lst, original):  # the captured tensors, reset in place
+                t.copy_(o)
+        buffers["norms"].zero_()
+        buffers["diag"].zero_()
+        tau.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        probed = run_more(op, "triton", case, origins=origins, probe=True, probe_tau=tau_tensor(value),
+                          probe_norms=torch.zeros(2, dtype=torch.float64, device="cuda"), **with_slope(op))
+        want = run_more(op, "triton", [probed.lists[0]] + case[1:], torch.zeros(NDIAG, dtype=torch.float64,
+                        device="cuda"), origins=probed.origins, hvps=hvps, probe_tau=tau_tensor(value), **PROBE,
+                        correction=0.5, **with_slope(op))
+        assert_identical(lists + [buffers["origins"], buffers["hvps"]], want.lists + [want.origins, want.hvps],
+                         buffers["diag"], want.diag, diag_rtol=1e-12)
+        assert_diag(buffers["norms"], probed.norms, rtol=1e-12)
 
 
 def test_tables_cached_on_one_stream_serve_another():

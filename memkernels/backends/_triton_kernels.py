@@ -2,11 +2,12 @@
 
 Each program updates one tile of BLOCK elements of one tensor. The launch reads
 two int64 tables built by _triton_table.py: a pointer table (one row per
-tensor: the data address of each list's tensor, then its numel) and a block
-map (per program: the table row and the first element of its tile). The
-addresses are cast to typed pointers in the kernel; this works compiled and
-under TRITON_INTERPRET=1 on CPU tensors, where the interpreter dereferences
-the host addresses directly.
+tensor: the data address of each list's tensor, in the columns params, grads,
+the op's states, grad_refs, origins, hvps, then its numel) and a block map (per
+program: the table row and the first element of its tile). The addresses are
+cast to typed pointers in the kernel; this works compiled and under
+TRITON_INTERPRET=1 on CPU tensors, where the interpreter dereferences the host
+addresses directly.
 
 Full tiles take an unmasked path (with a 16-byte alignment hint when every
 tensor of the call is 16-byte aligned, so that loads and stores vectorize);
@@ -14,6 +15,11 @@ only the last tile of a tensor is masked. Every flag that is constant for a
 call is a tl.constexpr, so a disabled feature costs nothing. Math is fp32 with
 IEEE division and square root (tl.div_rn, tl.sqrt_rn) in the order of
 reference.py; results are rounded once to each list's dtype on write-back.
+
+A launch is either a step or (PROBE) the probe pass of backends/reference.py,
+which moves theta to theta + tau d and keeps theta in the origins, read back by
+the step that follows (HAS_ORIGIN). tau arrives as a float64 tensor
+(probe_tau): in a step it replaces hvp_scale by 1 / tau.
 
 The scalars that change from step to step (memkernels._ops.STEP_SCALARS) arrive
 either as float arguments derived on the host, or (DEVICE_SCALARS) in a float64
@@ -29,7 +35,8 @@ import triton
 import triton.language as tl
 
 # Slots of the diagnostics tensor (reference.DIAGNOSTICS).
-_UPDATE_SQ, _CORRECTION_SQ, _MEMORY_SQ, _RESIDUAL_SQ, _PENALTY_SUM, _SIGN_FLIPS = (tl.constexpr(k) for k in range(6))
+_UPDATE_SQ, _CORRECTION_SQ, _MEMORY_SQ, _RESIDUAL_SQ, _PENALTY_SUM, _SIGN_FLIPS, _LIMITED = (
+    tl.constexpr(k) for k in range(7))
 
 
 # ------------------------------------------------------------------ memory access
@@ -100,17 +107,59 @@ def _load_ref(ptrs, mask, inv_scale, MASKED: tl.constexpr, HAS_SCALE: tl.constex
     return g_ref
 
 
+@triton.jit
+def _load_theta(table, row, o_col: tl.constexpr, start, mask, P: tl.constexpr, MASKED: tl.constexpr,
+                HAS_ORIGIN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The params' pointers and theta: read from the origins (column o_col) in a step after a probe pass."""
+    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    if HAS_ORIGIN:
+        p = _load(_tile(table, row, o_col, start, P, ALIGNED, BLOCK), mask, MASKED)
+    else:
+        p = _load(p_ptrs, mask, MASKED)
+    return p_ptrs, p
+
+
+@triton.jit
+def _estimate_hvp(g_ref, g, hvp_scale):
+    """reference.estimate_hvp."""
+    return (g_ref - g) * hvp_scale
+
+
+@triton.jit
+def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, R: tl.constexpr, H: tl.constexpr,
+         MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, UPDATE_REFS: tl.constexpr,
+         REUSE_HVP: tl.constexpr, STORE_HVP: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+         BLOCK: tl.constexpr):
+    """H d as backends/reference.py gets it for the op math: a kept estimate (hvps, column r_col + 2), or the
+    estimate from g_ref (grad_refs, column r_col), kept in hvps when STORE_HVP."""
+    if REUSE_HVP:
+        hvp = _load(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), mask, MASKED)
+    else:
+        r_ptrs = _tile(table, row, r_col, start, R, ALIGNED, BLOCK)
+        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
+        hvp = _estimate_hvp(g_ref, g, hvp_scale)
+        if STORE_HVP:
+            _store(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), hvp, mask, H, MASKED, SOFT_BF16)
+    return hvp
+
+
 # ------------------------------------------------------------------ shared math
 
 @triton.jit
-def _descend(p, shrink, step_size, step, M, correction_lr2, SHRINK: tl.constexpr, CORRECTION: tl.constexpr):
-    """reference.descend; shrink and correction * lr^2 come precomputed from the host."""
+def _descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, SHRINK: tl.constexpr,
+             CORRECTION: tl.constexpr):
+    """reference.descend; shrink, correction * lr^2 and correction_limit * lr come precomputed from the host."""
     if SHRINK:
         p = p * shrink
     p = p - step_size * step
+    limited = tl.zeros(p.shape, tl.int1)
     if CORRECTION:
-        p = p - correction_lr2 * M
-    return p
+        term = correction_lr2 * M
+        bound = kappa_lr * tl.abs(u)
+        limited = tl.abs(term) > bound
+        term = tl.where(limited, tl.where(term < 0, -bound, bound), term)
+        p = p - term
+    return p, limited
 
 
 @triton.jit
@@ -122,9 +171,9 @@ def _sum_into(diagnostics, slot: tl.constexpr, term, mask, MASKED: tl.constexpr)
 
 
 @triton.jit
-def _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, mask, MASKED: tl.constexpr,
-                 HAS_FLIPS: tl.constexpr):
-    """reference.diagnostics, reduced per tile; sign_flips is all zeros unless HAS_FLIPS."""
+def _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, limited, mask, MASKED: tl.constexpr,
+                 HAS_FLIPS: tl.constexpr, HAS_LIMITED: tl.constexpr):
+    """reference.diagnostics, reduced per tile; sign_flips (limited) is all zeros unless HAS_FLIPS (HAS_LIMITED)."""
     hM = lr * M
     memory = F - u
     residual = memory - hM
@@ -135,6 +184,8 @@ def _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, mask, MASKED: tl
     _sum_into(diagnostics, _PENALTY_SUM, penalty, mask, MASKED)
     if HAS_FLIPS:
         _sum_into(diagnostics, _SIGN_FLIPS, sign_flips, mask, MASKED)
+    if HAS_LIMITED:
+        _sum_into(diagnostics, _LIMITED, limited.to(tl.float32), mask, MASKED)
 
 
 @triton.jit
@@ -179,10 +230,70 @@ def _inv_scale(grad_scale, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _shared_step_scalars(step_scalars, correction64):
-    """lr (the first of every op's STEP_SCALARS) and correction * lr * lr, in float64."""
+def _shared_step_scalars(step_scalars, correction64, correction_limit64):
+    """lr (the first of every op's STEP_SCALARS), correction * lr * lr and correction_limit * lr, in float64."""
     lr = tl.load(step_scalars)
-    return lr, correction64 * lr * lr
+    return lr, correction64 * lr * lr, correction_limit64 * lr
+
+
+@triton.jit
+def _inverse_tau(probe_tau):
+    """The hvp_scale that probe_tau replaces in a step: 1 / tau in float64 (0 for tau = 0, the host's rule),
+    rounded to fp32."""
+    tau = tl.load(probe_tau)
+    return tl.where(tau > 0.0, 1.0 / tau, 0.0).to(tl.float32)
+
+
+# ------------------------------------------------------------------ probe pass
+
+@triton.jit
+def _probe(p, d, tau):
+    """reference.probe: theta + tau d, and theta^2, d^2 for the next tau."""
+    return p + tau * d, p * p, d * d
+
+
+@triton.jit
+def _probe_tile(table, row, start, n, probe_norms, inv_scale, tau, weight_decay, eps, smoothing, ema_weight,
+                OP: tl.constexpr, o_col: tl.constexpr, MASKED: tl.constexpr, P: tl.constexpr,
+                DECOUPLED: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr, SIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_SCALE: tl.constexpr, NORMS: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """backends/reference.py's probe pass on one tile: theta kept in the origins (column o_col), theta + tau d
+    into params, and the tile's float64 sums of theta^2 and d^2 added to probe_norms."""
+    mask = tl.arange(0, BLOCK) < n - start
+    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    p = _load(p_ptrs, mask, MASKED)
+    g = _load_grad(_tile(table, row, 1, start, P, ALIGNED, BLOCK), mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+    if OP == "adamw":
+        d = _adamw_direction(p, g, eps, weight_decay, DECOUPLED, EPS_INSIDE_SQRT)
+    elif OP == "lion":
+        d = _lion_direction(p, g, weight_decay, smoothing, ema_weight, SIGN)
+    else:
+        d = _sgd_direction(p, g, weight_decay)
+    moved, theta_sq, d_sq = _probe(p, d, tau)
+    _store(_tile(table, row, o_col, start, P, ALIGNED, BLOCK), p, mask, P, MASKED, SOFT_BF16)
+    _store(p_ptrs, moved, mask, P, MASKED, SOFT_BF16)
+    if NORMS:
+        _sum_into(probe_norms, 0, theta_sq, mask, MASKED)
+        _sum_into(probe_norms, 1, d_sq, mask, MASKED)
+
+
+@triton.jit
+def _probe_program(table, row, start, n, probe_tau, probe_norms, inv_scale, weight_decay, eps, smoothing,
+                   ema_weight, OP: tl.constexpr, o_col: tl.constexpr, P: tl.constexpr, DECOUPLED: tl.constexpr,
+                   EPS_INSIDE_SQRT: tl.constexpr, SIGN: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, NORMS: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One program's probe tile, with tau read on the device and rounded to fp32."""
+    tau = tl.load(probe_tau).to(tl.float32)
+    if start + BLOCK <= n:
+        _probe_tile(table, row, start, n, probe_norms, inv_scale, tau, weight_decay, eps, smoothing, ema_weight,
+                    OP, o_col, False, P, DECOUPLED, EPS_INSIDE_SQRT, SIGN, MAXIMIZE, HAS_SCALE, NORMS, ALIGNED,
+                    SOFT_BF16, BLOCK)
+    else:
+        _probe_tile(table, row, start, n, probe_norms, inv_scale, tau, weight_decay, eps, smoothing, ema_weight,
+                    OP, o_col, True, P, DECOUPLED, EPS_INSIDE_SQRT, SIGN, MAXIMIZE, HAS_SCALE, NORMS, ALIGNED,
+                    SOFT_BF16, BLOCK)
 
 
 # ------------------------------------------------------------------ adamw
@@ -191,21 +302,25 @@ def _shared_step_scalars(step_scalars, correction64):
 def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
                 lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                 bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2,
-                hvp_scale, shrink, step_size, correction_lr2,
+                hvp_scale, shrink, step_size, correction_lr2, kappa_lr,
                 MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr,
-                HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                H: tl.constexpr, HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+                STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, DIAG: tl.constexpr,
                 MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
                 ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     mask = tl.arange(0, BLOCK) < n - start
-    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    p_ptrs, p = _load_theta(table, row, 5, start, mask, P, MASKED, HAS_ORIGIN, ALIGNED, BLOCK)
     g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
     m_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
     v_ptrs = _tile(table, row, 3, start, S2, ALIGNED, BLOCK)
-    p = _load(p_ptrs, mask, MASKED)
     g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
     exp_avg = _load(m_ptrs, mask, MASKED)
     exp_avg_sq = _load(v_ptrs, mask, MASKED)
+    NEED_M: tl.constexpr = (HAS_REF or REUSE_HVP) and (CORRECTION or DIAG)
+    if NEED_M or STORE_HVP:
+        hvp = _hvp(table, row, 4, start, mask, g, inv_scale, hvp_scale, R, H, MASKED, HAS_SCALE, MAXIMIZE,
+                   UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, BLOCK)
 
     g_raw = g
     if not DECOUPLED:
@@ -215,38 +330,33 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
     decay = 0.0
     if DECOUPLED:
         decay = weight_decay * p
-    NEED_M: tl.constexpr = HAS_REF and (CORRECTION or DIAG)
+    # What a step does not use (u without a correction or diagnostics, ...) the compiler drops.
     if EPS_INSIDE_SQRT:
         denom = tl.sqrt_rn(tl.div_rn(exp_avg_sq, bias_correction2) + eps)
+        a = tl.sqrt_rn(g * g + eps)
+        g_over_a = tl.div_rn(g, a)
+        coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * (g_over_a * g_over_a), a)
+        penalty = a
     else:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    if MEMORYLESS or DIAG or NEED_M:
-        if EPS_INSIDE_SQRT:
-            a = tl.sqrt_rn(g * g + eps)
-            g_over_a = tl.div_rn(g, a)
-            coef = _rdiv(mean_age1, a) - tl.div_rn(mean_age2 * (g_over_a * g_over_a), a)
-            penalty = a
-        else:
-            a = tl.abs(g) + eps
-            g_over_a = tl.div_rn(g, a)
-            coef = tl.div_rn(mean_age1 - mean_age2 * tl.abs(g_over_a), a)
-            penalty = tl.abs(g) - eps * _log1p(tl.div_rn(tl.abs(g), eps))
-        u = g_over_a + decay
+        a = tl.abs(g) + eps
+        g_over_a = tl.div_rn(g, a)
+        coef = tl.div_rn(mean_age1 - mean_age2 * tl.abs(g_over_a), a)
+        penalty = tl.abs(g) - eps * _log1p(tl.div_rn(tl.abs(g), eps))
+    u = g_over_a + decay
     M = tl.zeros_like(p)
     if NEED_M:
-        r_ptrs = _tile(table, row, 4, start, R, ALIGNED, BLOCK)
-        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
-        hvp = (g_ref - g_raw) * hvp_scale
         if not DECOUPLED:
             hvp = hvp + weight_decay * u
         M = coef * hvp
+    if MEMORYLESS:
+        p, limited = _descend(p, shrink, lr, g_over_a, M, correction_lr2, u, kappa_lr, DECOUPLED, CORRECTION)
+    else:
+        p, limited = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, u, kappa_lr,
+                              DECOUPLED, CORRECTION)
     if DIAG:
         F = tl.div_rn(tl.div_rn(exp_avg, bias_correction1), denom) + decay
-        _diagnostics(diagnostics, F, u, M, lr, penalty, 0.0, mask, MASKED, False)
-    if MEMORYLESS:
-        p = _descend(p, shrink, lr, g_over_a, M, correction_lr2, DECOUPLED, CORRECTION)
-    else:
-        p = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, DECOUPLED, CORRECTION)
+        _diagnostics(diagnostics, F, u, M, lr, penalty, 0.0, limited, mask, MASKED, False, CORRECTION)
 
     _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
     _store(m_ptrs, exp_avg, mask, S1, MASKED, SOFT_BF16)
@@ -256,10 +366,26 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def _adamw_step_scalars(step_scalars, weight_decay64, correction64):
+def _adamw_direction(p, g, eps, weight_decay, DECOUPLED: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr):
+    """reference.adamw_direction: the step's u, by the same operations."""
+    if not DECOUPLED:
+        g = g + weight_decay * p
+    if EPS_INSIDE_SQRT:
+        a = tl.sqrt_rn(g * g + eps)
+    else:
+        a = tl.abs(g) + eps
+    u = tl.div_rn(g, a)
+    if DECOUPLED:
+        u = u + weight_decay * p
+    return u
+
+
+@triton.jit
+def _adamw_step_scalars(step_scalars, weight_decay64, correction64, correction_limit64):
     """STEP_SCALARS["adamw"] (lr, bias_correction1, bias_correction2, mean_age1, mean_age2, hvp_scale) and the
-    host's derived shrink, step_size and correction_lr2, as _triton_ops.adamw computes them, rounded to fp32."""
-    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
+    host's derived shrink, step_size, correction_lr2 and kappa_lr, as _triton_ops.adamw computes them, rounded
+    to fp32."""
+    lr, correction_lr2, kappa_lr = _shared_step_scalars(step_scalars, correction64, correction_limit64)
     bias_correction1 = tl.load(step_scalars + 1)
     bias_correction2 = tl.load(step_scalars + 2)
     # The host's bias_correction2 ** 0.5 (libm pow) is the correctly rounded root but in the rarest cases;
@@ -270,18 +396,20 @@ def _adamw_step_scalars(step_scalars, weight_decay64, correction64):
     return (lr.to(tl.float32), bias_correction1.to(tl.float32), bias_correction2.to(tl.float32),
             bias_correction2_sqrt.to(tl.float32), tl.load(step_scalars + 3).to(tl.float32),
             tl.load(step_scalars + 4).to(tl.float32), tl.load(step_scalars + 5).to(tl.float32),
-            shrink.to(tl.float32), step_size.to(tl.float32), correction_lr2.to(tl.float32))
+            shrink.to(tl.float32), step_size.to(tl.float32), correction_lr2.to(tl.float32), kappa_lr.to(tl.float32))
 
 
 @triton.jit
-def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
+def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms,
                  lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                  bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2,
-                 hvp_scale, shrink, step_size, correction_lr2,
-                 weight_decay64: tl.float64, correction64: tl.float64,
+                 hvp_scale, shrink, step_size, correction_lr2, kappa_lr,
+                 weight_decay64: tl.float64, correction64: tl.float64, correction_limit64: tl.float64,
                  DEVICE_SCALARS: tl.constexpr,
-                 P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr,
-                 HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                 P: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, R: tl.constexpr, H: tl.constexpr,
+                 HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+                 STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, PROBE: tl.constexpr, HAS_TAU: tl.constexpr,
+                 NORMS: tl.constexpr, DIAG: tl.constexpr,
                  MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr,
                  DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_INF: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
@@ -290,22 +418,31 @@ def adamw_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars
     if go:
         if DEVICE_SCALARS:
             (lr, bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale,
-             shrink, step_size, correction_lr2) = _adamw_step_scalars(step_scalars, weight_decay64, correction64)
+             shrink, step_size, correction_lr2, kappa_lr) = _adamw_step_scalars(step_scalars, weight_decay64,
+                                                                                correction64, correction_limit64)
+        if HAS_TAU and not PROBE:
+            hvp_scale = _inverse_tau(probe_tau)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
-        if start + BLOCK <= n:
+        if PROBE:
+            _probe_program(table, row, start, n, probe_tau, probe_norms, inv_scale, weight_decay, eps, 0.0, 0.0,
+                           "adamw", NCOL - 3, P, DECOUPLED, EPS_INSIDE_SQRT, False, MAXIMIZE, HAS_SCALE, NORMS,
+                           ALIGNED, SOFT_BF16, BLOCK)
+        elif start + BLOCK <= n:
             _adamw_tile(table, row, start, n, diagnostics, inv_scale, lr, beta2, one_minus_beta1,
                         one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
                         bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale, shrink, step_size,
-                        correction_lr2, False, P, S1, S2, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS,
-                        CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+                        correction_lr2, kappa_lr, False, P, S1, S2, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN,
+                        STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS, CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE,
+                        HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
         else:
             _adamw_tile(table, row, start, n, diagnostics, inv_scale, lr, beta2, one_minus_beta1,
                         one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
                         bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale, shrink, step_size,
-                        correction_lr2, True, P, S1, S2, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS,
-                        CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+                        correction_lr2, kappa_lr, True, P, S1, S2, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN,
+                        STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS, CORRECTION, EPS_INSIDE_SQRT, DECOUPLED, MAXIMIZE,
+                        HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
 
 
 # ------------------------------------------------------------------ lion
@@ -334,44 +471,43 @@ def _smooth_sign_slope(x, smoothing, SIGN: tl.constexpr):
 @triton.jit
 def _lion_tile(table, row, start, n, diagnostics, inv_scale,
                lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, smoothing,
-               ema_weight, age_weight, hvp_scale, shrink, correction_lr2,
-               MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
-               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+               ema_weight, age_weight, hvp_scale, shrink, correction_lr2, kappa_lr,
+               MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr, H: tl.constexpr,
+               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+               STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, DIAG: tl.constexpr,
                MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, SIGN: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
                ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     mask = tl.arange(0, BLOCK) < n - start
-    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    p_ptrs, p = _load_theta(table, row, 4, start, mask, P, MASKED, HAS_ORIGIN, ALIGNED, BLOCK)
     g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
     m_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
-    p = _load(p_ptrs, mask, MASKED)
     g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
     exp_avg = _load(m_ptrs, mask, MASKED)
+    NEED_M: tl.constexpr = (HAS_REF or REUSE_HVP) and (CORRECTION or DIAG)
+    if NEED_M or STORE_HVP:
+        hvp = _hvp(table, row, 3, start, mask, g, inv_scale, hvp_scale, R, H, MASKED, HAS_SCALE, MAXIMIZE,
+                   UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, BLOCK)
 
     c = beta1 * exp_avg + one_minus_beta1 * g
+    wg = ema_weight * g
     decay = weight_decay * p
     phi_c = _smooth_sign(c, smoothing, SIGN)
-    NEED_M: tl.constexpr = HAS_REF and (CORRECTION or DIAG)
-    if MEMORYLESS or DIAG or NEED_M:
-        wg = ema_weight * g
-        phi_wg = _smooth_sign(wg, smoothing, SIGN)
+    phi_wg = _smooth_sign(wg, smoothing, SIGN)  # dropped by the compiler where unused, as u is
+    u = phi_wg + decay
     M = tl.zeros_like(p)
     if NEED_M:
-        r_ptrs = _tile(table, row, 3, start, R, ALIGNED, BLOCK)
-        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
-        hvp = (g_ref - g) * hvp_scale
         M = _smooth_sign_slope(wg, smoothing, SIGN) * age_weight * hvp
     exp_avg = beta2 * exp_avg + one_minus_beta2 * g
+    if MEMORYLESS:
+        p, limited = _descend(p, shrink, lr, phi_wg, M, correction_lr2, u, kappa_lr, True, CORRECTION)
+    else:
+        p, limited = _descend(p, shrink, lr, phi_c, M, correction_lr2, u, kappa_lr, True, CORRECTION)
     if DIAG:
         F = phi_c + decay
-        u = phi_wg + decay
         penalty = tl.sqrt_rn(wg * wg + smoothing)
         sign_flips = (_sign(c) != _sign(g)).to(tl.float32)
-        _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, mask, MASKED, True)
-    if MEMORYLESS:
-        p = _descend(p, shrink, lr, phi_wg, M, correction_lr2, True, CORRECTION)
-    else:
-        p = _descend(p, shrink, lr, phi_c, M, correction_lr2, True, CORRECTION)
+        _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, limited, mask, MASKED, True, CORRECTION)
 
     _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
     _store(m_ptrs, exp_avg, mask, S1, MASKED, SOFT_BF16)
@@ -380,60 +516,79 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def _lion_step_scalars(step_scalars, weight_decay64, correction64):
-    """STEP_SCALARS["lion"] (lr, ema_weight, age_weight, hvp_scale) and the host's derived shrink and
-    correction_lr2, as _triton_ops.lion computes them, rounded to fp32."""
-    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
-    shrink = 1 - lr * weight_decay64
-    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
-            tl.load(step_scalars + 3).to(tl.float32), shrink.to(tl.float32), correction_lr2.to(tl.float32))
+def _lion_direction(p, g, weight_decay, smoothing, ema_weight, SIGN: tl.constexpr):
+    """reference.lion_direction: the step's u = phi(W_n g) + decay."""
+    return _smooth_sign(ema_weight * g, smoothing, SIGN) + weight_decay * p
 
 
 @triton.jit
-def lion_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
+def _lion_step_scalars(step_scalars, weight_decay64, correction64, correction_limit64):
+    """STEP_SCALARS["lion"] (lr, ema_weight, age_weight, hvp_scale) and the host's derived shrink,
+    correction_lr2 and kappa_lr, as _triton_ops.lion computes them, rounded to fp32."""
+    lr, correction_lr2, kappa_lr = _shared_step_scalars(step_scalars, correction64, correction_limit64)
+    shrink = 1 - lr * weight_decay64
+    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
+            tl.load(step_scalars + 3).to(tl.float32), shrink.to(tl.float32), correction_lr2.to(tl.float32),
+            kappa_lr.to(tl.float32))
+
+
+@triton.jit
+def lion_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms,
                 lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, smoothing,
-                ema_weight, age_weight, hvp_scale, shrink, correction_lr2,
-                weight_decay64: tl.float64, correction64: tl.float64,
+                ema_weight, age_weight, hvp_scale, shrink, correction_lr2, kappa_lr,
+                weight_decay64: tl.float64, correction64: tl.float64, correction_limit64: tl.float64,
                 DEVICE_SCALARS: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
-                HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+                H: tl.constexpr, HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+                STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, PROBE: tl.constexpr, HAS_TAU: tl.constexpr,
+                NORMS: tl.constexpr, DIAG: tl.constexpr,
                 MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, SIGN: tl.constexpr,
                 MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                 ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     row, start, go = _program(blocks, found_inf, HAS_INF)
     if go:
         if DEVICE_SCALARS:
-            lr, ema_weight, age_weight, hvp_scale, shrink, correction_lr2 = _lion_step_scalars(
-                step_scalars, weight_decay64, correction64)
+            lr, ema_weight, age_weight, hvp_scale, shrink, correction_lr2, kappa_lr = _lion_step_scalars(
+                step_scalars, weight_decay64, correction64, correction_limit64)
+        if HAS_TAU and not PROBE:
+            hvp_scale = _inverse_tau(probe_tau)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
-        if start + BLOCK <= n:
+        if PROBE:
+            _probe_program(table, row, start, n, probe_tau, probe_norms, inv_scale, weight_decay, 0.0, smoothing,
+                           ema_weight, "lion", NCOL - 3, P, False, False, SIGN, MAXIMIZE, HAS_SCALE, NORMS,
+                           ALIGNED, SOFT_BF16, BLOCK)
+        elif start + BLOCK <= n:
             _lion_tile(table, row, start, n, diagnostics, inv_scale, lr, beta1, beta2, one_minus_beta1,
                        one_minus_beta2, weight_decay, smoothing, ema_weight, age_weight, hvp_scale, shrink,
-                       correction_lr2, False, P, S1, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION,
-                       SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+                       correction_lr2, kappa_lr, False, P, S1, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP,
+                       REUSE_HVP, DIAG, MEMORYLESS, CORRECTION, SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
         else:
             _lion_tile(table, row, start, n, diagnostics, inv_scale, lr, beta1, beta2, one_minus_beta1,
                        one_minus_beta2, weight_decay, smoothing, ema_weight, age_weight, hvp_scale, shrink,
-                       correction_lr2, True, P, S1, R, HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION,
-                       SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
+                       correction_lr2, kappa_lr, True, P, S1, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP,
+                       REUSE_HVP, DIAG, MEMORYLESS, CORRECTION, SIGN, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
 
 
 # ------------------------------------------------------------------ sgd
 
 @triton.jit
 def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
-              lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2,
-              MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+              lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2, kappa_lr,
+              MASKED: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr, H: tl.constexpr,
               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-              HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+              HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+              STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, DIAG: tl.constexpr,
               MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
               HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     mask = tl.arange(0, BLOCK) < n - start
-    p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
+    p_ptrs, p = _load_theta(table, row, 4, start, mask, P, MASKED, HAS_ORIGIN, ALIGNED, BLOCK)
     g_ptrs = _tile(table, row, 1, start, P, ALIGNED, BLOCK)
-    p = _load(p_ptrs, mask, MASKED)
     g = _load_grad(g_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
+    NEED_M: tl.constexpr = (HAS_REF or REUSE_HVP) and (CORRECTION or DIAG)
+    if NEED_M or STORE_HVP:
+        hvp = _hvp(table, row, 3, start, mask, g, inv_scale, hvp_scale, R, H, MASKED, HAS_SCALE, MAXIMIZE,
+                   UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, BLOCK)
 
     g_raw = g
     g = g + weight_decay * p
@@ -448,17 +603,15 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
         F = g
     u = update_scale * g
     M = tl.zeros_like(p)
-    if HAS_REF and (CORRECTION or DIAG):
-        r_ptrs = _tile(table, row, 3, start, R, ALIGNED, BLOCK)
-        g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
-        hvp = (g_ref - g_raw) * hvp_scale + weight_decay * g
+    if NEED_M:
+        hvp = hvp + weight_decay * g
         M = memory_coef * hvp
-    if DIAG:
-        _diagnostics(diagnostics, F, u, M, lr, 0.5 * g * g, 0.0, mask, MASKED, False)
     if MEMORYLESS:
-        p = _descend(p, 1.0, lr, u, M, correction_lr2, False, CORRECTION)
+        p, limited = _descend(p, 1.0, lr, u, M, correction_lr2, u, kappa_lr, False, CORRECTION)
     else:
-        p = _descend(p, 1.0, lr, F, M, correction_lr2, False, CORRECTION)
+        p, limited = _descend(p, 1.0, lr, F, M, correction_lr2, u, kappa_lr, False, CORRECTION)
+    if DIAG:
+        _diagnostics(diagnostics, F, u, M, lr, 0.5 * g * g, 0.0, limited, mask, MASKED, False, CORRECTION)
 
     _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
     if HAS_MOMENTUM:
@@ -468,38 +621,53 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
 
 
 @triton.jit
-def _sgd_step_scalars(step_scalars, correction64):
-    """STEP_SCALARS["sgd"] (lr, update_scale, memory_coef, hvp_scale) and the host's derived correction_lr2,
-    as _triton_ops.sgd computes them, rounded to fp32."""
-    lr, correction_lr2 = _shared_step_scalars(step_scalars, correction64)
-    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
-            tl.load(step_scalars + 3).to(tl.float32), correction_lr2.to(tl.float32))
+def _sgd_direction(p, g, weight_decay):
+    """reference.sgd_direction: g~, without the step's factor update_scale."""
+    return g + weight_decay * p
 
 
 @triton.jit
-def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars,
-               lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2,
-               correction64: tl.float64,
-               DEVICE_SCALARS: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr,
+def _sgd_step_scalars(step_scalars, correction64, correction_limit64):
+    """STEP_SCALARS["sgd"] (lr, update_scale, memory_coef, hvp_scale) and the host's derived correction_lr2 and
+    kappa_lr, as _triton_ops.sgd computes them, rounded to fp32."""
+    lr, correction_lr2, kappa_lr = _shared_step_scalars(step_scalars, correction64, correction_limit64)
+    return (lr.to(tl.float32), tl.load(step_scalars + 1).to(tl.float32), tl.load(step_scalars + 2).to(tl.float32),
+            tl.load(step_scalars + 3).to(tl.float32), correction_lr2.to(tl.float32), kappa_lr.to(tl.float32))
+
+
+@triton.jit
+def sgd_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms,
+               lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2, kappa_lr,
+               correction64: tl.float64, correction_limit64: tl.float64,
+               DEVICE_SCALARS: tl.constexpr, P: tl.constexpr, S1: tl.constexpr, R: tl.constexpr, H: tl.constexpr,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, DIAG: tl.constexpr,
+               HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
+               STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, PROBE: tl.constexpr, HAS_TAU: tl.constexpr,
+               NORMS: tl.constexpr, DIAG: tl.constexpr,
                MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr,
                SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     row, start, go = _program(blocks, found_inf, HAS_INF)
     if go:
         if DEVICE_SCALARS:
-            lr, update_scale, memory_coef, hvp_scale, correction_lr2 = _sgd_step_scalars(step_scalars, correction64)
+            lr, update_scale, memory_coef, hvp_scale, correction_lr2, kappa_lr = _sgd_step_scalars(
+                step_scalars, correction64, correction_limit64)
+        if HAS_TAU and not PROBE:
+            hvp_scale = _inverse_tau(probe_tau)
         row = row * NCOL
         n = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
-        if start + BLOCK <= n:
+        if PROBE:
+            _probe_program(table, row, start, n, probe_tau, probe_norms, inv_scale, weight_decay, 0.0, 0.0, 0.0,
+                           "sgd", NCOL - 3, P, False, False, False, MAXIMIZE, HAS_SCALE, NORMS, ALIGNED,
+                           SOFT_BF16, BLOCK)
+        elif start + BLOCK <= n:
             _sgd_tile(table, row, start, n, diagnostics, inv_scale, lr, momentum, weight_decay, update_scale,
-                      memory_coef, hvp_scale, correction_lr2, False, P, S1, R, HAS_MOMENTUM, NESTEROV,
-                      HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED,
-                      SOFT_BF16, BLOCK)
+                      memory_coef, hvp_scale, correction_lr2, kappa_lr, False, P, S1, R, H, HAS_MOMENTUM, NESTEROV,
+                      HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS, CORRECTION,
+                      MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)
         else:
             _sgd_tile(table, row, start, n, diagnostics, inv_scale, lr, momentum, weight_decay, update_scale,
-                      memory_coef, hvp_scale, correction_lr2, True, P, S1, R, HAS_MOMENTUM, NESTEROV,
-                      HAS_REF, UPDATE_REFS, DIAG, MEMORYLESS, CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED,
-                      SOFT_BF16, BLOCK)
+                      memory_coef, hvp_scale, correction_lr2, kappa_lr, True, P, S1, R, H, HAS_MOMENTUM, NESTEROV,
+                      HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS, CORRECTION,
+                      MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, BLOCK)

@@ -1,10 +1,11 @@
 """Host side of the Triton backend: scalars as reference.py computes them, one launch per op call.
 
 Every scalar the reference derives in Python (1 - beta1, lr / bias_correction1,
-1 - lr * weight_decay, correction * lr * lr, ...) is derived here the same way
-in float64 and handed to the kernel, where it is rounded to fp32 exactly as
-torch rounds a Python scalar against an fp32 tensor. grad_scale and found_inf
-stay on the device: the kernel reads them, so a step never syncs the host.
+1 - lr * weight_decay, correction * lr * lr, correction_limit * lr, ...) is
+derived here the same way in float64 and handed to the kernel, where it is
+rounded to fp32 exactly as torch rounds a Python scalar against an fp32 tensor.
+grad_scale, found_inf and probe_tau stay on the device: the kernel reads them,
+so a step never syncs the host.
 
 With a `step_scalars` tensor the per-step floats are placeholders: the kernel
 reads their values from the tensor and derives the rest the host's way on the
@@ -51,28 +52,33 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _launch(kernel, op: str, lists: Sequence[Sequence[Tensor]], diagnostics: Tensor | None,
-            grad_scale: Tensor | None, found_inf: Tensor | None, step_scalars: Tensor | None,
-            scalars: dict[str, float], flags: dict[str, Any]) -> None:
-    """One launch over every tensor of the call; lists are params, grads, then the op's state lists."""
-    params = lists[0]
+            step_scalars: Tensor | None, scalars: dict[str, float], flags: dict[str, Any], *, correction: float,
+            maximize: bool, memoryless: bool, update_grad_refs: bool, grad_scale: Tensor | None,
+            found_inf: Tensor | None, origins: Sequence[Tensor], hvps: Sequence[Tensor], reuse_hvp: bool,
+            probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None) -> None:
+    """One launch over every tensor of the call; lists are params, grads, the op's state lists, then grad_refs
+    (the table's columns, followed by origins and hvps)."""
+    params, grad_refs = lists[0], lists[-1]
     device = _check_device(op, params)
     numels = [p.numel() for p in params]
     blocks = block_map(numels, BLOCK, device)
     if blocks.numel() == 0:
         return  # every tensor is empty
+    lists = (*lists, origins, hvps)
     table, aligned = pointer_table(lists, numels, device)
     grad_scale, found_inf = _on(grad_scale, device), _on(found_inf, device)
     if step_scalars is not None and not step_scalars.is_contiguous():
         step_scalars = step_scalars.contiguous()  # the kernel reads consecutive float64s
+    pointers = (diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device's current stream
         kernel[(blocks.numel() // 2,)](
-            table, blocks,
-            blocks if diagnostics is None else diagnostics,  # an unused pointer stands in for absent tensors
-            blocks if grad_scale is None else grad_scale,
-            blocks if found_inf is None else found_inf,
-            blocks if step_scalars is None else step_scalars,
-            **scalars, **flags, DEVICE_SCALARS=step_scalars is not None,
+            table, blocks, *(blocks if t is None else t for t in pointers),  # blocks stands in for absent tensors
+            **scalars, **flags, R=_dtype(grad_refs, params[0]), H=_dtype(hvps, params[0]),
+            HAS_REF=bool(grad_refs), UPDATE_REFS=update_grad_refs, HAS_ORIGIN=bool(origins),
+            STORE_HVP=bool(hvps) and not reuse_hvp, REUSE_HVP=reuse_hvp, PROBE=probe,
+            HAS_TAU=probe_tau is not None, NORMS=probe_norms is not None, CORRECTION=correction != 0.0,
+            MEMORYLESS=memoryless, MAXIMIZE=maximize, DEVICE_SCALARS=step_scalars is not None,
             DIAG=diagnostics is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             ALIGNED=aligned, SOFT_BF16=interpreting(), NCOL=len(lists) + 1, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
@@ -89,66 +95,60 @@ def _per_step(step_scalars: Tensor | None, names: Sequence[str], derive: Callabl
     return derive() if step_scalars is None else dict.fromkeys(names, 0.0)
 
 
-def _ref_flags(grad_refs: Sequence[Tensor], update_grad_refs: bool, correction: float, memoryless: bool,
-               maximize: bool) -> dict[str, Any]:
-    return dict(HAS_REF=bool(grad_refs), UPDATE_REFS=update_grad_refs, CORRECTION=correction != 0.0,
-                MEMORYLESS=memoryless, MAXIMIZE=maximize)
-
-
 _ADAMW_STEP = ("lr", "bias_correction1", "bias_correction2", "bias_correction2_sqrt", "mean_age1", "mean_age2",
-               "hvp_scale", "shrink", "step_size", "correction_lr2")
-_LION_STEP = ("lr", "ema_weight", "age_weight", "hvp_scale", "shrink", "correction_lr2")
-_SGD_STEP = ("lr", "update_scale", "memory_coef", "hvp_scale", "correction_lr2")
+               "hvp_scale", "shrink", "step_size", "correction_lr2", "kappa_lr")
+_LION_STEP = ("lr", "ema_weight", "age_weight", "hvp_scale", "shrink", "correction_lr2", "kappa_lr")
+_SGD_STEP = ("lr", "update_scale", "memory_coef", "hvp_scale", "correction_lr2", "kappa_lr")
 
 
 @register("triton", "adamw", DEVICE_TYPES, device_step_scalars=True)
 def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, *, lr, beta1, beta2, eps, weight_decay,
           bias_correction1, bias_correction2, mean_age1, mean_age2, decoupled, eps_inside_sqrt, correction,
-          hvp_scale, maximize, memoryless, update_grad_refs, grad_scale, found_inf,
-          step_scalars: Tensor | None = None) -> None:
+          correction_limit, hvp_scale, step_scalars: Tensor | None = None, **common: Any) -> None:
     p = params[0]
     scalars = dict(beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, eps=eps,
                    weight_decay=weight_decay, weight_decay64=weight_decay, correction64=correction,
+                   correction_limit64=correction_limit,
                    **_per_step(step_scalars, _ADAMW_STEP, lambda: dict(
                        lr=lr, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
                        bias_correction2_sqrt=bias_correction2 ** 0.5, mean_age1=mean_age1, mean_age2=mean_age2,
                        hvp_scale=hvp_scale, shrink=1 - lr * weight_decay if decoupled else 1.0,
-                       step_size=lr / bias_correction1, correction_lr2=correction * lr * lr)))
-    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), S2=_dtype(exp_avg_sqs, p), R=_dtype(grad_refs, p),
-                 EPS_INSIDE_SQRT=eps_inside_sqrt, DECOUPLED=decoupled,
-                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
+                       step_size=lr / bias_correction1, correction_lr2=correction * lr * lr,
+                       kappa_lr=correction_limit * lr)))
+    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), S2=_dtype(exp_avg_sqs, p),
+                 EPS_INSIDE_SQRT=eps_inside_sqrt, DECOUPLED=decoupled)
     _launch(kernels.adamw_kernel, "adamw", (params, grads, exp_avgs, exp_avg_sqs, grad_refs), diagnostics,
-            grad_scale, found_inf, step_scalars, scalars, flags)
+            step_scalars, scalars, flags, correction=correction, **common)
 
 
 @register("triton", "lion", DEVICE_TYPES, device_step_scalars=True)
 def lion(params, grads, exp_avgs, grad_refs, diagnostics, *, lr, beta1, beta2, weight_decay, smoothing,
-         ema_weight, age_weight, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
-         found_inf, step_scalars: Tensor | None = None) -> None:
+         ema_weight, age_weight, correction, correction_limit, hvp_scale, step_scalars: Tensor | None = None,
+         **common: Any) -> None:
     p = params[0]
     scalars = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2,
                    weight_decay=weight_decay, smoothing=smoothing, weight_decay64=weight_decay,
-                   correction64=correction,
+                   correction64=correction, correction_limit64=correction_limit,
                    **_per_step(step_scalars, _LION_STEP, lambda: dict(
                        lr=lr, ema_weight=ema_weight, age_weight=age_weight, hvp_scale=hvp_scale,
-                       shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr)))
-    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), R=_dtype(grad_refs, p), SIGN=smoothing == 0.0,
-                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
-    _launch(kernels.lion_kernel, "lion", (params, grads, exp_avgs, grad_refs), diagnostics, grad_scale,
-            found_inf, step_scalars, scalars, flags)
+                       shrink=1 - lr * weight_decay, correction_lr2=correction * lr * lr,
+                       kappa_lr=correction_limit * lr)))
+    flags = dict(P=_dtype(params, p), S1=_dtype(exp_avgs, p), SIGN=smoothing == 0.0)
+    _launch(kernels.lion_kernel, "lion", (params, grads, exp_avgs, grad_refs), diagnostics, step_scalars, scalars,
+            flags, correction=correction, **common)
 
 
 @register("triton", "sgd", DEVICE_TYPES, device_step_scalars=True)
 def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, *, lr, momentum, weight_decay, nesterov,
-        update_scale, memory_coef, correction, hvp_scale, maximize, memoryless, update_grad_refs, grad_scale,
-        found_inf, step_scalars: Tensor | None = None) -> None:
+        update_scale, memory_coef, correction, correction_limit, hvp_scale, step_scalars: Tensor | None = None,
+        **common: Any) -> None:
     p = params[0]
     scalars = dict(momentum=momentum, weight_decay=weight_decay, correction64=correction,
+                   correction_limit64=correction_limit,
                    **_per_step(step_scalars, _SGD_STEP, lambda: dict(
                        lr=lr, update_scale=update_scale, memory_coef=memory_coef, hvp_scale=hvp_scale,
-                       correction_lr2=correction * lr * lr)))
-    flags = dict(P=_dtype(params, p), S1=_dtype(momentum_buffers, p), R=_dtype(grad_refs, p),
-                 HAS_MOMENTUM=bool(momentum_buffers), NESTEROV=nesterov,
-                 **_ref_flags(grad_refs, update_grad_refs, correction, memoryless, maximize))
-    _launch(kernels.sgd_kernel, "sgd", (params, grads, momentum_buffers, grad_refs), diagnostics, grad_scale,
-            found_inf, step_scalars, scalars, flags)
+                       correction_lr2=correction * lr * lr, kappa_lr=correction_limit * lr)))
+    flags = dict(P=_dtype(params, p), S1=_dtype(momentum_buffers, p), HAS_MOMENTUM=bool(momentum_buffers),
+                 NESTEROV=nesterov)
+    _launch(kernels.sgd_kernel, "sgd", (params, grads, momentum_buffers, grad_refs), diagnostics, step_scalars,
+            scalars, flags, correction=correction, **common)
