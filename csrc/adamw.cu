@@ -13,8 +13,8 @@ struct AdamWOp {
   template <typename T>
   MK_HD static AdamWScalars<T> scalars(const Args& a) {
     return make_adamw_scalars<T>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.bias_correction1,
-                                 a.bias_correction2, a.mean_age1, a.mean_age2, a.correction, a.hvp_scale,
-                                 a.decoupled != 0, a.eps_inside_sqrt != 0, a.memoryless != 0);
+                                 a.bias_correction2, a.mean_age1, a.mean_age2, a.correction, a.correction_limit,
+                                 a.hvp_scale, a.decoupled != 0, a.eps_inside_sqrt != 0, a.memoryless != 0);
   }
 
   // memkernels._ops.STEP_SCALARS["adamw"], in order, in place of the placeholders of args.
@@ -28,9 +28,14 @@ struct AdamWOp {
   }
 
   template <typename T>
-  __device__ __forceinline__ static Step<T, 2> step(T p, T g, const T (&states)[2], bool, T g_ref,
-                                                    bool has_ref, const AdamWScalars<T>& s) {
-    return adamw(p, g, states[0], states[1], g_ref, has_ref, s);
+  __device__ __forceinline__ static Step<T, 2> step(T p, T g, const T (&states)[2], bool, T hvp,
+                                                    bool has_hvp, const AdamWScalars<T>& s) {
+    return adamw(p, g, states[0], states[1], hvp, has_hvp, s);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static T direction(T p, T g, const AdamWScalars<T>& s) {
+    return adamw_direction(p, g, s);
   }
 };
 

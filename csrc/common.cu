@@ -40,8 +40,12 @@ MK_API const char* mk_error_string(int code) {
     case 0: return "no error";
     case MK_ERR_ARGUMENT: return "memkernels: invalid mk_launch (counts, table pointer)";
     case MK_ERR_PARAM_DTYPE: return "memkernels: unsupported params dtype code";
-    case MK_ERR_STATE_DTYPE: return "memkernels: a state or grad_ref dtype is neither the params' dtype, float32 nor float64";
+    case MK_ERR_STATE_DTYPE:
+      return "memkernels: a state, grad_ref or hvp dtype is neither the params' dtype, float32 nor float64";
     case MK_ERR_SCALAR_DTYPE: return "memkernels: unsupported grad_scale or found_inf dtype code";
+    case MK_ERR_MODE:
+      return "memkernels: invalid mode: probe needs origins and probe_tau and takes no diagnostics or reuse_hvp; "
+             "reuse_hvp needs hvps and no grad_refs";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

@@ -13,7 +13,8 @@ struct LionOp {
   template <typename T>
   MK_HD static LionScalars<T> scalars(const Args& a) {
     return make_lion_scalars<T>(a.lr, a.beta1, a.beta2, a.weight_decay, a.smoothing, a.ema_weight,
-                                a.age_weight, a.correction, a.hvp_scale, a.memoryless != 0);
+                                a.age_weight, a.correction, a.correction_limit, a.hvp_scale,
+                                a.memoryless != 0);
   }
 
   // memkernels._ops.STEP_SCALARS["lion"], in order, in place of the placeholders of args.
@@ -25,9 +26,14 @@ struct LionOp {
   }
 
   template <typename T>
-  __device__ __forceinline__ static Step<T, 1> step(T p, T g, const T (&states)[1], bool, T g_ref,
-                                                    bool has_ref, const LionScalars<T>& s) {
-    return lion(p, g, states[0], g_ref, has_ref, s);
+  __device__ __forceinline__ static Step<T, 1> step(T p, T g, const T (&states)[1], bool, T hvp,
+                                                    bool has_hvp, const LionScalars<T>& s) {
+    return lion(p, g, states[0], hvp, has_hvp, s);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static T direction(T p, T g, const LionScalars<T>& s) {
+    return lion_direction(p, g, s);
   }
 };
 

@@ -13,7 +13,8 @@ struct SGDOp {
   template <typename T>
   MK_HD static SGDScalars<T> scalars(const Args& a) {
     return make_sgd_scalars<T>(a.lr, a.momentum, a.weight_decay, a.nesterov != 0, a.update_scale,
-                               a.memory_coef, a.correction, a.hvp_scale, a.memoryless != 0);
+                               a.memory_coef, a.correction, a.correction_limit, a.hvp_scale,
+                               a.memoryless != 0);
   }
 
   // memkernels._ops.STEP_SCALARS["sgd"], in order, in place of the placeholders of args.
@@ -26,8 +27,13 @@ struct SGDOp {
 
   template <typename T>
   __device__ __forceinline__ static Step<T, 1> step(T p, T g, const T (&states)[1], bool has_momentum,
-                                                    T g_ref, bool has_ref, const SGDScalars<T>& s) {
-    return sgd(p, g, states[0], has_momentum, g_ref, has_ref, s);
+                                                    T hvp, bool has_hvp, const SGDScalars<T>& s) {
+    return sgd(p, g, states[0], has_momentum, hvp, has_hvp, s);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static T direction(T p, T g, const SGDScalars<T>& s) {
+    return sgd_direction(p, g, s);
   }
 };
 

@@ -48,9 +48,10 @@ def test_library_identity(built, lib):
 
 @needs_nvcc
 def test_every_kernel_is_built_without_spills(built):
-    """3 ops x 4 param dtypes x diagnostics on/off x step scalars from the host or the device, no spills."""
+    """3 ops x 4 param dtypes x diagnostics (probe_norms) on/off x step scalars from the host or the device
+    x 3 passes (the step, the step with origins / kept HVPs / probe_tau, the probe pass), no spills."""
     reports = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", built.log)
-    assert len(reports) == 3 * 4 * 2 * 2, built.log
+    assert len(reports) == 3 * 4 * 2 * 2 * 3, built.log
     assert all(r == ("0", "0", "0") for r in reports), built.log
 
 
@@ -82,21 +83,30 @@ def test_vector_loads_and_stores(tmp_path):
     assert not re.search(r"^\s*(ld|st)\.v\d", text, re.MULTILINE), "generic (non-global) vector accesses"
 
 
-@needs_nvcc
-def test_step_scalar_kernels_derive_in_ieee_double(tmp_path):
-    """With step_scalars the adamw kernel derives bias_correction2 ** 0.5 on the device with the correctly
-    rounded double sqrt; the kernels without them (fp32 params) do no double sqrt at all."""
+def _adamw_entries(tmp_path) -> dict[tuple[int, int, int], str]:
+    """The PTX bodies of adamw's fp32-param kernels by (DIAG, STEP, Pass)."""
     ptx = tmp_path / "adamw.ptx"
     cmd = [NVCC, *_cuda_build.NVCC_FLAGS, "-arch=compute_90", "-DMK_SOURCE_HASH=\"x\"", "-DMK_ARCHS=\"x\"",
            f"-I{ROOT / 'csrc' / 'include'}", "-ptx", str(ROOT / "csrc" / "adamw.cu"), "-o", str(ptx)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     entries = {m.group(1): m.group(2) for m in re.finditer(r"\.entry (\w+)\((.*?)\n\}", ptx.read_text(), re.DOTALL)}
-    f32 = {name: body for name, body in entries.items() if "AdamWOpEfLb" in name}
-    step = [body for name, body in f32.items() if re.search(r"AdamWOpEfLb\dELb1E", name)]  # <P, DIAG, STEP>
-    assert len(f32) == 4 and len(step) == 2, list(f32)
-    assert all("sqrt.rn.f64" in body for body in step)
-    assert sum("sqrt.rn.f64" in body for body in f32.values()) == 2
+    f32 = {}
+    for name, body in entries.items():
+        m = re.search(r"AdamWOpEfLb(\d)ELb(\d)ELNS_4PassE(\d)E", name)  # <P, DIAG, STEP, PASS>
+        if m:
+            f32[tuple(map(int, m.groups()))] = body
+    assert sorted(f32) == [(d, s, p) for d in (0, 1) for s in (0, 1) for p in (0, 1, 2)], list(f32)
+    return f32
+
+
+@needs_nvcc
+def test_step_scalar_kernels_derive_in_ieee_double(tmp_path):
+    """With step_scalars the adamw steps derive bias_correction2 ** 0.5 on the device with the correctly
+    rounded double sqrt; the kernels without them (fp32 params) do no double sqrt at all."""
+    f32 = _adamw_entries(tmp_path)
+    for (diag, step, pass_), body in f32.items():
+        assert ("sqrt.rn.f64" in body) == (step == 1 and pass_ != 2), (diag, step, pass_)
 
 
 def _launch(**fields) -> _cuda_abi.Launch:
@@ -120,6 +130,13 @@ def _adamw_args() -> _cuda_abi.AdamWArgs:
      "neither the params' dtype"),
     (dict(has_grad_refs=1, ref_dtype=1, param_dtype=0), "neither the params' dtype"),
     (dict(grad_scale=0x1000, grad_scale_dtype=9), "grad_scale or found_inf"),
+    (dict(has_hvps=1, hvp_dtype=1, param_dtype=0), "neither the params' dtype"),
+    (dict(probe=1, probe_tau=0x1000), "invalid mode"),  # no origins
+    (dict(probe=1, has_origins=1), "invalid mode"),  # no probe_tau
+    (dict(probe=1, has_origins=1, probe_tau=0x1000, diagnostics=0x1000), "invalid mode"),
+    (dict(probe=1, has_origins=1, probe_tau=0x1000, has_hvps=1, reuse_hvp=1), "invalid mode"),
+    (dict(reuse_hvp=1), "invalid mode"),  # no hvps
+    (dict(reuse_hvp=1, has_hvps=1, has_grad_refs=1), "invalid mode"),
 ])
 def test_bad_launches_are_refused_before_cuda(lib, fields, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -143,7 +160,7 @@ def test_struct_layout_is_all_8_byte_fields():
     for struct in (_cuda_abi.Launch, *_cuda_abi.ARGS.values()):
         assert all(getattr(struct, name).size % 8 == 0 and getattr(struct, name).offset % 8 == 0
                    for name, _ in struct._fields_)
-    assert ctypes.sizeof(_cuda_abi.Launch) == 20 * 8
+    assert ctypes.sizeof(_cuda_abi.Launch) == 27 * 8
 
 
 def test_struct_mirrors_follow_api_h():
@@ -219,16 +236,36 @@ def test_pointer_table(monkeypatch):
     buf = torch.zeros(200)
     params = [buf[0:40], buf[40:40], buf[41:42], buf[48:80]]  # 40 elems, empty, misaligned 1, aligned 32
     grads = [torch.zeros(40), torch.zeros(0), torch.zeros(1), torch.zeros(32)]
-    columns = [params, grads, [], [], []]
+    columns = [params, grads, [], [], [], [], []]
     table = cache.get(torch.device("cpu"), columns, Stream())
     assert (table.n_tensors, table.n_chunks) == (3, 3 + 1 + 2)
     rows = table.rows.tolist()
-    assert [r[5:] for r in rows] == [[40, 0, 1], [1, 3, 0], [32, 4, 1]]
-    assert rows[0][:5] == [params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0]
+    assert len(rows[0]) == _cuda_abi.TABLE_COLS
+    assert [r[7:] for r in rows] == [[40, 0, 1], [1, 3, 0], [32, 4, 1]]
+    assert rows[0][:7] == [params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0, 0, 0]
     assert cache.get(torch.device("cpu"), columns, Stream()) is table
     grads[3] = torch.zeros(32)
     assert cache.get(torch.device("cpu"), columns, Stream()) is not table
-    assert cache.get(torch.device("cpu"), [[torch.zeros(0)], [torch.zeros(0)], [], [], []], Stream()).n_chunks == 0
+    assert cache.get(torch.device("cpu"), [[torch.zeros(0)], [torch.zeros(0)], [], [], [], [], []],
+                     Stream()).n_chunks == 0
+
+
+def test_pointer_table_columns_of_origins_and_hvps(monkeypatch):
+    """origins and hvps fill their columns (and their alignment counts in vec_ok); each is part of the key."""
+    from memkernels.backends import cuda
+
+    class Stream:
+        cuda_stream = 0
+
+    cache = cuda._TableCache(chunk_elems=16)
+    params, grads = [torch.zeros(40)], [torch.zeros(40)]
+    origins, hvps = [torch.zeros(40)], [torch.zeros(41)[1:]]  # hvps misaligned: scalar loads for the row
+    table = cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps], Stream())
+    assert table.rows.tolist() == [[params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0, origins[0].data_ptr(),
+                                    hvps[0].data_ptr(), 40, 0, 0]]
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, []], Stream()) is not table
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], [torch.zeros(40)], hvps], Stream()) is not table
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps], Stream()) is table
 
 
 def test_setup_py_without_nvcc_is_pure_python(tmp_path):

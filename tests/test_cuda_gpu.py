@@ -2,9 +2,12 @@
 
 Every op and mode at large and odd sizes, many tensors in one call, misaligned views,
 fp32/bf16/fp16/fp64 parameters with fp32 or half states, AMP scaling, and the
-diagnostics sums. The reference backend runs reference.py with torch's CUDA ops on
-copies of the same inputs; where the two differ it is by torch evaluating `x / scalar`
-as x * (1 / scalar) on CUDA (an ulp), log1p (an ulp) and summation order.
+diagnostics sums; the correction limit acting on about half of the elements; the
+probe pass (origins, probe_norms), the step from origins with probe_tau in place of
+hvp_scale, kept HVP estimates stored and reused. The reference backend runs
+reference.py with torch's CUDA ops on copies of the same inputs; where the two differ
+it is by torch evaluating `x / scalar` as x * (1 / scalar) on CUDA (an ulp), log1p (an
+ulp) and summation order.
 """
 from __future__ import annotations
 
@@ -36,7 +39,22 @@ MODES = {
     "memoryless": dict(refs=True, diag=True, correction=-1.0, hvp_scale=10.0, memoryless=True),
     "amp_maximize": dict(refs=True, diag=True, correction=-1.0, hvp_scale=10.0, maximize=True, scale=1024.0),
     "diag_only": dict(refs=True, diag=True),
+    "limiter": dict(refs=True, diag=True, limiter=True),
+    # the step after a probe pass: theta from origins, hvp_scale = 1 / tau, the estimate kept in hvps
+    "probe_step": dict(refs=True, diag=True, origins=True, hvps=True, correction=-1.0, tau=0.1),
+    "reuse_hvp": dict(hvps=True, diag=True, correction=-1.0, reuse_hvp=True),
+    "origins_trajectory": dict(refs=True, origins=True, correction=0.5, hvp_scale=30.0, update_grad_refs=True),
+    # the probe pass; grad_refs, hvps and the states are given to check that it leaves them alone
+    "probe": dict(probe=True, origins=True, norms=True, refs=True, hvps=True, tau=1e-2),
 }
+# Corrections with which the limit acts on about half of the elements of these inputs (reference backend).
+LIMITER = {
+    "adamw": dict(correction=-1.0, hvp_scale=100.0),
+    "lion": dict(smoothing=1e-2, correction=-1.0, hvp_scale=50.0),
+    "sgd": dict(correction=-1.0, hvp_scale=10.0),
+}
+# The keys of a mode that say what to make rather than how to call
+MADE = ("refs", "diag", "scale", "no_buffers", "limiter", "origins", "hvps", "norms", "tau")
 VARIANTS = {  # op-specific flags, each run in the probe mode
     "adamw": [dict(decoupled=False), dict(eps_inside_sqrt=True), dict(decoupled=False, eps_inside_sqrt=True)],
     "lion": [dict(smoothing=1e-4), dict(smoothing=1e-2, memoryless=True)],
@@ -70,7 +88,8 @@ def _shape(s) -> tuple[int, ...]:
 
 
 def _make(op: str, shapes, dtypes, mode: dict, gen: torch.Generator) -> dict:
-    """Fresh inputs: params, grads (scaled when AMP is on), states, grad_refs, diagnostics."""
+    """Fresh inputs: params, grads (scaled when AMP is on), states, grad_refs, diagnostics, origins, hvps (kept
+    estimates, of the states' dtype), probe_norms."""
     pdt, sdt, rdt = dtypes
     scale = mode.get("scale", 1.0)
 
@@ -86,31 +105,41 @@ def _make(op: str, shapes, dtypes, mode: dict, gen: torch.Generator) -> dict:
                    for k in range(n_states)] + ([[]] if mode.get("no_buffers") else []),
         "grad_refs": [rand(s, rdt, 0.1 * scale) for s in shapes] if mode.get("refs") else [],
         "diagnostics": torch.zeros(NDIAG, dtype=torch.float64, device=DEVICE) if mode.get("diag") else None,
+        "origins": [rand(s, pdt) for s in shapes] if mode.get("origins") else [],
+        "hvps": [rand(s, sdt) for s in shapes] if mode.get("hvps") else [],
+        "probe_norms": torch.zeros(2, dtype=torch.float64, device=DEVICE) if mode.get("norms") else None,
     }
 
 
 def _clone(inputs: dict) -> dict:
-    return {
-        "params": [t.clone() for t in inputs["params"]],
-        "grads": [t.clone() for t in inputs["grads"]],
-        "states": [[t.clone() for t in lst] for lst in inputs["states"]],
-        "grad_refs": [t.clone() for t in inputs["grad_refs"]],
-        "diagnostics": None if inputs["diagnostics"] is None else inputs["diagnostics"].clone(),
-    }
+    """A copy of every tensor, list and state list of inputs."""
+    out = {}
+    for key, value in inputs.items():
+        if key == "states":
+            out[key] = [[t.clone() for t in lst] for lst in value]
+        elif isinstance(value, list):
+            out[key] = [t.clone() for t in value]
+        else:
+            out[key] = None if value is None else value.clone()
+    return out
 
 
 def _kwargs(op: str, mode: dict) -> dict:
-    kw = {**SCALARS[op], **{k: v for k, v in mode.items() if k not in ("refs", "diag", "scale", "no_buffers")}}
+    kw = {**SCALARS[op], **(LIMITER[op] if mode.get("limiter") else {}),
+          **{k: v for k, v in mode.items() if k not in MADE}}
     if op == "sgd" and mode.get("no_buffers"):
         kw["momentum"] = 0.0
     if "scale" in mode:
         kw["grad_scale"] = torch.tensor(mode["scale"], device=DEVICE)
         kw["found_inf"] = torch.zeros((), device=DEVICE)
+    if "tau" in mode:
+        kw["probe_tau"] = torch.tensor(mode["tau"], dtype=torch.float64, device=DEVICE)
     return kw
 
 
 def _step(op: str, x: dict, kw: dict, backend: str) -> None:
-    OPS[op](x["params"], x["grads"], *x["states"], x["grad_refs"], x["diagnostics"], **kw, backend=backend)
+    OPS[op](x["params"], x["grads"], *x["states"], x["grad_refs"], x["diagnostics"], origins=x.get("origins", []),
+            hvps=x.get("hvps", []), probe_norms=x.get("probe_norms"), **kw, backend=backend)
 
 
 def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, seed: int, before: torch.Tensor | None = None) -> None:
@@ -135,7 +164,41 @@ def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, seed: int, b
         assert bool(ok.all()), f"{where}: {int((~ok).sum())} elements over tolerance"
 
 
-def _compare(op: str, shapes, dtypes, mode: dict) -> None:
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+
+
+def _assert_limited(got: float, want: float, numel: int, dtype: torch.dtype, where: str) -> None:
+    """The count of elements where the limit acted. Exact in fp64; in fp32 an M an ulp from torch's (see the
+    module docstring) can move an element lying on the edge |term| = bound across it, which is rare."""
+    slack = 0 if dtype == torch.float64 else 2 + 1e-5 * numel
+    assert abs(got - want) <= slack, f"{where}: limited on {got} elements vs {want}"
+
+
+def _assert_same_results(mine: dict, ref: dict, seed: int, before: list[torch.Tensor]) -> None:
+    """Every tensor the call may change, mine (the backend's) against ref (the reference backend's)."""
+    for i, (a, b) in enumerate(zip(mine["params"], ref["params"])):
+        _assert_close(f"params[{i}]", a, b, seed, before[i])
+    for key in ("grads", "grad_refs", "origins", "hvps"):
+        for i, (a, b) in enumerate(zip(mine.get(key, []), ref.get(key, []))):
+            _assert_close(f"{key}[{i}]", a, b, seed)
+    for k, (la, lb) in enumerate(zip(mine["states"], ref["states"])):
+        for i, (a, b) in enumerate(zip(la, lb)):
+            _assert_close(f"states[{k}][{i}]", a, b, seed)
+    numel = sum(p.numel() for p in mine["params"])
+    if mine["diagnostics"] is not None:
+        for name, a, b in zip(DIAGNOSTICS, mine["diagnostics"].tolist(), ref["diagnostics"].tolist()):
+            if name == "limited":
+                _assert_limited(a, b, numel, mine["params"][0].dtype, f"diagnostics (seed {seed})")
+            else:
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-9), f"diagnostics {name} (seed {seed}): {a} vs {b}"
+    if mine.get("probe_norms") is not None:
+        for name, a, b in zip(("theta_sq", "d_sq"), mine["probe_norms"].tolist(), ref["probe_norms"].tolist()):
+            assert a == pytest.approx(b, rel=1e-6), f"probe_norms {name} (seed {seed}): {a} vs {b}"
+
+
+def _compare(op: str, shapes, dtypes, mode: dict) -> dict:
     gen, seed = _generator()
     mine = _make(op, shapes, dtypes, mode, gen)
     ref = _clone(mine)
@@ -143,17 +206,13 @@ def _compare(op: str, shapes, dtypes, mode: dict) -> None:
     kw = _kwargs(op, mode)
     _step(op, mine, kw, BACKEND)
     _step(op, ref, kw, "reference")
-    for i, (a, b) in enumerate(zip(mine["params"], ref["params"])):
-        _assert_close(f"params[{i}]", a, b, seed, before[i])
-    for key in ("grads", "grad_refs"):
-        for i, (a, b) in enumerate(zip(mine[key], ref[key])):
-            _assert_close(f"{key}[{i}]", a, b, seed)
-    for k, (la, lb) in enumerate(zip(mine["states"], ref["states"])):
-        for i, (a, b) in enumerate(zip(la, lb)):
-            _assert_close(f"states[{k}][{i}]", a, b, seed)
-    if mine["diagnostics"] is not None:
-        for name, a, b in zip(DIAGNOSTICS, mine["diagnostics"].tolist(), ref["diagnostics"].tolist()):
-            assert a == pytest.approx(b, rel=1e-4, abs=1e-9), f"diagnostics {name} (seed {seed}): {a} vs {b}"
+    _assert_same_results(mine, ref, seed, before)
+    if mode.get("probe"):  # theta kept bit for bit
+        assert all(_same_bits(o, p) for o, p in zip(mine["origins"], before)), f"origins (seed {seed})"
+    if mode.get("limiter"):
+        limited = mine["diagnostics"][-1].item() / sum(p.numel() for p in before)
+        assert 0.2 < limited < 0.9, f"the limit acted on {limited:.0%} of the elements (seed {seed})"
+    return mine
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,6 +235,9 @@ def test_many_tensors_in_one_launch(op):
     sizes = torch.randint(0, 6000, (300,)).tolist() + [0, 1, 40000]
     _compare(op, sizes, DTYPES["f32"], MODES["trajectory"])
     _compare(op, sizes, DTYPES["bf16_f32states"], MODES["probe_correction"])
+    for mode in ("probe", "probe_step", "reuse_hvp", "limiter"):
+        _compare(op, sizes, DTYPES["f32"], MODES[mode])
+    _compare(op, sizes, DTYPES["bf16_f32states"], MODES["probe"])
 
 
 def test_large_tensor():
@@ -227,18 +289,21 @@ def test_mixed_list_dtypes():
         _assert_close("params/grad_refs", a, b, seed)
 
 
+@pytest.mark.parametrize("name", ["amp_maximize", "probe", "probe_step"])
 @pytest.mark.parametrize("op", OPS)
-def test_found_inf_changes_nothing(op):
+def test_found_inf_changes_nothing(op, name):
+    """found_inf skips the step, the probe pass and the step from origins (hvps stored) alike."""
     gen, _ = _generator()
-    mode = MODES["amp_maximize"]
-    x = _make(op, SHAPES, DTYPES["f32"], {**mode, "update_grad_refs": True}, gen)
+    mode = {**MODES[name], "update_grad_refs": True} if name == "amp_maximize" else MODES[name]
+    x = _make(op, SHAPES, DTYPES["f32"], mode, gen)
     before = _clone(x)
-    kw = {**_kwargs(op, mode), "update_grad_refs": True, "found_inf": torch.ones((), device=DEVICE)}
+    kw = {**_kwargs(op, mode), "found_inf": torch.ones((), device=DEVICE)}
     _step(op, x, kw, BACKEND)
-    for key in ("params", "grad_refs"):
+    for key in ("params", "grad_refs", "origins", "hvps"):
         assert all(torch.equal(a, b) for a, b in zip(x[key], before[key])), key
     assert all(torch.equal(a, b) for la, lb in zip(x["states"], before["states"]) for a, b in zip(la, lb))
-    assert torch.equal(x["diagnostics"], before["diagnostics"])
+    for key in ("diagnostics", "probe_norms"):
+        assert x[key] is None or torch.equal(x[key], before[key]), key
 
 
 def test_side_stream_and_table_cache():
@@ -297,7 +362,7 @@ def test_optimizer_steps_match_reference_backend(cls, kw):
 
 # ------------------------------------------------------------------ per-step scalars read on the device
 
-STEP_MODES = ["plain", "trajectory", "memoryless", "amp_maximize"]
+STEP_MODES = ["plain", "trajectory", "memoryless", "amp_maximize", "limiter", "probe_step", "reuse_hvp", "probe"]
 STEP_VALUES = {"given": {}, "lr_0_hvp_0": dict(lr=0.0, hvp_scale=0.0)}
 
 
@@ -317,15 +382,16 @@ def _scalars(values: dict[str, float]) -> torch.Tensor:
 
 
 def _assert_identical(got: dict, want: dict, where: str) -> None:
-    """Every tensor bit for bit; the diagnostics to rounding (blocks add their sums in any order)."""
-    pairs = [(f"{key}[{i}]", a, b) for key in ("params", "grads", "grad_refs")
-             for i, (a, b) in enumerate(zip(got[key], want[key]))]
+    """Every tensor bit for bit; the diagnostics and probe_norms to rounding (blocks add their sums in any order)."""
+    pairs = [(f"{key}[{i}]", a, b) for key in ("params", "grads", "grad_refs", "origins", "hvps")
+             for i, (a, b) in enumerate(zip(got.get(key, []), want.get(key, [])))]
     pairs += [(f"states[{k}][{i}]", a, b) for k, (la, lb) in enumerate(zip(got["states"], want["states"]))
               for i, (a, b) in enumerate(zip(la, lb))]
     for name, a, b in pairs:
-        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{where}: {name}"
-    if want["diagnostics"] is not None:
-        torch.testing.assert_close(got["diagnostics"], want["diagnostics"], rtol=1e-12, atol=0.0, msg=where)
+        assert _same_bits(a, b), f"{where}: {name}"
+    for key in ("diagnostics", "probe_norms"):
+        if want.get(key) is not None:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=0.0, msg=f"{where}: {key}")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16_f32states", "f64"])
@@ -394,3 +460,98 @@ def test_table_missing_during_capture_is_a_clear_error():
     with pytest.raises(RuntimeError, match="before the capture"):
         with torch.cuda.graph(graph):
             _step("sgd", x, kw, BACKEND)
+
+
+# ------------------------------------------------------------------ the probe flow, probe_tau, kept estimates
+
+@pytest.mark.parametrize("tau", [0.3, 0.0])
+@pytest.mark.parametrize("op", OPS)
+def test_probe_tau_replaces_hvp_scale(op, tau):
+    """A step given probe_tau uses hvp_scale = 1 / tau (0 for tau = 0) computed in double, whatever hvp_scale
+    says: the bits of the same step given that hvp_scale as a float (the host's rule), with and without origins."""
+    gen, seed = _generator()
+    for mode in (MODES["probe_correction"], {**MODES["probe_correction"], "origins": True}):
+        x = _make(op, SHAPES, DTYPES["f32"], mode, gen)
+        y = _clone(x)
+        kw = _kwargs(op, mode)
+        _step(op, x, {**kw, "hvp_scale": 123.0, "probe_tau": torch.tensor(tau, dtype=torch.float64, device=DEVICE)},
+              BACKEND)
+        _step(op, y, {**kw, "hvp_scale": 1.0 / tau if tau > 0.0 else 0.0}, BACKEND)
+        _assert_identical(x, y, f"{op} tau={tau} origins={bool(x['origins'])} (seed {seed})")
+
+
+def _probe_flow_calls(x: dict, kw: dict, tau: torch.Tensor) -> list[tuple[dict, dict]]:
+    """The probe estimate of H d and a step reusing it, as the optimizers run them: the probe pass (theta kept in
+    origins, theta + tau d into params), the gradient there (grad_refs: random, like grads), the step from the
+    origins with probe_tau storing its estimate into hvps, then a step reusing them. (inputs, kwargs) of each."""
+    return [({**x, "diagnostics": None, "grad_refs": [], "hvps": []}, {**kw, "probe": True, "probe_tau": tau}),
+            ({**x, "probe_norms": None}, {**kw, "probe_tau": tau}),
+            ({**x, "grad_refs": [], "origins": [], "probe_norms": None}, {**kw, "reuse_hvp": True})]
+
+
+def _probe_flow(op: str, x: dict, kw: dict, tau: torch.Tensor, backend: str) -> list[dict]:
+    """Runs _probe_flow_calls on x; snapshots of x after each call."""
+    snapshots = []
+    for inputs, call_kw in _probe_flow_calls(x, kw, tau):
+        _step(op, inputs, call_kw, backend)
+        snapshots.append(_clone(x))
+    return snapshots
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16_f32states", "f16", "f64"])
+@pytest.mark.parametrize("op", OPS)
+def test_probe_flow_matches_reference(op, dtype):
+    gen, seed = _generator()
+    mode = dict(refs=True, diag=True, origins=True, hvps=True, norms=True)
+    mine = _make(op, SHAPES, DTYPES[dtype], mode, gen)
+    ref = _clone(mine)
+    before = [p.clone() for p in mine["params"]]
+    kw = {**_kwargs(op, mode), "correction": -1.0}
+    tau = torch.tensor(3e-3, dtype=torch.float64, device=DEVICE)
+    got, want = _probe_flow(op, mine, kw, tau, BACKEND), _probe_flow(op, ref, kw, tau, "reference")
+    assert all(_same_bits(o, p) for o, p in zip(got[0]["origins"], before)), f"origins (seed {seed})"
+    assert got[0]["probe_norms"][0].item() == pytest.approx(sum(p.double().square().sum().item() for p in before))
+    for n, (a, b) in enumerate(zip(got, want)):
+        _assert_same_results(a, b, seed, before if n < 2 else [p.clone() for p in got[1]["params"]])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_probe_flow_with_step_scalars_in_a_cuda_graph(op):
+    """The probe flow with step_scalars captured in a CUDA graph: replays with new step values and a new tau,
+    copied into their tensors in place, give the bits of eager calls with those values as floats."""
+    gen, seed = _generator()
+    mode = dict(refs=True, diag=True, origins=True, hvps=True, norms=True)
+    original = _make(op, SHAPES, DTYPES["f32"], mode, gen)
+    kw = {**_kwargs(op, mode), "correction": -1.0}
+    settings = [(_step_values(op, kw), 1e-2), (_step_values(op, kw, lr=3 * kw["lr"]), 0.0)]
+    scalars = _scalars(settings[0][0])
+    tau = torch.tensor(settings[0][1], dtype=torch.float64, device=DEVICE)
+    x = _clone(original)
+    call = {**kw, **_wrong_floats(op), "step_scalars": scalars}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: builds and caches the pointer tables
+        _probe_flow(op, x, call, tau, BACKEND)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs, call_kw in _probe_flow_calls(x, call, tau):
+            _step(op, inputs, call_kw, BACKEND)
+
+    for values, tau_value in settings:
+        fresh = _clone(original)
+        for key in ("params", "grads", "grad_refs", "origins", "hvps"):  # the captured tensors, reset in place
+            for t, o in zip(x[key], fresh[key]):
+                t.copy_(o)
+        for lst, olst in zip(x["states"], fresh["states"]):
+            for t, o in zip(lst, olst):
+                t.copy_(o)
+        x["diagnostics"].copy_(fresh["diagnostics"])
+        x["probe_norms"].copy_(fresh["probe_norms"])
+        scalars.copy_(_scalars(values))
+        tau.fill_(tau_value)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = _probe_flow(op, fresh, {**kw, **values}, torch.tensor(tau_value, dtype=torch.float64, device=DEVICE),
+                            BACKEND)[-1]
+        _assert_identical(x, eager, f"{op} graph replay with {values}, tau {tau_value} (seed {seed})")

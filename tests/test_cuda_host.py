@@ -4,10 +4,13 @@ with g++ into a pybind11 module, against memkernels/reference.py.
 math.h runs in float for fp16/bf16/fp32 parameters and in double for fp64, so its float
 instantiation is compared with reference.py evaluated in float32 and its double
 instantiation with reference.py in float64, element by element, for every output of a
-step (p, states, the processed g, M and the six diagnostic terms). They must agree bit for
-bit (same IEEE operations in the same order), except the one term that goes through two
-libraries' log1p, held to 1e-6 relative. Inputs are fresh random values over eleven
-orders of magnitude plus every pair of edge values (0, -0, tiny, huge, NaN, Inf) of g and g_ref.
+step (p, states, the processed g, M, the hvp estimate and the seven diagnostic terms) and of
+the probe pass (theta + tau d, theta^2, d^2). They must agree bit for bit (same IEEE
+operations in the same order), except the one term that goes through two libraries' log1p,
+held to 1e-6 relative. Inputs are fresh random values over eleven orders of magnitude plus
+every pair of edge values (0, -0, tiny, huge, NaN, Inf) of g and g_ref. The per-element part
+of backends/reference.py's _run (theta from an origin, hvp estimated or a kept one) is the
+host module's, as it is the kernels' driver's.
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from memkernels import reference
+from memkernels._ops import CORRECTION_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 # math.h repeats reference.py's operations in the same order, so every output is the same
@@ -54,7 +59,8 @@ def host(tmp_path_factory):
 # ------------------------------------------------------------------ inputs and the reference
 
 def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = True) -> dict[str, np.ndarray]:
-    """Random values over many magnitudes, with the edge values placed in g and in g_ref."""
+    """Random values over many magnitudes, with the edge values placed in g and in g_ref (and in the kept
+    estimates hvp, which take g_ref's values)."""
     n = n_random + (len(EDGES) ** 2 if edges else 0)
     magnitude = 10.0 ** rng.uniform(-8, 3, n)
     grad = rng.standard_normal(n) * magnitude
@@ -69,6 +75,8 @@ def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = 
             "exp_avg": (rng.standard_normal(n) * magnitude * 0.5).astype(dtype),
             "exp_avg_sq": ((rng.standard_normal(n) * magnitude) ** 2).astype(dtype),
             "grad_ref": grad_ref.astype(dtype),
+            "hvp": grad_ref.astype(dtype),
+            "origin": (rng.standard_normal(n) * 3).astype(dtype),
         }
 
 
@@ -83,29 +91,40 @@ def _numpy_ufunc(ufunc):
     return fn
 
 
-def _reference(op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict):
-    """reference.py on torch tensors of x's dtype, loading g and g_ref as backends/reference.py does."""
+def _reference(fn: Callable, *args):
+    """fn(*args) with torch's sqrt (and the in-place sqrt_ of the directions) and log1p through numpy."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "sqrt", _numpy_ufunc(np.sqrt))
+        mp.setattr(torch.Tensor, "sqrt_", lambda t: t.copy_(_numpy_ufunc(np.sqrt)(t)))
         mp.setattr(torch, "log1p", _numpy_ufunc(np.log1p))
-        return _reference_step(op, x, states, has_ref, kw)
+        return fn(*args)
 
 
-def _reference_step(op, x, states, has_ref, kw):
+def _reference_step(op: str, x: dict[str, np.ndarray], states: list, has_ref: bool, kw: dict, reuse: bool = False,
+                    origin: bool = False) -> tuple[reference.Step, torch.Tensor | None]:
+    """reference.py on torch tensors of x's dtype, as backends/reference.py's _run runs it: g and g_ref
+    loaded, theta from the origin, hvp estimated (or a kept one reused). Returns the Step and the hvp."""
     kw = dict(kw)
     inv_scale, maximize, update = kw.pop("inv_scale", 1.0), kw.pop("maximize", False), kw.pop("update_grad_refs", False)
+    hvp_scale = kw.pop("hvp_scale")
     t = {k: torch.from_numpy(v.copy()) for k, v in x.items()}
     g = reference.load_grad(t["grad"], inv_scale, maximize)
-    g_ref = None
-    if has_ref:
+    theta = t["origin"] if origin else t["p"]
+    hvp = None
+    if reuse:
+        hvp = t["hvp"]
+    elif has_ref:
         g_ref = t["grad_ref"] if update else reference.load_grad(t["grad_ref"], inv_scale, maximize)
+        hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
     state_values = [t[name] if name else None for name in states]
-    return getattr(reference, op)(t["p"], g, *state_values, g_ref, **kw)
+    return getattr(reference, op)(theta, g, *state_values, hvp, **kw), hvp
 
 
-def _host(host, op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict) -> dict:
+def _host(host, op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict, reuse: bool = False,
+          origin: bool = False) -> dict:
     args = [x[name] if name else None for name in states]
-    return getattr(host, op)(x["p"], x["grad"], *args, x["grad_ref"] if has_ref else None, **kw)
+    return getattr(host, op)(x["p"], x["grad"], *args, x["grad_ref"] if has_ref else None,
+                             hvp=x["hvp"] if reuse else None, origin=x["origin"] if origin else None, **kw)
 
 
 def _assert_matches(name: str, actual: np.ndarray, expected: torch.Tensor, *, rtol: float, atol,
@@ -124,13 +143,17 @@ def _assert_matches(name: str, actual: np.ndarray, expected: torch.Tensor, *, rt
                            f"{a[bad][:4]} vs {e[bad][:4]}")
 
 
-def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edges: bool = True) -> None:
+def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edges: bool = True, *,
+           reuse: bool = False, origin: bool = False) -> np.ndarray:
+    """Every output of the host step against the reference; returns the reference's limited flags."""
     seed = int.from_bytes(os.urandom(4), "little")
     x = _inputs(np.random.default_rng(seed), dtype, edges=edges)
     with np.errstate(all="ignore"):
-        got = _host(host, op, x, states, has_ref, kw)
-    want = _reference(op, x, states, has_ref, kw)
+        got = _host(host, op, x, states, has_ref, kw, reuse, origin)
+    want, hvp = _reference(_reference_step, op, x, states, has_ref, kw, reuse, origin)
     exact = dict(rtol=0.0, atol=0.0, seed=seed)
+    if hvp is not None:  # what a step with hvps stores (a reused one comes back as it went in)
+        _assert_matches("hvp", got["hvp"], hvp, **exact)
     _assert_matches("p", got["p"], want.p, **exact)
     for i, (value, expected) in enumerate(zip(got["states"], want.states)):
         _assert_matches(f"states[{i}]", value, expected, **exact)
@@ -144,12 +167,14 @@ def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edg
             _assert_matches(name, got["diag"][k], expected, rtol=LOG1P_RTOL, atol=atol, seed=seed)
         else:
             _assert_matches(name, got["diag"][k], expected, **exact)
+    return want.diag[-1].numpy()
 
 
 # --------------------------------------------------------------------------- the modes
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
-COMMON = dict(correction=0.0, hvp_scale=0.0, maximize=False, memoryless=False, update_grad_refs=False, inv_scale=1.0)
+COMMON = dict(correction=0.0, correction_limit=CORRECTION_LIMIT, hvp_scale=0.0, maximize=False, memoryless=False,
+              update_grad_refs=False, inv_scale=1.0)
 
 ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, bias_correction1=1 - 0.9 ** 3,
              bias_correction2=1 - 0.999 ** 3, mean_age1=1.7, mean_age2=2.9, decoupled=True, eps_inside_sqrt=False)
@@ -167,6 +192,12 @@ ADAMW_MODES = {
     "grad_scale_trajectory": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, inv_scale=1 / 3.0,
                                   update_grad_refs=True),
     "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=1.0),
+    "no_limit": dict(has_ref=True, correction=-1.0, hvp_scale=5e3, correction_limit=float("inf")),
+    "reuse_hvp": dict(reuse=True, correction=-1.0, hvp_scale=7.0),
+    "reuse_hvp_coupled": dict(reuse=True, correction=0.5, decoupled=False),
+    "origin_probe": dict(origin=True, has_ref=True, correction=-1.0, hvp_scale=37.0),
+    "origin_coupled_eps_inside": dict(origin=True, has_ref=True, correction=-1.0, hvp_scale=37.0, decoupled=False,
+                                      eps_inside_sqrt=True),
 }
 
 LION = dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, smoothing=0.0, ema_weight=0.65, age_weight=3.3)
@@ -182,6 +213,10 @@ LION_MODES = {
     "maximize_grad_scale": dict(smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0, maximize=True,
                                 inv_scale=1 / 1024.0),
     "no_decay": dict(weight_decay=0.0, smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0),
+    "no_limit": dict(smoothing=1e-4, has_ref=True, correction=-3.0, hvp_scale=1e5, correction_limit=float("inf")),
+    "reuse_hvp": dict(smoothing=1e-4, reuse=True, correction=-1.0),
+    "origin_probe": dict(smoothing=1e-4, origin=True, has_ref=True, correction=-1.0, hvp_scale=5.0),
+    "origin_sign_reuse": dict(origin=True, reuse=True, correction=-1.0),
 }
 
 SGD = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3, nesterov=False, update_scale=2.71, memory_coef=4.1)
@@ -195,35 +230,99 @@ SGD_MODES = {
     "memoryless": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, memoryless=True),
     "maximize_grad_scale": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, maximize=True, inv_scale=0.125),
     "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=20.0),
+    "no_limit": dict(has_ref=True, correction=-1.0, hvp_scale=1e3, correction_limit=float("inf")),
+    "reuse_hvp": dict(reuse=True, correction=-1.0),
+    "reuse_hvp_momentum_0": dict(momentum=0.0, reuse=True, correction=0.5, no_buffer=True),
+    "origin_probe": dict(origin=True, has_ref=True, correction=-1.0, hvp_scale=20.0),
 }
+
+# op -> (its scalars, its state arrays)
+BASES = {"adamw": (ADAMW, ["exp_avg", "exp_avg_sq"]), "lion": (LION, ["exp_avg"]), "sgd": (SGD, ["exp_avg"])}
 
 
 def _split(base: dict, mode: dict) -> tuple[dict, bool, dict]:
     kw = {**COMMON, **base, **mode}
     has_ref = kw.pop("has_ref", False)
-    flags = {"no_buffer": kw.pop("no_buffer", False)}
+    flags = {name: kw.pop(name, False) for name in ("no_buffer", "reuse", "origin")}
     return kw, has_ref, flags
+
+
+def _check_mode(host, op: str, mode: dict, dtype) -> np.ndarray:
+    base, states = BASES[op]
+    kw, has_ref, flags = _split(base, mode)
+    states = [None] if flags["no_buffer"] else states
+    return _check(host, op, states, has_ref, kw, dtype, reuse=flags["reuse"], origin=flags["origin"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ADAMW_MODES)
 def test_adamw_math_matches_reference(host, mode, dtype):
-    kw, has_ref, _ = _split(ADAMW, ADAMW_MODES[mode])
-    _check(host, "adamw", ["exp_avg", "exp_avg_sq"], has_ref, kw, dtype)
+    _check_mode(host, "adamw", ADAMW_MODES[mode], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", LION_MODES)
 def test_lion_math_matches_reference(host, mode, dtype):
-    kw, has_ref, _ = _split(LION, LION_MODES[mode])
-    _check(host, "lion", ["exp_avg"], has_ref, kw, dtype)
+    _check_mode(host, "lion", LION_MODES[mode], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", SGD_MODES)
 def test_sgd_math_matches_reference(host, mode, dtype):
-    kw, has_ref, flags = _split(SGD, SGD_MODES[mode])
-    _check(host, "sgd", [None] if flags["no_buffer"] else ["exp_avg"], has_ref, kw, dtype)
+    _check_mode(host, "sgd", SGD_MODES[mode], dtype)
+
+
+# Corrections large enough that the limit acts on about half of the elements.
+LIMITER = {
+    "adamw": dict(has_ref=True, correction=-1.0, hvp_scale=5e3),
+    "lion": dict(smoothing=1e-4, has_ref=True, correction=-3.0, hvp_scale=1e5, correction_limit=0.1),
+    "sgd": dict(has_ref=True, correction=-1.0, hvp_scale=1e3),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", LIMITER)
+def test_limiter_acts_where_the_reference_does(host, op, dtype):
+    """The limit acts on a good fraction of the random elements, and the "limited" diagnostic term (checked in
+    _check) equals the reference's element by element, so its sum is the reference's count exactly."""
+    for mode in (LIMITER[op], {**LIMITER[op], "memoryless": True}, {**LIMITER[op], "update_grad_refs": True}):
+        limited = _check_mode(host, op, mode, dtype)[:400]
+        assert 0.1 < limited.mean() < 0.9, f"{op}: the limit acted on {limited.mean():.0%} of the elements"
+
+
+def _reference_probe(op: str, x: dict[str, np.ndarray], kw: dict, tau: float) -> reference.Probe:
+    """reference.probe of the op's direction, as backends/reference.py's _run runs the probe pass."""
+    kw = dict(kw)
+    inv_scale, maximize = kw.pop("inv_scale", 1.0), kw.pop("maximize", False)
+    t = {k: torch.from_numpy(v.copy()) for k, v in x.items()}
+    g = reference.load_grad(t["grad"], inv_scale, maximize)
+    return reference.probe(t["p"], reference.OPS[op][1](t["p"], g, **kw), tau)
+
+
+PROBE_CASES = {
+    "adamw": [dict(), dict(decoupled=False), dict(eps_inside_sqrt=True), dict(decoupled=False, eps_inside_sqrt=True),
+              dict(weight_decay=0.0, maximize=True, inv_scale=1 / 1024.0)],
+    "lion": [dict(), dict(smoothing=1e-4), dict(smoothing=1e-2, maximize=True, inv_scale=0.5)],
+    "sgd": [dict(), dict(weight_decay=0.0, maximize=True, inv_scale=0.125)],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", PROBE_CASES)
+def test_probe_matches_reference(host, op, dtype):
+    """The probe pass: theta + tau d and the terms theta^2, d^2, for the op's direction d."""
+    base, states = BASES[op]
+    for case in PROBE_CASES[op]:
+        seed = int.from_bytes(os.urandom(4), "little")
+        rng = np.random.default_rng(seed)
+        x = _inputs(rng, dtype)
+        tau = float(10 ** rng.uniform(-6, 0))
+        kw = {**COMMON, **base, **case}
+        with np.errstate(all="ignore"):
+            got = getattr(host, op)(x["p"], x["grad"], *(x[name] for name in states), None, probe=True, tau=tau, **kw)
+        want = _reference(_reference_probe, op, x, kw, tau)
+        for name in ("p", "theta_sq", "d_sq"):
+            _assert_matches(f"{op} {case} {name}", got[name], getattr(want, name), rtol=0.0, atol=0.0, seed=seed)
 
 
 @pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
@@ -233,9 +332,11 @@ def test_random_hyperparameters(host, op):
     for _ in range(20):
         correction = float(rng.choice([0.0, -1.0, 0.5, rng.normal()]))
         common = dict(lr=10 ** rng.uniform(-5, -1), correction=correction, hvp_scale=10 ** rng.uniform(-2, 3),
+                      correction_limit=float(rng.choice([CORRECTION_LIMIT, float("inf"), 10 ** rng.uniform(-2, 1)])),
                       maximize=bool(rng.integers(2)), memoryless=bool(rng.integers(2)),
                       update_grad_refs=bool(rng.integers(2)), inv_scale=float(rng.choice([1.0, 2.0 ** -rng.integers(1, 20)])))
-        has_ref = correction != 0.0 or bool(rng.integers(2))
+        reuse, origin = bool(rng.integers(2)), bool(rng.integers(2))
+        has_ref = not reuse and (correction != 0.0 or bool(rng.integers(2)))
         if op == "adamw":
             b1, b2, n = 1 - 10 ** rng.uniform(-3, -0.5), 1 - 10 ** rng.uniform(-5, -1), int(rng.integers(1, 10000))
             kw = dict(beta1=b1, beta2=b2, eps=10 ** rng.uniform(-12, -4), weight_decay=float(rng.choice([0.0, 0.1])),
@@ -254,7 +355,8 @@ def test_random_hyperparameters(host, op):
                       update_scale=rng.uniform(1, 10), memory_coef=rng.uniform(0, 100))
             states = [None] if momentum == 0.0 and rng.integers(2) else ["exp_avg"]
         for dtype in (np.float32, np.float64):
-            _check(host, op, states, has_ref, {**COMMON, **common, **kw}, dtype, edges=False)
+            _check(host, op, states, has_ref, {**COMMON, **common, **kw}, dtype, edges=False, reuse=reuse,
+                   origin=origin)
 
 
 def test_float32_math_is_not_float64_math(host):
@@ -271,6 +373,8 @@ def test_float32_math_is_not_float64_math(host):
 def test_bad_arrays_are_rejected(host):
     x = _inputs(np.random.default_rng(0), np.float32, n_random=8, edges=False)
     with pytest.raises(ValueError, match="exp_avg_sq must be 1-d"):
-        host.adamw(x["p"], x["grad"], x["exp_avg"], x["exp_avg_sq"][:3], None, **ADAMW)
+        host.adamw(x["p"], x["grad"], x["exp_avg"], x["exp_avg_sq"][:3], None, **ADAMW, correction_limit=0.5)
     with pytest.raises(ValueError, match="float32 or float64"):
-        host.lion(x["p"].astype(np.float16), x["grad"], x["exp_avg"], None, **LION)
+        host.lion(x["p"].astype(np.float16), x["grad"], x["exp_avg"], None, **LION, correction_limit=0.5)
+    with pytest.raises(ValueError, match="pass one"):
+        host.sgd(x["p"], x["grad"], None, x["grad_ref"], hvp=x["hvp"], **SGD, correction_limit=0.5)

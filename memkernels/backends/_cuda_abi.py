@@ -8,9 +8,9 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
-TABLE_COLS = 8  # param, grad, state0, state1, grad_ref, numel, chunk_begin, vec_ok
+TABLE_COLS = 10  # param, grad, state0, state1, grad_ref, origin, hvp, numel, chunk_begin, vec_ok
 
 _i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
@@ -23,24 +23,27 @@ class Launch(ctypes.Structure):
                 ("state_present", _i64 * 2), ("ref_dtype", _i64), ("has_grad_refs", _i64),
                 ("update_grad_refs", _i64), ("maximize", _i64), ("grad_scale", _ptr),
                 ("grad_scale_dtype", _i64), ("found_inf", _ptr), ("found_inf_dtype", _i64),
-                ("diagnostics", _ptr), ("step_scalars", _ptr)]
+                ("diagnostics", _ptr), ("step_scalars", _ptr), ("has_origins", _i64), ("has_hvps", _i64),
+                ("hvp_dtype", _i64), ("reuse_hvp", _i64), ("probe", _i64), ("probe_tau", _ptr),
+                ("probe_norms", _ptr)]
 
 
 class AdamWArgs(ctypes.Structure):
     _fields_ = [(name, _f64) for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1",
                                           "bias_correction2", "mean_age1", "mean_age2", "correction",
-                                          "hvp_scale")] + \
+                                          "correction_limit", "hvp_scale")] + \
                [(name, _i64) for name in ("decoupled", "eps_inside_sqrt", "memoryless")]
 
 
 class LionArgs(ctypes.Structure):
     _fields_ = [(name, _f64) for name in ("lr", "beta1", "beta2", "weight_decay", "smoothing", "ema_weight",
-                                          "age_weight", "correction", "hvp_scale")] + [("memoryless", _i64)]
+                                          "age_weight", "correction", "correction_limit", "hvp_scale")] + \
+               [("memoryless", _i64)]
 
 
 class SGDArgs(ctypes.Structure):
     _fields_ = [(name, _f64) for name in ("lr", "momentum", "weight_decay", "update_scale", "memory_coef",
-                                          "correction", "hvp_scale")] + \
+                                          "correction", "correction_limit", "hvp_scale")] + \
                [(name, _i64) for name in ("nesterov", "memoryless")]
 
 

@@ -38,7 +38,7 @@ class _TableCache:
         self._graph_held: dict[tuple, _Table] = {}  # tables read by captured CUDA graphs: never freed
 
     def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]], stream: torch.cuda.Stream) -> _Table:
-        """columns: params, grads, state0, state1, grad_refs (an absent list is empty)."""
+        """columns: params, grads, state0, state1, grad_refs, origins, hvps (an absent list is empty)."""
         n = len(columns[0])
         pointers = [[t.data_ptr() for t in col] if col else [0] * n for col in columns]
         sizes = [p.numel() for p in columns[0]]
@@ -89,13 +89,15 @@ def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | 
 
 def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequence[list[Tensor]],
          grad_refs: list[Tensor], diagnostics: Tensor | None, *, maximize: bool, update_grad_refs: bool,
-         grad_scale: Tensor | None, found_inf: Tensor | None, step_scalars: Tensor | None = None,
-         **scalars) -> None:
-    """step_scalars: the op's STEP_SCALARS on the device, read by the kernel in place of those floats."""
+         grad_scale: Tensor | None, found_inf: Tensor | None, origins: list[Tensor], hvps: list[Tensor],
+         reuse_hvp: bool, probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None,
+         step_scalars: Tensor | None = None, **scalars) -> None:
+    """step_scalars: the op's STEP_SCALARS on the device, read by the kernel in place of those floats;
+    probe_tau (float64, on the device) is read there too: the probe's tau, or a step's hvp_scale = 1 / tau."""
     device = params[0].device
     stream = torch.cuda.current_stream(device)
     states = [*state_lists, *([[]] * (2 - len(state_lists)))]
-    table = _TABLES.get(device, [params, grads, *states, grad_refs], stream)
+    table = _TABLES.get(device, [params, grads, *states, grad_refs, origins, hvps], stream)
     if table.n_chunks == 0:
         return  # only empty tensors: nothing changes and the diagnostics sums gain nothing
     scale_ptr, scale_dtype, _scale = _scalar(grad_scale, device)
@@ -112,7 +114,11 @@ def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequen
         has_grad_refs=int(bool(grad_refs)), update_grad_refs=int(update_grad_refs), maximize=int(maximize),
         grad_scale=scale_ptr, grad_scale_dtype=scale_dtype, found_inf=inf_ptr, found_inf_dtype=inf_dtype,
         diagnostics=diagnostics.data_ptr() if diagnostics is not None else 0,
-        step_scalars=step_scalars.data_ptr() if step_scalars is not None else 0)
+        step_scalars=step_scalars.data_ptr() if step_scalars is not None else 0,
+        has_origins=int(bool(origins)), has_hvps=int(bool(hvps)),
+        hvp_dtype=_DTYPE_CODES[hvps[0].dtype] if hvps else param_dtype, reuse_hvp=int(reuse_hvp), probe=int(probe),
+        probe_tau=probe_tau.data_ptr() if probe_tau is not None else 0,
+        probe_norms=probe_norms.data_ptr() if probe_norms is not None else 0)
     args_type = _cuda_abi.ARGS[op]
     args = args_type(**{name: scalars[name] for name, _ in args_type._fields_})
     _LIB.call(op, launch, args)

@@ -16,7 +16,7 @@ extern "C" {
 
 #define MK_API __attribute__((visibility("default")))
 
-#define MK_ABI_VERSION 2
+#define MK_ABI_VERSION 3
 
 /* dtype codes */
 #define MK_F32 0
@@ -27,24 +27,28 @@ extern "C" {
 /* A table row (int64 each) per tensor with numel > 0, in device memory. Chunks of
  * mk_chunk_elems() elements are numbered across the rows: row t owns chunks
  * [chunk_begin, chunk_begin + ceil(numel / chunk_elems)). vec_ok is 1 when every
- * pointer of the row is 16-byte aligned (vector loads), else 0 (scalar loads). */
+ * pointer of the row is 16-byte aligned (vector loads), else 0 (scalar loads).
+ * The pointer of an absent list is 0. */
 enum mk_table_column {
   MK_COL_PARAM = 0,
   MK_COL_GRAD = 1,
   MK_COL_STATE0 = 2,
   MK_COL_STATE1 = 3,
   MK_COL_GRAD_REF = 4,
-  MK_COL_NUMEL = 5,
-  MK_COL_CHUNK_BEGIN = 6,
-  MK_COL_VEC_OK = 7,
-  MK_TABLE_COLS = 8
+  MK_COL_ORIGIN = 5, /* theta kept by the probe pass, read by the step after it */
+  MK_COL_HVP = 6,    /* kept estimates of H d */
+  MK_COL_NUMEL = 7,
+  MK_COL_CHUNK_BEGIN = 8,
+  MK_COL_VEC_OK = 9,
+  MK_TABLE_COLS = 10
 };
 
 /* Error codes beyond CUDA's (cudaError_t values are returned as they are). */
 #define MK_ERR_ARGUMENT 100001    /* a count or pointer of mk_launch is invalid */
 #define MK_ERR_PARAM_DTYPE 100002 /* param_dtype is not a dtype code */
-#define MK_ERR_STATE_DTYPE 100003 /* a state or grad_ref dtype is neither the params' nor f32/f64 */
+#define MK_ERR_STATE_DTYPE 100003 /* a state, grad_ref or hvp dtype is neither the params' nor f32/f64 */
 #define MK_ERR_SCALAR_DTYPE 100004 /* grad_scale or found_inf has no dtype code */
+#define MK_ERR_MODE 100005        /* probe / reuse_hvp without what they need (memkernels._ops.check_modes) */
 
 /* What every op call passes besides its hyperparameters. */
 typedef struct mk_launch {
@@ -64,24 +68,32 @@ typedef struct mk_launch {
   int64_t grad_scale_dtype;
   const void* found_inf;    /* device scalar or NULL: nonzero means change nothing */
   int64_t found_inf_dtype;
-  double* diagnostics;      /* device float64[6] to add the diagnostic sums to, or NULL */
+  double* diagnostics;      /* device float64[7] to add the diagnostic sums to, or NULL */
   const double* step_scalars; /* device float64[] or NULL: memkernels._ops.STEP_SCALARS[op] in order,
                                  read by the kernel in place of the args' fields of those names */
+  int64_t has_origins;      /* step: theta is read from the origin column; probe: it is stored there */
+  int64_t has_hvps;         /* the hvp column: a step stores its estimate there, or reads it (reuse_hvp) */
+  int64_t hvp_dtype;
+  int64_t reuse_hvp;        /* hvp is read from the hvp column instead of estimated from grad_refs */
+  int64_t probe;            /* the probe pass: origin = theta, param = theta + tau d (needs origins, probe_tau) */
+  const double* probe_tau;  /* device float64 or NULL: probe: tau; step: hvp_scale = 1 / tau (0 if tau == 0) */
+  double* probe_norms;      /* device float64[2] or NULL: the probe pass adds sum theta^2, sum d^2 */
 } mk_launch;
 
 typedef struct mk_adamw_args {
   double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, mean_age1,
-      mean_age2, correction, hvp_scale;
+      mean_age2, correction, correction_limit, hvp_scale;
   int64_t decoupled, eps_inside_sqrt, memoryless;
 } mk_adamw_args;
 
 typedef struct mk_lion_args {
-  double lr, beta1, beta2, weight_decay, smoothing, ema_weight, age_weight, correction, hvp_scale;
+  double lr, beta1, beta2, weight_decay, smoothing, ema_weight, age_weight, correction, correction_limit,
+      hvp_scale;
   int64_t memoryless;
 } mk_lion_args;
 
 typedef struct mk_sgd_args {
-  double lr, momentum, weight_decay, update_scale, memory_coef, correction, hvp_scale;
+  double lr, momentum, weight_decay, update_scale, memory_coef, correction, correction_limit, hvp_scale;
   int64_t nesterov, memoryless;
 } mk_sgd_args;
 

@@ -3,11 +3,13 @@
 // Mirrors memkernels/reference.py line by line, with the same variable names and
 // the same order of operations: rounding then matches torch's float32 (or float64)
 // evaluation of reference.py. Python-side scalar expressions (1 - beta1,
-// correction * lr * lr, bias_correction2 ** 0.5, ...) are evaluated in double by
-// make_*_scalars and rounded once to T, as torch does when a Python float meets
-// a tensor: on the host, or on the device when the per-step values are read
-// there (mk_launch.step_scalars). Branches that reference.py takes on Python
-// scalars are taken on flags computed from the double values.
+// correction * lr * lr, correction_limit * lr, bias_correction2 ** 0.5, ...) are
+// evaluated in double by make_*_scalars and rounded once to T, as torch does when
+// a Python float meets a tensor: on the host, or on the device when the per-step
+// values are read there (mk_launch.step_scalars). Branches that reference.py takes
+// on Python scalars are taken on flags computed from the double values. The driver
+// (multi_tensor.cuh, and backends/reference.py's _run) forms hvp with estimate_hvp
+// or reads a kept one, and runs probe() on the op's *_direction in the probe pass.
 //
 // T is the compute type: float for fp16/bf16/fp32 parameters, double for fp64.
 #pragma once
@@ -22,7 +24,8 @@
 
 namespace memkernels {
 
-constexpr int NDIAG = 6;  // update_sq, correction_sq, memory_sq, residual_sq, penalty_sum, sign_flips
+// update_sq, correction_sq, memory_sq, residual_sq, penalty_sum, sign_flips, limited
+constexpr int NDIAG = 7;
 
 MK_HD float mk_sqrt(float x) { return sqrtf(x); }
 MK_HD double mk_sqrt(double x) { return sqrt(x); }
@@ -93,24 +96,46 @@ MK_HD T load_ref(T grad_ref, const GradArgs<T>& a) {
   return a.update_grad_refs ? grad_ref : load_grad(grad_ref, a);
 }
 
-// reference.descend: p <- p * shrink - step_size * step - correction * lr^2 * M.
+// reference.estimate_hvp: H d from two gradients (the caller keeps it, or passes a kept one).
+template <typename T>
+MK_HD T estimate_hvp(T g_ref, T g, T hvp_scale) { return (g_ref - g) * hvp_scale; }
+
+// reference.descend: p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to
+// kappa lr |u|; `limited` is set where the limit acted (a NaN term is not limited: it propagates).
 template <typename T>
 MK_HD T descend(T p, T shrink, bool shrink_on, T step_size, T step, T M, T correction_lr2,
-                bool correction_on) {
+                bool correction_on, T u, T kappa_lr, bool& limited) {
   if (shrink_on) p = p * shrink;
   p = p - step_size * step;
-  if (correction_on) p = p - correction_lr2 * M;
+  limited = false;
+  if (correction_on) {
+    T term = correction_lr2 * M;
+    T bound = kappa_lr * mk_abs(u);
+    limited = mk_abs(term) > bound;
+    term = limited ? (term < T(0) ? -bound : bound) : term;
+    p = p - term;
+  }
   return p;
 }
 
 // reference.diagnostics
 template <typename T>
-MK_HD Diag<T> diagnostics(T F, T u, T M, T lr, T penalty, T sign_flips) {
+MK_HD Diag<T> diagnostics(T F, T u, T M, T lr, T penalty, T sign_flips, bool limited) {
   T hM = lr * M;
   T memory = F - u;
   T residual = memory - hM;
-  return {{F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips}};
+  return {{F * F, hM * hM, memory * memory, residual * residual, penalty, sign_flips, T(limited)}};
 }
+
+// reference.Probe: theta + tau d, and this element's terms of the norms that set the next tau.
+template <typename T>
+struct Probe {
+  T p, theta_sq, d_sq;
+};
+
+// reference.probe (the caller keeps theta)
+template <typename T>
+MK_HD Probe<T> probe(T p, T d, T tau) { return {p + tau * d, p * p, d * d}; }
 
 // ------------------------------------------------------------------------ adamw
 
@@ -118,7 +143,7 @@ template <typename T>
 struct AdamWScalars {
   T lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
   T bias_correction1, bias_correction2, bias_correction2_sqrt, mean_age1, mean_age2, hvp_scale;
-  T shrink, step_size, correction_lr2;
+  T shrink, step_size, correction_lr2, kappa_lr;
   bool shrink_on, correction_on, decoupled, eps_inside_sqrt, memoryless;
 };
 
@@ -126,20 +151,20 @@ template <typename T>
 MK_HD AdamWScalars<T> make_adamw_scalars(double lr, double beta1, double beta2, double eps,
                                           double weight_decay, double bias_correction1,
                                           double bias_correction2, double mean_age1, double mean_age2,
-                                          double correction, double hvp_scale, bool decoupled,
-                                          bool eps_inside_sqrt, bool memoryless) {
+                                          double correction, double correction_limit, double hvp_scale,
+                                          bool decoupled, bool eps_inside_sqrt, bool memoryless) {
   double shrink = decoupled ? 1 - lr * weight_decay : 1.0;
   double step_size = memoryless ? lr : lr / bias_correction1;
   return {T(lr), T(beta2), T(1 - beta1), T(1 - beta2), T(eps), T(weight_decay),
           T(bias_correction1), T(bias_correction2), T(pow_half(bias_correction2)),
           T(mean_age1), T(mean_age2), T(hvp_scale),
-          T(shrink), T(step_size), T(correction * lr * lr),
+          T(shrink), T(step_size), T(correction * lr * lr), T(correction_limit * lr),
           shrink != 1.0, correction != 0.0, decoupled, eps_inside_sqrt, memoryless};
 }
 
-// reference.adamw; has_ref false stands for g_ref is None (M = 0).
+// reference.adamw; has_hvp false stands for hvp is None (M = 0).
 template <typename T>
-MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T g_ref, bool has_ref,
+MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T hvp, bool has_hvp,
                        const AdamWScalars<T>& s) {
   T g_raw = g;
   if (!s.decoupled) g = g + s.weight_decay * p;  // coupled L2: the EMAs see g~ = g + lambda theta
@@ -163,20 +188,21 @@ MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T g_ref, bool has_ref,
   T F = exp_avg / s.bias_correction1 / denom + decay;
   T u = g_over_a + decay;
   T M;
-  if (!has_ref) {
+  if (!has_hvp) {
     M = T(0);
   } else {
-    T hvp = (g_ref - g_raw) * s.hvp_scale;
     if (!s.decoupled) hvp = hvp + s.weight_decay * u;  // H~ = H + lambda I
     M = coef * hvp;
   }
-  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0));
+  bool limited;
   if (s.memoryless) {
-    p = descend(p, s.shrink, s.shrink_on, s.step_size, g_over_a, M, s.correction_lr2, s.correction_on);
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, g_over_a, M, s.correction_lr2, s.correction_on, u,
+                s.kappa_lr, limited);
   } else {
     p = descend(p, s.shrink, s.shrink_on, s.step_size, exp_avg / denom, M, s.correction_lr2,
-                s.correction_on);
+                s.correction_on, u, s.kappa_lr, limited);
   }
+  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0), limited);
   return {p, {exp_avg, exp_avg_sq}, g_raw, M, diag};
 }
 
@@ -199,23 +225,24 @@ MK_HD T smooth_sign_slope(T x, T smoothing, bool smoothing_on) {
 template <typename T>
 struct LionScalars {
   T lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, smoothing;
-  T ema_weight, age_weight, hvp_scale, shrink, correction_lr2;
+  T ema_weight, age_weight, hvp_scale, shrink, correction_lr2, kappa_lr;
   bool smoothing_on, shrink_on, correction_on, memoryless;
 };
 
 template <typename T>
 MK_HD LionScalars<T> make_lion_scalars(double lr, double beta1, double beta2, double weight_decay,
                                         double smoothing, double ema_weight, double age_weight,
-                                        double correction, double hvp_scale, bool memoryless) {
+                                        double correction, double correction_limit, double hvp_scale,
+                                        bool memoryless) {
   double shrink = 1 - lr * weight_decay;
   return {T(lr), T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(weight_decay), T(smoothing),
           T(ema_weight), T(age_weight), T(hvp_scale), T(shrink), T(correction * lr * lr),
-          smoothing != 0.0, shrink != 1.0, correction != 0.0, memoryless};
+          T(correction_limit * lr), smoothing != 0.0, shrink != 1.0, correction != 0.0, memoryless};
 }
 
 // reference.lion
 template <typename T>
-MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T g_ref, bool has_ref, const LionScalars<T>& s) {
+MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T hvp, bool has_hvp, const LionScalars<T>& s) {
   T c = s.beta1 * exp_avg + s.one_minus_beta1 * g;
   T wg = s.ema_weight * g;  // W_n g: c_n with every past gradient replaced by the current one
   T decay = s.weight_decay * p;
@@ -224,18 +251,18 @@ MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T g_ref, bool has_ref, const LionScal
   T F = phi_c + decay;
   T u = phi_wg + decay;
   T M;
-  if (!has_ref) {
+  if (!has_hvp) {
     M = T(0);
   } else {
-    T hvp = (g_ref - g) * s.hvp_scale;
     M = smooth_sign_slope(wg, s.smoothing, s.smoothing_on) * s.age_weight * hvp;
   }
   exp_avg = s.beta2 * exp_avg + s.one_minus_beta2 * g;
   T penalty = mk_sqrt(wg * wg + s.smoothing);
   T sign_flips = T(mk_sign(c) != mk_sign(g));
-  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, sign_flips);
+  bool limited;
   p = descend(p, s.shrink, s.shrink_on, s.lr, s.memoryless ? phi_wg : phi_c, M, s.correction_lr2,
-              s.correction_on);
+              s.correction_on, u, s.kappa_lr, limited);
+  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, sign_flips, limited);
   return {p, {exp_avg}, g, M, diag};
 }
 
@@ -243,21 +270,21 @@ MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T g_ref, bool has_ref, const LionScal
 
 template <typename T>
 struct SGDScalars {
-  T lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2;
+  T lr, momentum, weight_decay, update_scale, memory_coef, hvp_scale, correction_lr2, kappa_lr;
   bool correction_on, nesterov, memoryless;
 };
 
 template <typename T>
 MK_HD SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, bool nesterov,
                                       double update_scale, double memory_coef, double correction,
-                                      double hvp_scale, bool memoryless) {
+                                      double correction_limit, double hvp_scale, bool memoryless) {
   return {T(lr), T(momentum), T(weight_decay), T(update_scale), T(memory_coef), T(hvp_scale),
-          T(correction * lr * lr), correction != 0.0, nesterov, memoryless};
+          T(correction * lr * lr), T(correction_limit * lr), correction != 0.0, nesterov, memoryless};
 }
 
 // reference.sgd; has_momentum false stands for momentum_buffer is None (states[0] is unused).
 template <typename T>
-MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T g_ref, bool has_ref,
+MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T hvp, bool has_hvp,
                      const SGDScalars<T>& s) {
   T g_raw = g;
   g = g + s.weight_decay * p;  // g~
@@ -270,15 +297,40 @@ MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T g_ref, bo
   }
   T u = s.update_scale * g;
   T M;
-  if (!has_ref) {
+  if (!has_hvp) {
     M = T(0);
   } else {
-    T hvp = (g_ref - g_raw) * s.hvp_scale + s.weight_decay * g;  // H~ g~ = H g~ + lambda g~
+    hvp = hvp + s.weight_decay * g;  // H~ g~ = H g~ + lambda g~
     M = s.memory_coef * hvp;
   }
-  Diag<T> diag = diagnostics(F, u, M, s.lr, T(0.5) * g * g, T(0));
-  p = descend(p, T(1), false, s.lr, s.memoryless ? u : F, M, s.correction_lr2, s.correction_on);
+  bool limited;
+  p = descend(p, T(1), false, s.lr, s.memoryless ? u : F, M, s.correction_lr2, s.correction_on, u, s.kappa_lr,
+              limited);
+  Diag<T> diag = diagnostics(F, u, M, s.lr, T(0.5) * g * g, T(0), limited);
   return {p, {momentum_buffer}, g_raw, M, diag};
+}
+
+// ------------------------------------------------------------------- directions
+// reference.*_direction: the memoryless d = F(theta, ..., theta) whose H d the probe pass estimates;
+// the same operations, in the same order, as the steps' u (SGD's without the factor update_scale).
+
+template <typename T>
+MK_HD T adamw_direction(T p, T g, const AdamWScalars<T>& s) {
+  if (!s.decoupled) g = g + s.weight_decay * p;
+  T a = s.eps_inside_sqrt ? mk_sqrt(g * g + s.eps) : mk_abs(g) + s.eps;
+  T u = g / a;
+  return s.decoupled ? u + s.weight_decay * p : u;
+}
+
+template <typename T>
+MK_HD T lion_direction(T p, T g, const LionScalars<T>& s) {
+  return smooth_sign(s.ema_weight * g, s.smoothing, s.smoothing_on) + s.weight_decay * p;
+}
+
+// H~ is applied to g~ itself (M = c_n H~ g~), so d = g~ without the factor S_n.
+template <typename T>
+MK_HD T sgd_direction(T p, T g, const SGDScalars<T>& s) {
+  return g + s.weight_decay * p;
 }
 
 }  // namespace memkernels

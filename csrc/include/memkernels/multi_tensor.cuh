@@ -9,6 +9,10 @@
 // With mk_launch.step_scalars the per-step values are read by every thread and
 // the op's scalars derived from them on the device (math.h's make_*_scalars), so
 // a captured CUDA graph replays with whatever values the tensor holds then.
+// The probe pass (theta kept in the origin column, theta + tau d into params,
+// theta^2 and d^2 reduced like the diagnostics) and the step that reads theta
+// from the origins, stores or reuses kept HVP estimates, or takes hvp_scale from
+// probe_tau are their own instantiations (Pass): the plain step carries none of it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -77,29 +81,44 @@ union Pack {
   S v[N];
 };
 
-template <typename S, typename C, int N>
-__device__ __forceinline__ void load_pack(const void* base, int64_t i, C (&out)[N]) {
+template <typename S, int N>
+__device__ __forceinline__ Pack<S, N> load_words(const void* base, int64_t i) {
   using P = Pack<S, N>;
   P pack;
   const auto* src = reinterpret_cast<const typename P::W*>(static_cast<const S*>(base) + i);
 #pragma unroll
   for (int k = 0; k < P::kWords; ++k) pack.w[k] = __ldca(src + k);
-#pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_compute<C>(pack.v[j]);
+  return pack;
 }
 
-template <typename S, typename C, int N>
-__device__ __forceinline__ void store_pack(void* base, int64_t i, const C (&in)[N]) {
+template <typename S, int N>
+__device__ __forceinline__ void store_words(void* base, int64_t i, const Pack<S, N>& pack) {
   using P = Pack<S, N>;
-  P pack;
-#pragma unroll
-  for (int j = 0; j < N; ++j) pack.v[j] = from_compute<S>(in[j]);
   auto* dst = reinterpret_cast<typename P::W*>(static_cast<S*>(base) + i);
 #pragma unroll
   for (int k = 0; k < P::kWords; ++k) __stwb(dst + k, pack.w[k]);
 }
 
-// A state or grad_ref list is stored in the params' dtype P, float32 or float64.
+template <typename S, typename C, int N>
+__device__ __forceinline__ void unpack(const Pack<S, N>& pack, C (&out)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_compute<C>(pack.v[j]);
+}
+
+template <typename S, typename C, int N>
+__device__ __forceinline__ void load_pack(const void* base, int64_t i, C (&out)[N]) {
+  unpack(load_words<S, N>(base, i), out);
+}
+
+template <typename S, typename C, int N>
+__device__ __forceinline__ void store_pack(void* base, int64_t i, const C (&in)[N]) {
+  Pack<S, N> pack;
+#pragma unroll
+  for (int j = 0; j < N; ++j) pack.v[j] = from_compute<S>(in[j]);
+  store_words(base, i, pack);
+}
+
+// A state, grad_ref or hvp list is stored in the params' dtype P, float32 or float64.
 template <typename P, typename C, int N>
 __device__ __forceinline__ void load_any(const void* base, int dtype, int64_t i, C (&out)[N]) {
   if (dtype == DtypeCode<P>::value) load_pack<P>(base, i, out);
@@ -124,6 +143,10 @@ __device__ __forceinline__ double read_scalar(const void* ptr, int dtype) {
 }
 
 // -------------------------------------------------------------------- the kernel
+
+// What a kernel runs: the step; the step with origins, kept HVP estimates or probe_tau (runtime choices
+// read only in this instantiation); the probe pass.
+enum class Pass { kStep, kStepKept, kProbe };
 
 template <typename C, class Op>
 struct KernelParams {
@@ -152,48 +175,82 @@ struct StepKernelParams : KernelParams<C, Op> {
   const double* step_scalars;
 };
 
-template <typename C, class Op, bool STEP>
-using KernelParamsOf = std::conditional_t<STEP, StepKernelParams<C, Op>, KernelParams<C, Op>>;
+// The kept-HVP step's and the probe pass's fields: appended, for the same reason.
+struct PassParams {
+  int hvp_dtype;
+  bool has_origins;         // step: theta is read from the origin column
+  bool read_hvp;            // step: M is needed and hvp is read from the hvp column (reuse_hvp)
+  bool write_hvp;           // step: the estimate from grad_refs is stored into the hvp column
+  const double* probe_tau;  // step: hvp_scale = 1 / tau (or NULL); probe: the displacement tau
+  double* probe_norms;      // probe: sum theta^2 and sum d^2 are added here (or NULL)
+};
 
+template <class Base>
+struct WithPass : Base {
+  PassParams pass;
+};
+
+template <typename C, class Op, bool STEP>
+using StepOrHost = std::conditional_t<STEP, StepKernelParams<C, Op>, KernelParams<C, Op>>;
+
+template <typename C, class Op, bool STEP, Pass PASS>
+using KernelParamsOf = std::conditional_t<PASS == Pass::kStep, StepOrHost<C, Op, STEP>,
+                                          WithPass<StepOrHost<C, Op, STEP>>>;
+
+// The plain step reads the columns up to grad_ref, the other passes up to hvp.
+template <Pass PASS>
+constexpr int kRowPointers = PASS == Pass::kStep ? MK_COL_GRAD_REF + 1 : MK_COL_HVP + 1;
+
+template <int NPTR>
 struct Row {
-  void* ptr[5];  // param, grad, state0, state1, grad_ref
+  void* ptr[NPTR];  // param, grad, state0, state1, grad_ref[, origin, hvp]
   int64_t numel, chunk_begin;
   bool vec_ok;
 };
 
-__device__ __forceinline__ Row load_row(const int64_t* table, int t) {
+template <int NPTR>
+__device__ __forceinline__ Row<NPTR> load_row(const int64_t* table, int t) {
   const int64_t* r = table + int64_t(t) * MK_TABLE_COLS;
-  Row row;
+  Row<NPTR> row;
 #pragma unroll
-  for (int k = 0; k < 5; ++k) row.ptr[k] = reinterpret_cast<void*>(__ldg(r + k));
+  for (int k = 0; k < NPTR; ++k) row.ptr[k] = reinterpret_cast<void*>(__ldg(r + k));
   row.numel = __ldg(r + MK_COL_NUMEL);
   row.chunk_begin = __ldg(r + MK_COL_CHUNK_BEGIN);
   row.vec_ok = __ldg(r + MK_COL_VEC_OK) != 0;
   return row;
 }
 
-// The last row whose chunk_begin <= chunk.
-__device__ __forceinline__ int find_row(const int64_t* table, int n, int64_t chunk) {
-  int lo = 0, hi = n - 1;
+__device__ __forceinline__ int64_t chunk_begin_of(const int64_t* table, int t) {
+  return __ldg(table + int64_t(t) * MK_TABLE_COLS + MK_COL_CHUNK_BEGIN);
+}
+
+// The last row in [lo, n) whose chunk_begin <= chunk.
+__device__ __forceinline__ int find_row(const int64_t* table, int lo, int n, int64_t chunk) {
+  int hi = n - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) / 2;
-    if (__ldg(table + int64_t(mid) * MK_TABLE_COLS + MK_COL_CHUNK_BEGIN) <= chunk) lo = mid;
+    if (chunk_begin_of(table, mid) <= chunk) lo = mid;
     else hi = mid - 1;
   }
   return lo;
 }
 
-// N consecutive elements starting at i of one row: load, step, store.
 template <typename C, class Op>
 using ScalarsOf = typename Op::template Scalars<C>;
 
-template <int N, class Op, typename P, bool DIAG, typename C>
-__device__ __forceinline__ void step_elements(const Row& row, int64_t i, const KernelParams<C, Op>& k,
+// N consecutive elements starting at i of one row: load, step, store (backends/reference.py's _run).
+template <int N, class Op, typename P, bool DIAG, Pass PASS, class K, int NPTR, typename C>
+__device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, const K& k,
                                               const ScalarsOf<C, Op>& scalars, const GradArgs<C>& grad_args,
-                                              double (&acc)[NDIAG]) {
+                                              C hvp_scale, double (&acc)[NDIAG]) {
+  constexpr bool KEPT = PASS == Pass::kStepKept;
   constexpr int NS = Op::NSTATE;
-  C p[N], grad[N], ref[N], st[NS][N];
-  load_pack<P>(row.ptr[MK_COL_PARAM], i, p);
+  C p[N], grad[N], ref[N], st[NS][N], hvp[N];
+  const void* theta = row.ptr[MK_COL_PARAM];
+  if constexpr (KEPT) {
+    if (k.pass.has_origins) theta = row.ptr[MK_COL_ORIGIN];
+  }
+  load_pack<P>(theta, i, p);
   load_pack<P>(row.ptr[MK_COL_GRAD], i, grad);
 #pragma unroll
   for (int s = 0; s < NS; ++s) {
@@ -201,14 +258,30 @@ __device__ __forceinline__ void step_elements(const Row& row, int64_t i, const K
     else for (int j = 0; j < N; ++j) st[s][j] = C(0);
   }
   if (k.read_ref) load_any<P>(row.ptr[MK_COL_GRAD_REF], k.ref_dtype, i, ref);
+  bool has_hvp = k.read_ref;
+  if constexpr (KEPT) {  // the estimates first, stored before the step: they need no registers through it
+    if (k.pass.read_hvp) {
+      load_any<P>(row.ptr[MK_COL_HVP], k.pass.hvp_dtype, i, hvp);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        C g = load_grad(grad[j], grad_args);
+        hvp[j] = k.read_ref ? estimate_hvp(load_ref(ref[j], grad_args), g, hvp_scale) : C(0);
+      }
+    }
+    if (k.pass.write_hvp) store_any<P>(row.ptr[MK_COL_HVP], k.pass.hvp_dtype, i, hvp);
+    has_hvp = has_hvp || k.pass.read_hvp;  // grad_refs are empty when hvps are read
+  }
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     C g = load_grad(grad[j], grad_args);
-    C g_ref = k.read_ref ? load_ref(ref[j], grad_args) : C(0);
+    C hvp_j;
+    if constexpr (KEPT) hvp_j = hvp[j];
+    else hvp_j = k.read_ref ? estimate_hvp(load_ref(ref[j], grad_args), g, hvp_scale) : C(0);
     C states[NS];
 #pragma unroll
     for (int s = 0; s < NS; ++s) states[s] = st[s][j];
-    Step<C, NS> out = Op::step(p[j], g, states, k.state_present[0], g_ref, k.read_ref, scalars);
+    Step<C, NS> out = Op::step(p[j], g, states, k.state_present[0], hvp_j, has_hvp, scalars);
     p[j] = out.p;
 #pragma unroll
     for (int s = 0; s < NS; ++s) st[s][j] = out.states[s];
@@ -226,12 +299,35 @@ __device__ __forceinline__ void step_elements(const Row& row, int64_t i, const K
   if (k.write_ref) store_any<P>(row.ptr[MK_COL_GRAD_REF], k.ref_dtype, i, ref);
 }
 
-// Sums acc over the block and adds it to out[0..NDIAG).
-__device__ __forceinline__ void block_add(double (&acc)[NDIAG], double* out) {
-  __shared__ double partial[NDIAG][kBlock / 32];
+// The probe pass on N consecutive elements: origin = theta (its words: an exact copy), param = theta + tau d.
+template <int N, class Op, typename P, bool NORMS, int NPTR, typename C>
+__device__ __forceinline__ void probe_elements(const Row<NPTR>& row, int64_t i, const ScalarsOf<C, Op>& scalars,
+                                               const GradArgs<C>& grad_args, C tau, double (&acc)[2]) {
+  const Pack<P, N> theta = load_words<P, N>(row.ptr[MK_COL_PARAM], i);
+  store_words(row.ptr[MK_COL_ORIGIN], i, theta);
+  C p[N], grad[N];
+  unpack(theta, p);
+  load_pack<P>(row.ptr[MK_COL_GRAD], i, grad);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    C g = load_grad(grad[j], grad_args);
+    Probe<C> out = probe(p[j], Op::direction(p[j], g, scalars), tau);
+    p[j] = out.p;
+    if (NORMS) {
+      acc[0] += double(out.theta_sq);
+      acc[1] += double(out.d_sq);
+    }
+  }
+  store_pack<P>(row.ptr[MK_COL_PARAM], i, p);
+}
+
+// Sums acc over the block and adds it to out[0..ND).
+template <int ND>
+__device__ __forceinline__ void block_add(double (&acc)[ND], double* out) {
+  __shared__ double partial[ND][kBlock / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int d = 0; d < NDIAG; ++d) {
+  for (int d = 0; d < ND; ++d) {
     double v = acc[d];
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
     if (lane == 0) partial[d][warp] = v;
@@ -239,7 +335,7 @@ __device__ __forceinline__ void block_add(double (&acc)[NDIAG], double* out) {
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
-    for (int d = 0; d < NDIAG; ++d) {
+    for (int d = 0; d < ND; ++d) {
       double v = lane < kBlock / 32 ? partial[d][lane] : 0.0;
       for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
       if (lane == 0) atomicAdd(out + d, v);
@@ -247,13 +343,48 @@ __device__ __forceinline__ void block_add(double (&acc)[NDIAG], double* out) {
   }
 }
 
+template <int N>
+using Width = std::integral_constant<int, N>;
+
+// Calls elements(Width<N>(), row, i) for this block's chunks, N = VEC consecutive elements at a time
+// where the row is aligned (1 otherwise and for the tail).
+template <int VEC, int NPTR, class F>
+__device__ __forceinline__ void for_each_chunk(const int64_t* table, int n_tensors, int64_t n_chunks, F&& elements) {
+  int t = 0;  // the row of the previous chunk: chunks only grow, so a large tensor's row is searched once
+  for (int64_t chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
+    if (t + 1 < n_tensors && chunk_begin_of(table, t + 1) <= chunk) t = find_row(table, t + 1, n_tensors, chunk);
+    // Re-read per chunk (cache hits) rather than kept: no row state lives through the element loops, where
+    // ptxas would spill it to reach an occupancy step.
+    const Row<NPTR> row = load_row<NPTR>(table, t);
+    const int64_t begin = (chunk - row.chunk_begin) * kChunkElems;
+    const int n = int(min(kChunkElems, row.numel - begin));  // offsets in a chunk fit an int
+    const int vectors = row.vec_ok ? n / VEC : 0;
+    for (int v = threadIdx.x; v < vectors; v += kBlock) elements(Width<VEC>(), row, begin + v * VEC);
+    for (int i = vectors * VEC + int(threadIdx.x); i < n; i += kBlock) elements(Width<1>(), row, begin + i);
+  }
+}
+
+// The step's hvp_scale: with probe_tau, 1 / tau in double (0 if tau == 0) rounded once, the host's rule.
+template <Pass PASS, typename C, class K>
+__device__ __forceinline__ C step_hvp_scale(const K& k, C hvp_scale) {
+  if constexpr (PASS == Pass::kStepKept) {
+    if (k.pass.probe_tau != nullptr) {
+      const double tau = *k.pass.probe_tau;
+      return C(tau > 0.0 ? 1.0 / tau : 0.0);
+    }
+  }
+  return hvp_scale;
+}
+
 // STEP: the per-step scalars are read from k.step_scalars and the op's scalars derived here, as the
 // host derives k.s (the same make_*_scalars), so both give the same bits for the same values.
-template <class Op, typename P, bool DIAG, bool STEP>
+// DIAG: the per-element terms are reduced (diagnostics; in the probe pass, probe_norms).
+template <class Op, typename P, bool DIAG, bool STEP, Pass PASS>
 __global__ void __launch_bounds__(kBlock)
-multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP> k) {
+multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP, PASS> k) {
   using C = typename ComputeOf<P>::type;
   constexpr int VEC = 16 / sizeof(P);
+  constexpr int NPTR = kRowPointers<PASS>;
   if (k.found_inf != nullptr && read_scalar(k.found_inf, k.found_inf_dtype) != 0.0) return;
   double inv_scale = 1.0;
   if (k.grad_scale != nullptr) inv_scale = 1.0 / read_scalar(k.grad_scale, k.grad_scale_dtype);
@@ -265,28 +396,21 @@ multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP> k)
     derived = Op::template scalars<C>(args);
   }
   const ScalarsOf<C, Op>& scalars = STEP ? derived : k.s;
-  double acc[NDIAG] = {};
-  Row row{};
-  int64_t row_end = 0;  // one past the last chunk of row: a large tensor's row is searched once
-  for (int64_t chunk = blockIdx.x; chunk < k.n_chunks; chunk += gridDim.x) {
-    if (chunk < row.chunk_begin || chunk >= row_end) {
-      row = load_row(k.table, find_row(k.table, k.n_tensors, chunk));
-      row_end = row.chunk_begin + (row.numel + kChunkElems - 1) / kChunkElems;
-    }
-    const int64_t begin = (chunk - row.chunk_begin) * kChunkElems;
-    const int64_t n = min(kChunkElems, row.numel - begin);
-    int64_t done = 0;
-    if (row.vec_ok) {
-      done = n / VEC * VEC;
-      for (int64_t i = int64_t(threadIdx.x) * VEC; i < done; i += int64_t(kBlock) * VEC) {
-        step_elements<VEC, Op, P, DIAG>(row, begin + i, k, scalars, grad_args, acc);
-      }
-    }
-    for (int64_t i = done + threadIdx.x; i < n; i += kBlock) {
-      step_elements<1, Op, P, DIAG>(row, begin + i, k, scalars, grad_args, acc);
-    }
+  if constexpr (PASS == Pass::kProbe) {
+    const C tau = C(*k.pass.probe_tau);
+    double acc[2] = {};
+    for_each_chunk<VEC, NPTR>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
+      probe_elements<decltype(n)::value, Op, P, DIAG>(row, i, scalars, grad_args, tau, acc);
+    });
+    if (DIAG) block_add(acc, k.pass.probe_norms);
+  } else {
+    const C hvp_scale = step_hvp_scale<PASS>(k, scalars.hvp_scale);
+    double acc[NDIAG] = {};
+    for_each_chunk<VEC, NPTR>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
+      step_elements<decltype(n)::value, Op, P, DIAG, PASS>(row, i, k, scalars, grad_args, hvp_scale, acc);
+    });
+    if (DIAG) block_add(acc, k.diagnostics);
   }
-  if (DIAG) block_add(acc, k.diagnostics);
 }
 
 // -------------------------------------------------------------------- the launch
@@ -311,10 +435,10 @@ class DeviceGuard {
   cudaError_t status_;
 };
 
-template <class Op, typename P, bool DIAG, bool STEP>
+template <class Op, typename P, bool DIAG, bool STEP, Pass PASS>
 int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   using C = typename ComputeOf<P>::type;
-  KernelParamsOf<C, Op, STEP> k;
+  KernelParamsOf<C, Op, STEP, PASS> k;
   k.table = L.table;
   k.n_tensors = int(L.n_tensors);
   k.n_chunks = L.n_chunks;
@@ -323,7 +447,9 @@ int launch_typed(const mk_launch& L, const typename Op::Args& args) {
     k.state_present[s] = s < Op::NSTATE && L.state_present[s] != 0;
   }
   k.ref_dtype = int(L.ref_dtype);
-  k.read_ref = L.has_grad_refs != 0 && (args.correction != 0.0 || DIAG);
+  const bool need_hvp = args.correction != 0.0 || DIAG;
+  const bool write_hvp = L.has_hvps != 0 && L.reuse_hvp == 0 && L.has_grad_refs != 0;  // stored even if unused
+  k.read_ref = L.has_grad_refs != 0 && (need_hvp || write_hvp);
   k.write_ref = L.has_grad_refs != 0 && L.update_grad_refs != 0;
   k.maximize = L.maximize != 0;
   k.update_grad_refs = L.update_grad_refs != 0;
@@ -339,10 +465,18 @@ int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   } else {
     k.s = Op::template scalars<C>(args);
   }
+  if constexpr (PASS != Pass::kStep) {
+    k.pass.hvp_dtype = int(L.hvp_dtype);
+    k.pass.has_origins = L.has_origins != 0;
+    k.pass.read_hvp = L.has_hvps != 0 && L.reuse_hvp != 0 && need_hvp;
+    k.pass.write_hvp = write_hvp;
+    k.pass.probe_tau = L.probe_tau;
+    k.pass.probe_norms = L.probe_norms;
+  }
 
   DeviceGuard guard(int(L.device));
   if (guard.status() != cudaSuccess) return guard.status();
-  auto kernel = multi_tensor_step<Op, P, DIAG, STEP>;
+  auto kernel = multi_tensor_step<Op, P, DIAG, STEP, PASS>;
   int sms = 0, per_sm = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, int(L.device));
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0);
@@ -353,19 +487,29 @@ int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   return cudaGetLastError();
 }
 
+template <class Op, typename P, Pass PASS>
+int launch_pass(const mk_launch& L, const typename Op::Args& args, bool diag) {
+  if (L.step_scalars != nullptr) {
+    return diag ? launch_typed<Op, P, true, true, PASS>(L, args) : launch_typed<Op, P, false, true, PASS>(L, args);
+  }
+  return diag ? launch_typed<Op, P, true, false, PASS>(L, args) : launch_typed<Op, P, false, false, PASS>(L, args);
+}
+
+// A state, grad_ref or hvp list of dtype d: P, float32 or float64.
+template <typename P>
+bool state_dtype_ok(int64_t d) { return d == DtypeCode<P>::value || d == MK_F32 || d == MK_F64; }
+
 template <class Op, typename P>
 int launch_dtype(const mk_launch& L, const typename Op::Args& args) {
   for (int s = 0; s < Op::NSTATE; ++s) {
-    int64_t d = L.state_dtype[s];
-    if (L.state_present[s] && d != DtypeCode<P>::value && d != MK_F32 && d != MK_F64) return MK_ERR_STATE_DTYPE;
+    if (L.state_present[s] && !state_dtype_ok<P>(L.state_dtype[s])) return MK_ERR_STATE_DTYPE;
   }
-  int64_t r = L.ref_dtype;
-  if (L.has_grad_refs && r != DtypeCode<P>::value && r != MK_F32 && r != MK_F64) return MK_ERR_STATE_DTYPE;
+  if (L.has_grad_refs && !state_dtype_ok<P>(L.ref_dtype)) return MK_ERR_STATE_DTYPE;
+  if (L.has_hvps && !state_dtype_ok<P>(L.hvp_dtype)) return MK_ERR_STATE_DTYPE;
+  if (L.probe) return launch_pass<Op, P, Pass::kProbe>(L, args, L.probe_norms != nullptr);
   const bool diag = L.diagnostics != nullptr;
-  if (L.step_scalars != nullptr) {
-    return diag ? launch_typed<Op, P, true, true>(L, args) : launch_typed<Op, P, false, true>(L, args);
-  }
-  return diag ? launch_typed<Op, P, true, false>(L, args) : launch_typed<Op, P, false, false>(L, args);
+  if (L.has_origins || L.has_hvps || L.probe_tau != nullptr) return launch_pass<Op, P, Pass::kStepKept>(L, args, diag);
+  return launch_pass<Op, P, Pass::kStep>(L, args, diag);
 }
 
 // The body of every extern "C" entry point: check, then dispatch on the params' dtype.
@@ -377,6 +521,10 @@ int launch(const mk_launch* L, const typename Op::Args* args) {
   }
   if ((L->grad_scale && !is_dtype(L->grad_scale_dtype)) || (L->found_inf && !is_dtype(L->found_inf_dtype))) {
     return MK_ERR_SCALAR_DTYPE;
+  }
+  if ((L->probe && (!L->has_origins || L->probe_tau == nullptr || L->diagnostics != nullptr || L->reuse_hvp)) ||
+      (L->reuse_hvp && (!L->has_hvps || L->has_grad_refs))) {
+    return MK_ERR_MODE;
   }
   if (L->n_chunks == 0) return 0;  // only empty tensors: nothing to change, nothing to add
   switch (L->param_dtype) {
