@@ -141,11 +141,6 @@ def test_exact_hvp_needs_a_graph():
     _unchanged(model, opt, ValueError, "create_graph")
 
 
-def test_trajectory_hvp_warns_about_minibatch_noise():
-    with pytest.warns(UserWarning, match="noise"):
-        mk.SGD([torch.nn.Parameter(torch.randn(3))], memory_correction=-1.0)
-
-
 def test_memory_stats_needs_tracking():
     _, opt = _model_and_opt()
     with pytest.raises(RuntimeError, match="track_memory"):

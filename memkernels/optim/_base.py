@@ -33,26 +33,40 @@ except ImportError:  # a torch built without distributed support
 from .. import _ops, backends
 from ..coefficients import replay
 from .._ops import check_hyperparameters
-from ..reference import DIAGNOSTICS, NDIAG, compute_dtype, inv_scale, load_grad
+from ..reference import DIAGNOSTICS, NDIAG, compute_dtype
+from . import _hvp
 from ._prev_grads import Mode, PrevGrads
 
-HVP_MODES = ("trajectory", "probe", "exact")
-_TRAJECTORY_NOTE = ("memkernels: hvp='trajectory' estimates H d from the change of the gradient between "
-                    "steps; with minibatch noise that difference is noise/lr. Use it with full or large "
-                    "batches, or use hvp='probe' (one extra gradient on the same batch).")
+HVP_MODES = ("auto", "trajectory", "probe", "exact")
+_AUTO_TRAJECTORY = ("memkernels: hvp='auto' without step(closure) estimates H d from the change of the gradient "
+                    "between steps (hvp='trajectory'); with minibatch noise that difference is noise/lr. Fine "
+                    "with full or large batches; with minibatches pass step(closure) (the probe estimate: one "
+                    "extra gradient on the same batch), or set hvp='trajectory' to silence this.")
+_OUT_OF_REGIME = ("memkernels: group {gi}'s memory correction is outside the regime where the expansion holds "
+                  "(|alpha h M_i| << |u_i|): ||alpha h M|| / ||F|| = {ratio:.3g}, {limited:.1%} of elements limited "
+                  "to correction_limit={kappa} times the memoryless step at step {step}. The step applied is a "
+                  "bounded heuristic there, not the paper's term; see memory_stats() and the README.")
+REGIME_LIMITED = 0.01  # warn when more than this fraction of elements is limited ...
+REGIME_EVERY = 100  # ... read every step on the CPU, every this many steps elsewhere (a host read syncs)
 
 
 class Bucket:
     """Parameters of one group that one op call can update together (same device, dtype and step).
 
     n is the step count in host mode (None in device mode, where `step` is the first param's count).
-    ref: the probe or exact mode's reference gradients and their hvp_scale, once computed.
+    hvp: how H d is estimated this step (None: not measured); estimate: it is estimated this step (else the
+    kept estimates in hvps are reused, hvp_every > 1). ref: the probe or exact mode's reference gradients
+    and their hvp_scale, once computed; origins and tau: the probe pass's.
     keep_refs: the trajectory's previous gradients are kept gradients, read and not written; keepable:
     this bucket's gradients may be kept (see _prev_grads.py).
     """
 
-    def __init__(self, n: int | None, fresh_refs: bool, keep_refs: bool, keepable: bool) -> None:
-        self.n, self.fresh_refs, self.keep_refs, self.keepable = n, fresh_refs, keep_refs, keepable
+    def __init__(self, n: int | None, hvp: str | None, fresh_refs: bool, keep_refs: bool, keepable: bool) -> None:
+        self.n, self.hvp, self.fresh_refs, self.keep_refs, self.keepable = n, hvp, fresh_refs, keep_refs, keepable
+        self.estimate = True
+        self.hvps: list[Tensor] = []
+        self.origins: list[Tensor] = []
+        self.tau: Tensor | None = None
         self.step: Tensor | None = None
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
@@ -68,8 +82,23 @@ class Bucket:
 class MemoryOptimizer(torch.optim.Optimizer):
     """Base class; subclasses name their op, their state and their coefficients.
 
-    memoryless=True steps with F(theta, ..., theta) in place of the update with
-    memory (the theory harness's memoryless approximation, THEORY.md section 6).
+    Keywords every optimizer takes (docs/THEORY.md sections 5, 6 and 9):
+    - memory_correction (alpha): the step is p - h (F + alpha h M); 0 is the plain optimizer, -1 cancels
+      memory's implicit term, +1 doubles it.
+    - correction_limit (kappa, in (0, inf]): alpha h M is limited per element to kappa |u| (u: the memoryless
+      update), which keeps the correction where the expansion holds and bounds it where it does not;
+      memory_stats()["limited_fraction"] counts where it acted. inf: no limit.
+    - hvp: how H d is estimated. "auto": the probe when step() gets a closure (one extra gradient on the same
+      batch: sound with minibatches), else "trajectory" (the change of the gradient between steps: free, sound
+      with full or large batches; a warning says so once). "exact": double backward (call
+      loss.backward(create_graph=True)).
+    - hvp_every (k): probe and exact estimate H d every k steps and reuse the kept estimate (state "hvp")
+      between; the step stays O(h^2) for a fixed k.
+    - track_memory: reduce the diagnostics of memory_stats() every step (always on under a correction).
+    - memoryless=True steps with F(theta, ..., theta) in place of the update with memory (the theory
+      harness's memoryless approximation).
+    - capturable: device mode (no host reads: CUDA graphs); backend: "auto", "numba", "triton", "cuda" or
+      "reference".
     """
 
     op: str
@@ -84,12 +113,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self.check_group(group)
         self._step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
+        self._transient()
+
+    def _transient(self) -> None:
+        """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
         self._tracks: dict[tuple, Any] = {}
         self._diagnostics: dict[tuple[int, torch.device, tuple], Tensor] = {}
         self._stats_meta: dict[int, tuple[int, float, int]] = {}
         self._prev_grads = PrevGrads()
-        if any(self.measures(g) and g["hvp"] == "trajectory" for g in self.param_groups):
-            warnings.warn(_TRAJECTORY_NOTE, UserWarning, stacklevel=3)
+        self._probes = _hvp.Probes()
+        self._warned: set[str] = set()
+        self._steps = 0  # steps taken by this object (paces the regime check off the CPU)
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -99,14 +133,24 @@ class MemoryOptimizer(torch.optim.Optimizer):
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {group['hvp']!r}")
         if not math.isfinite(group["memory_correction"]):
             raise ValueError(f"memory_correction must be finite, got {group['memory_correction']}")
+        limit = group["correction_limit"]
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError(f"correction_limit must be a number in (0, inf] (inf: no limit), got {limit!r}")
+        every = group["hvp_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"hvp_every must be an integer >= 1, got {every!r}")
+        if every > 1 and group["hvp"] == "trajectory":
+            raise ValueError("hvp_every > 1 reuses a probe or exact estimate; the trajectory estimate is free "
+                             "every step: use hvp_every=1 with hvp='trajectory'")
         lr = group["lr"]
         if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
             raise ValueError(f"lr must be a float or a one-element floating tensor, got {tuple(lr.shape)} {lr.dtype}")
         if not (isinstance(lr, Tensor) and self.device_mode(group)):  # a tensor lr in device mode is not read
             check_hyperparameters(lr=float(lr))
-        if group["capturable"] and self.measures(group) and group["hvp"] != "trajectory":
-            raise ValueError(f"capturable=True measures memory with hvp='trajectory' only, got hvp={group['hvp']!r} "
-                             "(the probe and exact estimates need host work between two gradients)")
+        if group["capturable"] and self.measures(group) and (group["hvp"] == "exact" or every > 1):
+            raise ValueError(f"capturable=True measures memory with hvp='trajectory' or 'probe' and hvp_every=1, "
+                             f"got hvp={group['hvp']!r}, hvp_every={every} (the exact estimate needs autograd, "
+                             "and a captured graph replays the same work every step)")
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -128,14 +172,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def trajectory_ratio(self, group: dict, gi: int, n: int) -> float:
-        """r in theta_{n-1} - theta_n ~ lr_{n-1} r d (THEORY.md section 5)."""
+        """r in theta_{n-1} - theta_n ~ lr_{n-1} r d (docs/THEORY.md section 5)."""
         return 1.0
 
     def trajectory_ratio_at(self, group: dict, n: Tensor) -> Tensor | float:
         return 1.0
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
-        """R = prefactor * sum(psi), with psi summed by the kernel (THEORY.md sections 2-4)."""
+        """R = prefactor * sum(psi), with psi summed by the kernel (docs/THEORY.md sections 2-4)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ shared machinery
@@ -149,6 +193,26 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def measures(self, group: dict) -> bool:
         return group["memory_correction"] != 0.0 or self.track_memory
+
+    def diagnoses(self, group: dict) -> bool:
+        """Diagnostics are reduced with tracking, and always under a correction: its limit is counted there."""
+        return self.track_memory or group["memory_correction"] != 0.0
+
+    def hvp_mode(self, group: dict, closure: Callable | None) -> str | None:
+        """How this step estimates H d for the group (None: it does not measure memory).
+
+        "auto" is the probe when step() gets a closure (sound with minibatches) and the trajectory otherwise.
+        """
+        if not self.measures(group):
+            return None
+        if group["hvp"] != "auto":
+            return group["hvp"]
+        if closure is not None:
+            return "probe"
+        if "auto" not in self._warned and not torch.compiler.is_compiling():
+            self._warned.add("auto")
+            warnings.warn(_AUTO_TRAJECTORY, UserWarning, stacklevel=5)
+        return "trajectory"
 
     @staticmethod
     def device_mode(group: dict) -> bool:
@@ -164,18 +228,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # a torch.optim state_dict lacks memkernels' keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._tracks, self._diagnostics, self._stats_meta = {}, {}, {}
-        self._prev_grads = PrevGrads()
+        self._transient()
 
-    def _buckets(self, group: dict, scaled: bool) -> tuple[dict[tuple, Bucket], dict[Tensor, dict]]:
+    def _buckets(self, group: dict, hvp: str | None, scaled: bool) -> tuple[dict[tuple, Bucket], dict[Tensor, dict]]:
         """Group this group's parameters with gradients; new state is returned, not stored yet.
 
-        scaled: the step has an AMP grad scale.
+        hvp: this step's estimate of H d (hvp_mode); scaled: the step has an AMP grad scale.
         """
         buckets: dict[tuple, Bucket] = {}
         created: dict[Tensor, dict] = {}
-        measures, on_device = self.measures(group), self.device_mode(group)
-        trajectory, capturable = measures and group["hvp"] == "trajectory", group["capturable"]
+        on_device, trajectory, capturable = self.device_mode(group), hvp == "trajectory", group["capturable"]
         keeps = trajectory and not (on_device or scaled or group["maximize"])
         for p in group["params"]:
             grad = p.grad
@@ -184,8 +246,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise TypeError(f"memkernels.{type(self).__name__} does not support sparse gradients")
             shard_groups = _shard_groups(p)
-            if shard_groups is not None and measures and not trajectory:
-                raise ValueError(f"hvp={group['hvp']!r} with DTensor parameters is not supported; use "
+            if shard_groups is not None and hvp not in (None, "trajectory"):
+                raise ValueError(f"hvp={hvp!r} with DTensor parameters is not supported; use "
                                  "hvp='trajectory' (its estimate is elementwise, so it needs no communication)")
             state = self.state.get(p)
             if not state:
@@ -200,12 +262,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 mode, prev_grad = self._prev_grads.plan(p, grad, state.get("prev_grad"), keepable, compute_dtype(p))
                 if prev_grad is not None:
                     state = created[p] = {**state, "prev_grad": prev_grad}
+            elif "prev_grad" in state:  # another estimate this step: the next trajectory step starts afresh
+                state = created[p] = {k: v for k, v in state.items() if k != "prev_grad"}
             fresh_refs, keep_refs = mode in ("fresh", "lost"), mode == "keep"
             n = None if on_device else int(state["step"].item())
             key = (p.device, p.dtype, n, fresh_refs, keep_refs, shard_groups)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(n, fresh_refs, keep_refs, keepable)
+                bucket = buckets[key] = Bucket(n, hvp, fresh_refs, keep_refs, keepable)
                 bucket.step = state["step"] if on_device else None
                 bucket.shard_groups = shard_groups or ()
                 bucket.local = _local if shard_groups is not None else _itself  # DTensor grads and states too
@@ -216,17 +280,30 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if trajectory:
                 bucket.grad_refs.append(bucket.local(state["prev_grad"]))
                 bucket.prev_grad_modes.append((p, grad, state, mode))
+        if group["hvp_every"] > 1 and hvp in ("probe", "exact"):
+            for bucket in buckets.values():
+                self._plan_reuse(group, bucket, created)
         return buckets, created
+
+    def _plan_reuse(self, group: dict, bucket: Bucket, created: dict[Tensor, dict]) -> None:
+        """hvp_every = k: estimate H d at steps 0, k, 2k, ... (and wherever no estimate is kept); reuse it between."""
+        n = bucket.n if bucket.n is not None else int(bucket.step.item())  # device mode: a host read (documented)
+        bucket.estimate = n % group["hvp_every"] == 0 or any("hvp" not in s for s in bucket.states)
+        for i, (p, state) in enumerate(zip(bucket.params, bucket.states)):
+            if "hvp" not in state:
+                state = created[p] = bucket.states[i] = {**state, "hvp": torch.zeros_like(
+                    p, dtype=compute_dtype(p), memory_format=torch.preserve_format)}
+            bucket.hvps.append(state["hvp"])
 
     def _call(self, group: dict, gi: int, bucket: Bucket, grad_scale: Tensor | None) -> tuple[dict[str, Any], list]:
         if bucket.n is None:  # device mode: these floats are placeholders for the step_scalars tensor
             kwargs = {**dict.fromkeys(_ops.STEP_SCALARS[self.op], 0.0), **self.static_kwargs(group)}
         else:
             kwargs = {"lr": float(group["lr"]), **self.static_kwargs(group), **self.coefficients(group, gi, bucket.n)}
-        kwargs.update(correction=float(group["memory_correction"]), hvp_scale=0.0,
-                      maximize=bool(group["maximize"]), memoryless=bool(group["memoryless"]),
-                      update_grad_refs=group["hvp"] == "trajectory" and not bucket.keep_refs, grad_scale=grad_scale,
-                      backend=self.backend)
+        kwargs.update(correction=float(group["memory_correction"]), correction_limit=float(group["correction_limit"]),
+                      hvp_scale=0.0, maximize=bool(group["maximize"]), memoryless=bool(group["memoryless"]),
+                      update_grad_refs=bucket.hvp == "trajectory" and not bucket.keep_refs, grad_scale=grad_scale,
+                      hvps=bucket.hvps, reuse_hvp=not bucket.estimate, backend=self.backend)
         lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in self.state_keys]
         return kwargs, lists
 
@@ -237,8 +314,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():  # traced, the checks would see symbolic floats; the ops still check
             for group in self.param_groups:
                 self.check_group(group)
-        probing = [g for g in self.param_groups if self.measures(g) and g["hvp"] == "probe"]
-        if probing and closure is None:
+        modes = [self.hvp_mode(group, closure) for group in self.param_groups]
+        if "probe" in modes and closure is None:
             raise ValueError("hvp='probe' needs step(closure): the closure re-evaluates the loss "
                              "and its gradient at the probe point")
         loss = None
@@ -251,53 +328,55 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
         plans = []
         for gi, group in enumerate(self.param_groups):
-            buckets, created = self._buckets(group, grad_scale is not None)
+            buckets, created = self._buckets(group, modes[gi], grad_scale is not None)
             plans.append((gi, group, buckets, created))
         calls = []
         for gi, group, buckets, _ in plans:
             for bucket in buckets.values():
                 kwargs, lists = self._call(group, gi, bucket, grad_scale)
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
-                                   bucket.grad_refs, None, grad_scale, found_inf)
+                                   bucket.grad_refs, None, grad_scale, found_inf, hvps=bucket.hvps)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
                     check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
-                if self.measures(group) and group["hvp"] == "exact" and any(g.grad_fn is None for g in bucket.grads):
+                if bucket.hvp == "exact" and bucket.estimate and any(g.grad_fn is None for g in bucket.grads):
                     raise ValueError("hvp='exact' needs gradients with a graph: "
                                      "call loss.backward(create_graph=True)")
+                if bucket.n is None:
+                    kwargs.update(step_scalars=self._step_scalars(group, bucket), found_inf=found_inf)
                 calls.append((gi, group, bucket, kwargs, lists))
         for _, _, _, created in plans:  # everything checked: now state may change
             for p, state in created.items():
                 self.state[p] = state
 
-        self._reference_gradients(calls, closure)
+        self._estimate(calls, closure)
         for diag in self._diagnostics.values():
             diag.zero_()
         self._stats_meta.clear()  # mutated, not reassigned: dynamo drops attribute writes on an optimizer
         for gi, group, bucket, kwargs, lists in calls:
             steps = [state["step"] for state in bucket.states]
             if bucket.n is None:
-                kwargs.update(step_scalars=self._step_scalars(group, bucket), found_inf=found_inf)
                 scalars = {**kwargs, **dict(zip(_ops.STEP_SCALARS[self.op], kwargs["step_scalars"].unbind()))}
                 after: int | Tensor = steps[0]  # read by memory_stats after the increment below
             else:
                 kwargs["hvp_scale"] = self._hvp_scale(group, gi, bucket)
                 scalars, after = kwargs, bucket.n + 1
-            grad_refs = bucket.ref[0] if bucket.ref else bucket.grad_refs
-            diagnostics = self._diagnostics_for(gi, bucket) if self.track_memory else None
+            grad_refs = bucket.ref[0] if bucket.ref is not None else bucket.grad_refs
+            diagnostics = self._diagnostics_for(gi, bucket) if self.diagnoses(group) else None
             # checked above, unless a probe or the exact mode brought new reference gradients; traced, the
             # op's own check is the one that runs with real tensors
             compiling = torch.compiler.is_compiling()
             op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
-            with _ops.checked_by_caller(not bucket.ref and not compiling):
-                op(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs)
+            with _ops.checked_by_caller(bucket.ref is None and not compiling):
+                op(bucket.params, bucket.grads, *lists, grad_refs, diagnostics, **kwargs,
+                   origins=bucket.origins, probe_tau=bucket.tau)
             for p, grad, state, mode in bucket.prev_grad_modes:
                 self._prev_grads.record(p, grad, state, mode, bucket.keepable)
             if compiling or bucket.n is None or not backends.add_one(steps):
                 torch._foreach_add_(steps, 1.0)
             if bucket.n is None and found_inf is not None:  # a skipped step does not count, as in torch.optim
                 torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
-            if self.track_memory:
+            if diagnostics is not None:
                 numel = bucket.numel + self._stats_meta.get(gi, (0, 0.0, 0))[2]
                 self._stats_meta[gi] = (after, self.penalty_prefactor(group, scalars), numel)
         for (_, _, shard_groups), diag in self._diagnostics.items():  # sums over the shards of DTensor params
@@ -305,6 +384,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 dist.all_reduce(diag, group=process_group)
         for group in self.param_groups:
             self._remember_lr(group)
+        self._steps += 1
+        self._check_regime()
         return loss
 
     def _remember_lr(self, group: dict) -> None:
@@ -321,7 +402,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """The op's STEP_SCALARS for this bucket as a float64 tensor on its device, with no host read."""
         device = bucket.params[0].device
         n = bucket.step.to(device=device, dtype=torch.float64)
-        values = {"lr": _on(group["lr"], n), **self.coefficients_at(group, n), "hvp_scale": self._hvp_scale_at(group, bucket, n)}
+        values = {"lr": _on(group["lr"], n), **self.coefficients_at(group, n),
+                  "hvp_scale": self._hvp_scale_at(group, bucket, n)}
         return torch.stack([values[name] for name in _ops.STEP_SCALARS[self.op]])
 
     def _diagnostics_for(self, gi: int, bucket: Bucket) -> Tensor:
@@ -332,12 +414,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
             diag = self._diagnostics[key] = torch.zeros(NDIAG, dtype=torch.float64, device=device)
         return diag
 
-    # ------------------------------------------------------------ HVP reference gradients
+    # ------------------------------------------------------------ estimates of H d
 
     def _hvp_scale(self, group: dict, gi: int, bucket: Bucket) -> float:
-        if bucket.ref:
+        if bucket.ref is not None:
             return bucket.ref[1]
-        if group["hvp"] != "trajectory" or bucket.n == 0 or bucket.fresh_refs or not self.measures(group):
+        if bucket.hvp != "trajectory" or bucket.n == 0 or bucket.fresh_refs:
             return 0.0
         prev_lr = float(group.get("prev_lr", group["lr"]))
         if prev_lr == 0.0:
@@ -345,73 +427,66 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return 1.0 / (prev_lr * self.trajectory_ratio(group, gi, bucket.n))
 
     def _hvp_scale_at(self, group: dict, bucket: Bucket, n: Tensor) -> Tensor:
-        """_hvp_scale in tensor ops: 0 at step 0 and after a zero lr."""
-        if bucket.ref:
-            return torch.full_like(n, bucket.ref[1])
-        if group["hvp"] != "trajectory" or bucket.fresh_refs or not self.measures(group):
+        """_hvp_scale in tensor ops: 0 at step 0 and after a zero lr (a probe's comes from its tau)."""
+        if bucket.hvp == "exact":
+            return torch.ones_like(n)
+        if bucket.hvp != "trajectory" or bucket.fresh_refs:
             return torch.zeros_like(n)
         denominator = _on(group.get("prev_lr", group["lr"]), n) * self.trajectory_ratio_at(group, n)
         return torch.where((n > 0) & (denominator > 0), 1.0 / denominator, 0.0)
 
-    def _reference_gradients(self, calls: list, closure: Callable | None) -> None:
-        """Probe and exact modes: the gradient at theta + tau d (probe) or g + H d (exact), per bucket."""
-        probe = [c for c in calls if self.measures(c[1]) and c[1]["hvp"] == "probe"]
-        exact = [c for c in calls if self.measures(c[1]) and c[1]["hvp"] == "exact"]
-        if exact:
-            self._exact(exact)
-        if probe:
-            self._probe(probe, closure)
+    def _scalars(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's scalars with the step_scalars tensor's values in place of their placeholders."""
+        if kwargs.get("step_scalars") is None:
+            return kwargs
+        return {**kwargs, **dict(zip(_ops.STEP_SCALARS[self.op], kwargs["step_scalars"].unbind()))}
 
-    def _directions(self, kwargs: dict, bucket: Bucket) -> list[Tensor]:
-        factor = inv_scale(kwargs["grad_scale"])
-        out = []
-        for p, g in zip(bucket.params, bucket.grads):
-            dtype = compute_dtype(p)
-            g = load_grad(g.detach().to(dtype), factor, kwargs["maximize"])
-            out.append(self.direction(kwargs, p.to(dtype), g))
-        return out
-
-    def _exact(self, calls: list) -> None:
+    def _estimate(self, calls: list, closure: Callable | None) -> None:
+        """The exact mode's g + H d, and the probe: its pass, then the closure's gradients at the probe point."""
+        direction = self.direction
         for _, _, bucket, kwargs, _ in calls:
-            d = [x.to(p.dtype) for x, p in zip(self._directions(kwargs, bucket), bucket.params)]
-            with torch.enable_grad():
-                hd = torch.autograd.grad(bucket.grads, bucket.params, grad_outputs=d, allow_unused=True)
-            bucket.ref = ([g.detach() + (torch.zeros_like(g) if h is None else h) for g, h in zip(bucket.grads, hd)],
-                          1.0)
-            for p, g in zip(bucket.params, bucket.grads):
-                p.grad = g.detach()
-            bucket.grads = [g.detach() for g in bucket.grads]
-
-    def _probe(self, calls: list, closure: Callable) -> None:
-        steps = []
-        for _, _, bucket, kwargs, _ in calls:
-            d = self._directions(kwargs, bucket)
-            eps = max(torch.finfo(compute_dtype(p)).eps for p in bucket.params)
-            theta_norm, d_norm = _norm(bucket.params), _norm(d)
-            tau = math.sqrt(eps) * (1.0 + theta_norm) / d_norm if d_norm > 0 else 0.0
-            steps.append((bucket, d, tau))
-        saved = [(p, p.detach().clone(), p.grad) for bucket, _, _ in steps for p in bucket.params]
+            if bucket.hvp == "exact" and bucket.estimate:
+                bucket.ref = (_hvp.exact(direction, self._scalars(kwargs), bucket.params, bucket.grads), 1.0)
+                for p, g in zip(bucket.params, bucket.grads):
+                    p.grad = g.detach()
+                bucket.grads = [g.detach() for g in bucket.grads]
+        probing = [c for c in calls if c[2].hvp == "probe" and c[2].estimate]
+        if not probing:
+            return
+        compiling = torch.compiler.is_compiling()
+        for gi, _, bucket, kwargs, lists in probing:
+            key = (gi, bucket.params[0].device, bucket.params[0].dtype)
+            scalars = self._scalars(kwargs)
+            bucket.tau = self._probes.tau(key, bucket.params, lambda: _hvp.first_norms(
+                direction, scalars, bucket.params, bucket.grads))
+            bucket.origins = self._probes.buffers(bucket.params)
+            norms = torch.zeros(2, dtype=torch.float64, device=bucket.params[0].device)
+            op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
+            op(bucket.params, bucket.grads, *lists, [], None, **{**kwargs, "hvps": []}, probe=True,
+               origins=bucket.origins, probe_tau=bucket.tau, probe_norms=norms)
+            self._probes.keep(key, bucket.params, norms)
+        params = [p for _, _, bucket, _, _ in probing for p in bucket.params]
         try:
-            for bucket, d, tau in steps:
-                for p, x in zip(bucket.params, d):
-                    p.add_(x.to(p.dtype), alpha=tau)
-                    p.grad = None
-            with torch.enable_grad():
-                closure()
-            for bucket, _, tau in steps:
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in bucket.params]
-                bucket.ref = (grads, 1.0 / tau if tau > 0 else 0.0)
-        finally:
-            for p, value, grad in saved:
-                p.copy_(value)
-                p.grad = grad
+            grads = _hvp.probe_gradients(params, closure)
+        except BaseException:  # the step does not happen: theta goes back from the origins
+            for _, _, bucket, _, _ in probing:
+                torch._foreach_copy_(bucket.params, bucket.origins)
+            raise
+        start = 0
+        for _, _, bucket, _, _ in probing:
+            bucket.ref = (grads[start:start + len(bucket.params)], 0.0)  # hvp_scale: 1 / tau, from the op
+            start += len(bucket.params)
 
     # ------------------------------------------------------------ diagnostics
 
     def memory_stats(self) -> list[dict[str, float]]:
-        """Per group, the last step's memory diagnostics of THEORY.md section 6 (needs track_memory=True)."""
-        if not self.track_memory:
-            raise RuntimeError("memory_stats() needs the optimizer built with track_memory=True")
+        """Per group, the last step's memory diagnostics (docs/THEORY.md section 6; README: what they mean).
+
+        Needs track_memory=True or a memory_correction: groups without either report zeros.
+        """
+        if not any(self.diagnoses(g) for g in self.param_groups):
+            raise RuntimeError("memory_stats() needs the optimizer built with track_memory=True "
+                               "(or a nonzero memory_correction)")
         stats = []
         for gi, _ in enumerate(self.param_groups):
             total = [0.0] * NDIAG
@@ -429,8 +504,30 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 "explained": 1.0 - sums["residual_sq"] / memory if memory > 0 else float("nan"),
                 "penalty": float(prefactor) * sums["penalty_sum"],
                 "sign_flip_fraction": sums["sign_flips"] / numel if numel else float("nan"),
+                "limited_fraction": sums["limited"] / numel if numel else float("nan"),
             })
         return stats
+
+    def _check_regime(self) -> None:
+        """Warn once when a correction leaves the expansion's regime (a host read: paced off the CPU)."""
+        if "regime" in self._warned or torch.compiler.is_compiling():
+            return
+        for gi, group in enumerate(self.param_groups):
+            alpha = group["memory_correction"]
+            if alpha == 0.0 or group["capturable"] or gi not in self._stats_meta:
+                continue
+            on_cpu = all(d.is_cpu for (g, _, _), d in self._diagnostics.items() if g == gi)
+            if not on_cpu and self._steps % REGIME_EVERY != 1:
+                continue
+            stats = self.memory_stats()[gi]
+            update = stats["update_norm"]
+            ratio = abs(alpha) * stats["correction_norm"] / update if update > 0 else 0.0
+            if stats["limited_fraction"] > REGIME_LIMITED or ratio > group["correction_limit"]:
+                self._warned.add("regime")
+                warnings.warn(_OUT_OF_REGIME.format(gi=gi, ratio=ratio, limited=stats["limited_fraction"],
+                                                    kappa=group["correction_limit"], step=stats["step"]),
+                              RuntimeWarning, stacklevel=5)
+                return
 
 
 def _local(t: Tensor) -> Tensor:
@@ -460,11 +557,6 @@ def _on(value: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().reshape(()).to(device=like.device, dtype=like.dtype)
     return torch.full_like(like, float(value))
-
-
-def _norm(tensors: list[Tensor]) -> float:
-    """The 2-norm of a list of tensors taken together, one pass over each."""
-    return float(torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(tensors)])))
 
 
 def check_betas(betas: Any) -> tuple[float, float]:

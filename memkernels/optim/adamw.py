@@ -1,4 +1,4 @@
-"""mk.AdamW: torch.optim.AdamW plus the memory correction of THEORY.md section 3."""
+"""mk.AdamW: torch.optim.AdamW plus the memory correction of docs/THEORY.md section 3."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._ops import check_hyperparameters
+from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import EMAAge, ema_age_at
 from ._base import MemoryOptimizer, check_betas
 
@@ -16,8 +16,11 @@ class AdamW(MemoryOptimizer):
     """AdamW (or Adam with coupled L2 when decoupled_weight_decay=False) with memory correction.
 
     memory_correction=0 is torch.optim.AdamW; -1 cancels the implicit
-    anti-regularization of Adam's memory (THEORY.md section 6). state_dict keys
-    match torch's, so checkpoints move both ways.
+    anti-regularization of Adam's memory (docs/THEORY.md section 6).
+    eps_inside_sqrt=True is the paper's m / sqrt(v + eps). The keywords shared by
+    every optimizer (memory_correction, correction_limit, hvp, hvp_every,
+    track_memory, memoryless, capturable, backend) are documented on
+    MemoryOptimizer. state_dict keys match torch's, so checkpoints move both ways.
     """
 
     op = "adamw"
@@ -25,12 +28,14 @@ class AdamW(MemoryOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
-                 decoupled_weight_decay: bool = True, memory_correction: float = 0.0, hvp: str = "trajectory",
+                 decoupled_weight_decay: bool = True, memory_correction: float = 0.0,
+                 correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
                  capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_inside_sqrt=eps_inside_sqrt,
                         decoupled_weight_decay=decoupled_weight_decay, memory_correction=memory_correction,
-                        hvp=hvp, maximize=maximize, memoryless=memoryless, capturable=capturable)
+                        correction_limit=correction_limit, hvp=hvp, hvp_every=hvp_every, maximize=maximize,
+                        memoryless=memoryless, capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:

@@ -1,4 +1,4 @@
-"""mk.Lion: lion-pytorch's Lion, Lion-K with a smooth sign, and the correction of THEORY.md section 4."""
+"""mk.Lion: lion-pytorch's Lion, Lion-K with a smooth sign, and the correction of docs/THEORY.md section 4."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._ops import check_hyperparameters
+from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import LionWeights, lion_weights_at
 from ._base import MemoryOptimizer, check_betas
 
@@ -17,7 +17,10 @@ class Lion(MemoryOptimizer):
 
     With smoothing=0 (sign) the memory correction is exactly zero wherever the
     EMA is nonzero: Lion's memory does not (anti-)regularize; memory_stats()
-    then reports the fraction of coordinates where sign(c) != sign(g).
+    then reports the fraction of coordinates where sign(c) != sign(g). A smooth
+    sign needs smoothing far below the squared gradients (phi(x) ~ x / sqrt(smoothing)
+    where x^2 << smoothing: a step too small to train). Shared keywords: see
+    MemoryOptimizer.
     """
 
     op = "lion"
@@ -25,11 +28,12 @@ class Lion(MemoryOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
-                 hvp: str = "trajectory", track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
+                 correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
+                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
                  capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, smoothing=smoothing,
-                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless,
-                        capturable=capturable)
+                        memory_correction=memory_correction, correction_limit=correction_limit, hvp=hvp,
+                        hvp_every=hvp_every, maximize=maximize, memoryless=memoryless, capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
@@ -60,7 +64,11 @@ class Lion(MemoryOptimizer):
                                         ema_weight=kwargs["ema_weight"])
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
-        """R = h (C_n / W_n) sum sqrt((W_n g)^2 + eps) for the smooth sign; 0 for sign (M = 0)."""
+        """R = h (C_n / W_n^2) sum sqrt((W_n g)^2 + eps) for the smooth sign; 0 for sign (M = 0).
+
+        To first order in h the memoryless flow -(phi(W g) + h M) is phi(W grad(L + R)): Lion-K on the
+        modified loss (docs/THEORY.md section 4).
+        """
         if kwargs["smoothing"] == 0.0:
             return 0.0
-        return kwargs["lr"] * kwargs["age_weight"] / kwargs["ema_weight"]
+        return kwargs["lr"] * kwargs["age_weight"] / kwargs["ema_weight"] ** 2

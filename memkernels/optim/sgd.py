@@ -1,4 +1,4 @@
-"""mk.SGD: torch.optim.SGD (heavy ball or Nesterov, dampening 0) plus the correction of THEORY.md section 2."""
+"""mk.SGD: torch.optim.SGD (heavy ball or Nesterov, dampening 0) plus the correction of docs/THEORY.md section 2."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -7,24 +7,26 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._ops import check_hyperparameters
+from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import HeavyBall, heavy_ball_at
 from ._base import MemoryOptimizer
 
 
 class SGD(MemoryOptimizer):
-    """SGD with momentum whose memory regularizes: R = h c_n / (2 S_n) ||grad L~||^2."""
+    """SGD with momentum whose memory regularizes: R = h c_n / (2 S_n) ||grad L~||^2 (shared keywords: see
+    MemoryOptimizer)."""
 
     op = "sgd"
     state_keys = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
-                 nesterov: bool = False, *, memory_correction: float = 0.0, hvp: str = "trajectory",
+                 nesterov: bool = False, *, memory_correction: float = 0.0,
+                 correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
                  capturable: bool = False, backend: str = "auto") -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        memory_correction=memory_correction, hvp=hvp, maximize=maximize, memoryless=memoryless,
-                        capturable=capturable)
+                        memory_correction=memory_correction, correction_limit=correction_limit, hvp=hvp,
+                        hvp_every=hvp_every, maximize=maximize, memoryless=memoryless, capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend)
 
     def check_group(self, group: dict) -> None:
