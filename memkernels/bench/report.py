@@ -85,8 +85,26 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
     skipped = [f"{name} ({why})" for name, why in result["backends"].items() if why != "ok"]
     if skipped:
         lines += ["", "memkernels backends not timed: " + "; ".join(skipped) + "."]
+    lines += _training_table(result.get("training"))
     lines += ["", *(f"- {note}" for note in result["notes"])]
     return lines + _images(images)
+
+
+def _training_table(training: dict[str, Any] | None) -> list[str]:
+    """Whole training steps (speed's training.py): time per step and its ratio to the plain memkernels step."""
+    if not training:
+        return []
+    lines = ["", "**Training steps** (CPU): zero_grad, forward, backward and step of a real model; the probe rows "
+                 "pass a closure (two forward/backward passes per step, one in three of four with hvp_every=4). "
+                 "Ratio: median over rounds of the row's time / the plain memkernels AdamW step's in the same round."]
+    for name, model in training["models"].items():
+        rows = [[r["name"], _num(r["median_ms"]), _num(r["iqr_ms"], 2), f"{r['ratio_to_plain']:.2f}"]
+                for r in model["rows"]]
+        lines += ["", f"*{name}* ({model['params']:,} parameters):", ""]
+        lines += _table(["step", "median ms", "IQR ms", "time / plain AdamW step"], rows)
+    for name, why in training["unavailable"].items():
+        lines += ["", f"*{name}*: not timed ({why})."]
+    return lines
 
 
 # ------------------------------------------------------------------ theory
@@ -130,75 +148,192 @@ def theory_section(result: dict[str, Any], images: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------ implicit regularization
 
+def _pm(mean: float | None, sd: float | None) -> str:
+    return "n/a" if mean is None else f"{_num(mean)} ± {_num(sd, 2)}"
+
+
+def _t(stats: dict[str, Any] | None) -> str:
+    """A t statistic with its degrees of freedom, starred past the 5% two-sided critical value."""
+    if not stats or stats.get("t") is None:
+        return "n/a"
+    star = "*" if stats["t_crit"] is not None and abs(stats["t"]) >= stats["t_crit"] else ""
+    return f"{stats['t']:.2f}{star} ({stats['n'] - 1})"
+
+
+def _diff(stats: dict[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    sd = "" if stats.get("sd") is None else f" ± {_num(stats['sd'], 2)}"
+    return f"{'+' if stats['mean'] > 0 else ''}{_num(stats['mean'])}{sd}"
+
+
+def _stopped(s: dict[str, Any]) -> str:
+    others = [st for st in s["statuses"] if st != "reached"]
+    if not others:
+        return ""
+    loss = "" if s.get("stopped_loss") is None else f" (training loss {_num(s['stopped_loss'])})"
+    return f"; {'/'.join(others)} at {', '.join(map(str, s['stopped_at']))}{loss}"
+
+
+def _regime_cell(s: dict[str, Any]) -> str:
+    regime = s["regime"]
+    if s.get("memoryless"):
+        return "memoryless step"
+    if regime["ratio"] is None:
+        return "n/a"
+    if regime["ratio"] == 0.0:
+        return "M = 0"
+    return "holds" if regime["holds"] else "no"
+
+
+def _penalty_cell(s: dict[str, Any]) -> str:
+    """R, the leading-order formula, in brackets where the expansion does not hold (not to be read as a number)."""
+    if s["penalty"] is None or s.get("memoryless"):  # the memoryless step has no memory term
+        return "n/a"
+    return _num(s["penalty"]) if s["regime"]["holds"] or s["regime"]["ratio"] == 0.0 else f"({_num(s['penalty'])})"
+
+
+def _setting_tables(result: dict[str, Any], setting: str) -> list[str]:
+    analysis = result["analysis"][setting]
+    summary = analysis["summary"]
+    sharp = any(s["sharpness"] is not None for s in summary)
+    rows = []
+    for s in summary:
+        p = s["paired"] or {}
+        rows.append([s["name"], s["baseline"] or "(reference)", f"{s['reached']}/{s['seeds']}{_stopped(s)}",
+                     _num(s["steps_median"]), _pm(s["test_loss"], s["test_loss_sd"]),
+                     _pm(s["test_accuracy"], s["test_accuracy_sd"]),
+                     _diff(p.get("test_loss")), _t(p.get("test_loss")),
+                     _diff(p.get("test_accuracy")), _t(p.get("test_accuracy")), _diff(p.get("steps")),
+                     *([_pm(s["sharpness"], s["sharpness_sd"])] if sharp else [])])
+    lines = [f"### {setting}", "", "Outcomes at the training-loss threshold (means ± sd over the seeds that reached "
+             "it) and paired differences *arm − baseline* over the seeds where both reached it (mean ± sd; t: paired "
+             "t statistic with its degrees of freedom, * past the 5% two-sided critical value).", ""]
+    lines += _table(["arm", "baseline", "reached", "steps (median)", "test loss", "test accuracy", "Δ test loss",
+                     "t", "Δ accuracy", "t", "Δ steps", *(["sharpness"] if sharp else [])], rows)
+    rows = []
+    for s in summary:
+        regime = s["regime"]
+        rows.append([s["name"], _num(s["A_n"]), _num(s["B_n"]), _num(s["B_inf"]), _num(s["dose"]),
+                     _num(regime["ratio"], 2), _num(regime["explained"], 2), _num(regime["limited"], 2),
+                     _regime_cell(s), _penalty_cell(s)])
+    lines += ["", "Memory and regime: A_n, B_n are the mean ages of the beta1 and beta2 EMAs at the last step "
+                  "taken (EMAAge, docs/THEORY.md section 3; median over seeds), B_∞ = beta2/(1 − beta2), dose = "
+                  "h (B_n − A_n) (AdamW). ‖hM‖/‖F‖, explained and limited are medians over training and seeds of "
+                  "memory_stats(). *expansion*: holds where ‖hM‖/‖F‖ ≤ "
+                  f"{result['config']['regime_ratio']} and limited ≤ {result['config']['regime_limited']}. "
+                  "R is the leading-order penalty FORMULA (docs/THEORY.md sections 2–4; a prediction, not a "
+                  "measurement; median over training), in brackets where the expansion does not hold.", ""]
+    lines += _table(["arm", "A_n", "B_n", "B_∞", "dose h(B_n − A_n)", "‖hM‖/‖F‖", "explained", "limited",
+                     "expansion", "R (formula)"], rows)
+    return lines
+
+
+def _trend_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for setting, analysis in result["analysis"].items():
+        fits = [("beta2", f"log(1/(1 − β2)), lr {f['lr']:g}", f) for f in analysis["trends"]["beta2"]]
+        fits += [("dose", f"dose h(B_n − A_n), {f['lrs']} lr(s)", f) for f in analysis["trends"]["dose"]]
+        for _, x, f in fits:
+            pooled_t = "n/a" if f["pooled_t"] is None else f"{f['pooled_t']:.2f}"
+            pooled = "n/a" if f["pooled_slope"] is None else f"{_num(f['pooled_slope'])} (t {pooled_t})"
+            rows.append([setting, f["metric"].replace("_", " "), x, _pm(f["mean"], f["sd"]), _t(f),
+                         pooled, "+" if f["predicted"] > 0 else "−", f["verdict"]])
+    return rows
+
+
 def _checks(result: dict[str, Any]) -> list[str]:
-    """The paper's qualitative predictions next to what was measured."""
-    summary_rows = {s["name"]: s for s in result["summary"]}
-    adam = sorted((s for s in result["summary"] if s["family"] == "AdamW"), key=lambda s: s["beta2"])
-    beta1 = result["config"]["beta1"]
-    out = []
-
-    def trend(key: str) -> str:
-        values = [s[key] for s in adam]
-        if len(values) < 2 or any(v is None for v in values):
-            return "not measured (a beta2 run did not reach the threshold)"
-        pairs = list(zip(values, values[1:]))
-        if all(b > a for a, b in pairs):
-            return "increases with beta2"
-        if all(b < a for a, b in pairs):
-            return "decreases with beta2"
-        return "is not monotone in beta2 (" + ", ".join(_num(v) for v in values) + ")"
-
-    anti = [s for s in adam if s["beta2"] > beta1 and s["final_penalty"] is not None]
-    if anti:
-        sign = "negative" if all(s["final_penalty"] < 0 for s in anti) else "not always negative"
-        out.append(f"AdamW's penalty R for beta2 > beta1: predicted negative (anti-regularization); measured {sign} "
-                   f"({', '.join(_num(s['final_penalty']) for s in anti)}).")
-    out.append(f"AdamW test accuracy at the threshold: predicted to decrease as beta2 grows; measured: it "
-               f"{trend('test_accuracy')}.")
-    out.append(f"AdamW sharpness at the threshold: predicted to increase with beta2; measured: it {trend('sharpness')}.")
-    for name, predicted, test in (("heavy ball", "positive (regularization)", lambda r: r > 0),
-                                  ("Lion", "zero (sign: no memory penalty)", lambda r: r == 0)):
-        s = summary_rows.get(name)
-        if s and s["final_penalty"] is not None:
-            verdict = "agrees" if test(s["final_penalty"]) else "disagrees"
-            out.append(f"{name}'s R: predicted {predicted}; measured {_num(s['final_penalty'])} ({verdict}).")
-    corrected = [s for s in result["summary"] if s["family"] == "AdamW alpha=-1"]
-    for s in corrected:
-        base = next((a for a in adam if a["beta2"] == s["beta2"]), None)
-        if s["reached"] == 0:
-            out.append(f"{s['name']}: no seed reached the threshold ({', '.join(s['statuses'])}), so the "
-                       "cancellation's effect on accuracy is not measured at this learning rate.")
-        elif base and base["test_accuracy"] is not None:
-            out.append(f"{s['name']} vs the same AdamW without correction: test accuracy "
-                       f"{_num(s['test_accuracy'])} vs {_num(base['test_accuracy'])}, sharpness "
-                       f"{_num(s['sharpness'])} vs {_num(base['sharpness'])} (predicted: higher accuracy, flatter).")
+    """The paper's predictions next to what was measured, each with its statistic."""
+    out, tests = [], 0
+    for setting, analysis in result["analysis"].items():
+        for f in analysis["trends"]["beta2"]:
+            if f["metric"] != "test_loss":
+                continue
+            tests += f["n"] >= 2
+            sweep = [s for s in analysis["summary"] if s["family"] == "AdamW" and s["lr"] == f["lr"]
+                     and s["beta2"] in result["config"]["beta2s"]]
+            holds = sum(s["regime"]["holds"] for s in sweep)
+            out.append(f"{setting}, lr {f['lr']:g}: AdamW's test loss at the threshold is predicted to grow with "
+                       f"log(1/(1 − β2)) (more anti-regularization); slope {_pm(f['mean'], f['sd'])} over "
+                       f"{f['n']} seeds, t {_t(f)}: {f['verdict']} (the expansion holds for {holds} of these "
+                       f"{len(sweep)} arms: elsewhere the prediction is the formula's extrapolation).")
+        for f in analysis["trends"]["dose"]:
+            if f["metric"] == "test_loss" and f["lrs"] > 1:
+                tests += f["n"] >= 2
+                out.append(f"{setting}: test loss against the dose h(B_n − A_n) over {f['lrs']} lrs (an intercept "
+                           f"per lr): slope {_pm(f['mean'], f['sd'])}, t {_t(f)}: {f['verdict']}.")
+        for s in analysis["summary"]:
+            if s["family"] != "AdamW corrected" or not s.get("verdict"):
+                continue
+            p = s["paired"]["test_loss"]
+            tests += p["n"] >= 2
+            regime = s["regime"]
+            where = ("inside the expansion's regime" if regime["holds"] else
+                     f"outside the expansion's regime (‖hM‖/‖F‖ ≈ {_num(regime['ratio'], 2)}, "
+                     f"{_num(regime['limited'], 2)} of the elements limited)")
+            if (regime["limited"] or 0.0) > result["config"]["regime_limited"]:
+                where += ": the step applied is a bounded heuristic, not the paper's term"
+            direction = "lower" if s["predicted"] < 0 else "higher"
+            out.append(f"{setting}: {s['name']} vs {s['baseline']}: predicted {direction}"
+                       f" test loss; Δ {_diff(p)} (n {p['n']}), t {_t(p)}: {s['verdict']['test_loss']}; {where}.")
+        for c in analysis["contrasts"]:
+            p = c["paired"]["test_loss"]
+            tests += p["n"] >= 2
+            out.append(f"{setting}: {c['arm']} vs {c['against']} (the paper's account: no memory anti-regularization, "
+                       f"so lower test loss): Δ {_diff(p)} (n {p['n']}), t {_t(p)}: {c['verdict']['test_loss']}.")
+    if tests:
+        out.append(f"{tests} tests at the 5% level: about {0.05 * tests:.1f} of them are expected past the critical "
+                   "value by chance alone; read one starred line as a lead, not a finding.")
     return out
 
 
 def implicit_section(result: dict[str, Any], images: list[str]) -> list[str]:
     cfg, data = result["config"], result["data"]
-    lines = [f"{data['name']}: {data['train']} train / {data['test']} test images (fixed stratified split), "
-             f"64-{cfg['hidden']}-10 tanh MLP, full batch, until training loss <= {cfg['loss_threshold']} "
-             f"(cap {cfg['max_steps']} steps), {cfg['seeds']} seeds, weight decay {cfg['weight_decay']}. "
-             f"AdamW lr {cfg['lr_adamw']}, beta1 {cfg['beta1']}; alpha = -1 uses the trajectory HVP; Lion lr "
-             f"{cfg['lr_lion']} (sign); heavy ball lr {cfg['lr_heavy_ball']}, momentum {cfg['momentum']}. "
-             "Means ± sd over the seeds that reached the threshold; R is memory_stats()['penalty'] at the last "
-             "recorded step; sharpness is the top Hessian eigenvalue of the training loss "
-             f"({cfg['power_iterations']} power iterations).", ""]
-    rows = []
-    for s in result["summary"]:
-        pm = lambda m, sd: "n/a" if m is None else f"{_num(m)} ± {_num(sd, 2)}"  # noqa: E731
-        others = [st for st in s["statuses"] if st != "reached"]
-        stopped = f"{'/'.join(others)} at step {', '.join(map(str, s['stopped_at']))}" if others else ""
-        rows.append([s["name"], f"{s['reached']}/{s['seeds']}", _num(s["steps"]),
-                     pm(s["test_accuracy"], s["test_accuracy_sd"]), pm(s["sharpness"], s["sharpness_sd"]),
-                     pm(s["final_penalty"], s["final_penalty_sd"]), _num(s["explained"], 2), stopped])
-    lines += _table(["optimizer", "reached", "steps", "test accuracy", "sharpness", "R", "hM explains",
-                     "runs stopped"], rows)
-    lines += ["", "*hM explains*: median over training and seeds of memory_stats()['explained'] = "
-                  "1 - |memory effect - hM|^2 / |memory effect|^2 (1: the leading-order correction accounts for "
-                  "all of what memory changes in the step; below 0: it is off by more than the effect itself)."]
-    lines += ["", "Against the paper's predictions:", "", *(f"- {c}" for c in _checks(result))]
+    settings = list(result["analysis"])
+    split = data.get("split", [data["train"], data["test"]])
+    subset = "" if [data["train"], data["test"]] == list(split) else \
+        f" (stratified subsets of the fixed {split[0]}/{split[1]} split)"
+    lines = [
+        f"{data['name']}: {data['train']} train / {data['test']} test images{subset}, {data['features']}-"
+        f"{cfg['hidden']}-10 tanh MLP, {cfg['seeds']} seeds (a seed fixes the initial weights and the minibatch "
+        f"order, the same for every arm: arms are compared seed by seed), weight decay {cfg['weight_decay']}. "
+        f"Each run trains until the training loss over the whole training set is ≤ {cfg['loss_threshold']} "
+        f"(*reached*), or stops at the step cap or at divergence (loss not finite or > 3× its initial value); "
+        "then test loss and test accuracy are measured. A corrected arm's cap is also at most "
+        f"{cfg['cap_factor']}× the steps its alpha = 0 baseline took on the same seed (*step cap* there: the "
+        "correction slowed training at least that much).",
+        "",
+        f"- Both settings: every step `step(closure)` with hvp=\"probe\" and hvp_every={cfg['hvp_every']} "
+        "(corrected and measured-only arms alike; at AdamW's defaults the trajectory estimate measures H F, not "
+        "H u, even with full batches).",
+        f"- *full batch*: whole-training-set gradients, the training loss read at every step, cap "
+        f"{cfg['max_steps']} steps.",
+        *([f"- *minibatch*: batch {cfg['batch_size']}, training loss read every {cfg['eval_every']} steps, cap "
+           f"{cfg['minibatch_max_steps']} steps."] if "minibatch" in settings else []),
+        f"- AdamW: beta1 {cfg['beta1']}, beta2 in {list(cfg['beta2s'])}, eps {cfg['eps']} (outside the sqrt unless "
+        f"named *eps in sqrt*), lr in {list(cfg['lrs'])}; memory_correction alpha in {list(cfg['alphas'])} at beta2 "
+        f"{list(cfg['corrected_beta2s'])}, correction_limit {cfg['correction_limit']}; *memoryless*: "
+        f"memoryless=True (the update F(θ…θ) = g/(|g| + eps)) at lr {cfg['lrs'][0]}; Lion (sign) lr {cfg['lr_lion']}, "
+        f"beta1 {cfg['beta1']}, beta2 in {list(cfg['lion_beta2s'])}; heavy ball lr {cfg['lr_heavy_ball']}, "
+        f"momentum {cfg['momentum']}. The reference arm is AdamW beta2 = {cfg['baseline_beta2']} (= beta1: "
+        "A_n = B_n, no leading-order memory penalty); a corrected arm's baseline is alpha = 0 at its beta2 and eps "
+        "convention.",
+        f"- lr control: the beta2 sweep is crossed with lr in {list(cfg['lrs'])} (rather than matching step "
+        "counts): first-order theory makes memory's effect a dose h (B_n − A_n), so the beta2 trend should grow "
+        "with h and test loss should follow the dose across lrs."
+        + (" Only one lr in this mode: the dose fit has no lr contrast." if len(cfg["lrs"]) < 2 else ""),
+        "- Trend: per seed, the OLS slope of test loss (and accuracy) in log(1/(1 − β2)) over the AdamW sweep "
+        "arms that reached the threshold (at least 3 beta2 values); the table gives the slopes' mean ± sd over "
+        "seeds and their one-sample t (seeds as replicates), and the pooled slope with seed fixed effects "
+        "(its t treats runs as independent). Dose fit: the same in h (B_n − A_n), with an intercept per lr."]
+    for setting in settings:
+        lines += ["", *_setting_tables(result, setting)]
+    rows = _trend_rows(result)
+    if rows:
+        lines += ["", "### Trends", ""]
+        lines += _table(["setting", "metric", "x", "slope (mean ± sd over seeds)", "t (df)", "pooled slope",
+                         "predicted", "verdict"], rows)
+    lines += ["", "### Against the paper's predictions", "", *(f"- {c}" for c in _checks(result))]
     return lines + _images(images)
 
 

@@ -20,11 +20,12 @@ import torch
 
 from .. import backends
 from ..optim import SGD, AdamW, Lion
+from . import training
 from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
 
-# DESIGN.md's byte model per parameter and step, fp32 everything.
+# docs/DESIGN.md's byte model per parameter and step, fp32 everything.
 # memkernels variants: (optimizer op, bytes per parameter, needs a closure, gradients: "new" tensors every
 # step, the row's own tensors "reused" every step, or "any" tensors that hold the stored values)
 VARIANTS: dict[str, tuple[str, int, bool, str]] = {
@@ -34,15 +35,18 @@ VARIANTS: dict[str, tuple[str, int, bool, str]] = {
     "AdamW + trajectory + diagnostics": ("adamw", 32, False, "new"),  # the same, with memory_stats' sums
     # one gradient tensor rewritten in place every step: + read and write a copy of the previous gradient
     "AdamW + trajectory + diagnostics, grads in place": ("adamw", 36, False, "reused"),
-    "AdamW + probe correction": ("adamw", 32, True, "any"),  # + read the probe gradient
+    # the probe pass (read p g, write origin and p + tau d) and the step from the origins (+ the probe gradient)
+    "AdamW + probe correction": ("adamw", 48, True, "any"),
+    # hvp_every=4: one probe step storing its estimate (52) and three that read it (32), per four steps
+    "AdamW + probe, hvp_every=4": ("adamw", 37, True, "any"),
     "Lion": ("lion", 20, False, "any"),
     "heavy ball": ("sgd", 20, False, "any"),
 }
 REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios are taken to this row of the same shape set
 NOTES = [
-    "The probe row's closure only copies stored gradients back into .grad (no model), so it times the "
-    "optimizer; that copy runs twice per step (step() calls the closure at the point and at the probe point) "
-    "and is included in its time, not in its byte model.",
+    "The probe rows' closure only sets .grad to stored gradient tensors (no model, no copy), so they time the "
+    "optimizer side of a probe step: the probe pass, the step from the kept origins, and their host work; the "
+    "training-step table times whole steps with forward and backward.",
     "The trajectory rows get their gradients as a training loop does after zero_grad() (each step's .grad is "
     "another tensor, with the same values), so the optimizer keeps the previous gradient instead of copying it; "
     "the 'grads in place' row steps on one gradient tensor per parameter, as a loop with "
@@ -53,7 +57,7 @@ NOTES = [
     "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round (after the "
     "round-robin, as many rounds) calling row, counterpart, counterpart, row back to back: a slow or fast spell "
     "of the machine spans the round and cancels out, which a ratio of medians keeps, and each goes first once.",
-    "GB/s counts DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
+    "GB/s counts docs/DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
     "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
     "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
     "of `a` also reads `a`, while optimizer steps write only arrays they have read, so a step can exceed 100% "
@@ -69,6 +73,7 @@ class SpeedConfig:
     warmup: int = 2               # rounds not recorded (the first step of each row also runs at setup)
     repeats: int = 7              # recorded rounds
     backends: tuple[str, ...] | None = None  # None: every backend available with kernels for the device
+    training: str = "quick"       # the training-step table (training.py): "quick", "tiny" (small models), "none"
 
     @classmethod
     def preset(cls, mode: str, device: str = "auto") -> "SpeedConfig":
@@ -79,7 +84,7 @@ class SpeedConfig:
             return cls(device=device, large=256_000_000 if dev.type == "cuda" else 64_000_000,
                        gpt2_divisor=1, warmup=3, repeats=15)
         if mode == "tiny":
-            return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3)
+            return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3, training="tiny")
         raise ValueError(f"mode must be quick, full or tiny, got {mode!r}")
 
 
@@ -148,6 +153,8 @@ def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.opt
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", track_memory=True, backend=backend)
     if variant == "AdamW + probe correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="probe", backend=backend)
+    if variant == "AdamW + probe, hvp_every=4":
+        return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="probe", hvp_every=4, backend=backend)
     if variant == "Lion":
         return Lion(params, lr=1e-4, backend=backend)
     if variant == "heavy ball":
@@ -255,16 +262,16 @@ def _stepper(variant: str, params: list, stored: list, backend: str, closure: bo
         return with_own_grads(opt.step, params, stored, 2 if grads == "new" else 1)
     if not closure:
         return opt.step
-    points, probes = ([torch.empty_like(g) for g in stored] for _ in range(2))
+    points = [g.clone() for g in stored]
+    probes = [1.01 * g for g in stored]
 
-    def refill() -> None:
-        """Gradients without a model: copy the stored ones back into this row's tensors (the point's, or the
-        probe point's when step() has set .grad to None)."""
-        for p, g, point, probe in zip(params, stored, points, probes):
+    def gradients() -> None:
+        """Gradients without a model: the stored tensors, the point's or (when step() has set .grad to None)
+        the probe point's; no copy."""
+        for p, point, probe in zip(params, points, probes):
             p.grad = probe if p.grad is None else point
-            p.grad.copy_(g)
 
-    return lambda: opt.step(refill)
+    return lambda: opt.step(gradients)
 
 
 def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str], name: str,
@@ -335,6 +342,10 @@ def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         gc.collect()  # free this set's parameters and states before the next one is allocated
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
-            "backends": backend_status, "shape_sets": sets, "rows": rows, "unavailable": unavailable,
-            "notes": NOTES}
+    result = {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
+              "backends": backend_status, "shape_sets": sets, "rows": rows, "unavailable": unavailable,
+              "notes": NOTES}
+    if cfg.training != "none":
+        result["training"] = training.run(tiny=cfg.training == "tiny", warmup=cfg.warmup, repeats=cfg.repeats,
+                                          tick=tick, total=total)
+    return result

@@ -1,4 +1,4 @@
-"""Theory suite: the order-of-accuracy experiment of THEORY.md section 7 for every shipped optimizer.
+"""Theory suite: the order-of-accuracy experiment of docs/THEORY.md section 7 for every shipped optimizer.
 
 Two experiments per optimizer and problem, each with the exact, probe and
 trajectory HVPs:
@@ -7,7 +7,7 @@ trajectory HVPs:
 - memory cancellation: target = the memoryless path; the optimizer with memory
   should be first order, with alpha = -1 (memory-cancelled) second order.
 Then the theory engine (memkernels.theory.engine): the memoryless approximation
-of the rules that have no closed form in THEORY.md, whose M only the engine
+of the rules that have no closed form in docs/THEORY.md, whose M only the engine
 computes (exact HVPs), and engine_cost, its time relative to one gradient.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..theory import engine_cost, order_of_accuracy, problems, rule_order, rules
 from ..theory.engine import WITH_M, WITHOUT_M, Rule
 from .machine import describe, torch_threads
 
-# name -> make(params, h, **extra): the configurations of THEORY.md section 7
+# name -> make(params, h, **extra): the configurations of docs/THEORY.md section 7
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "heavy ball": lambda ps, h, **kw: SGD(ps, lr=h, momentum=0.8, **kw),
     "Nesterov": lambda ps, h, **kw: SGD(ps, lr=h, momentum=0.8, nesterov=True, **kw),
@@ -48,7 +48,7 @@ ENGINE_RULES: dict[str, Callable[[], tuple[Rule, float]]] = {
 
 @dataclass(frozen=True)
 class TheoryConfig:
-    hs: tuple[float, ...] = (0.02, 0.01, 0.005, 0.0025)  # THEORY.md section 7's step sizes
+    hs: tuple[float, ...] = (0.02, 0.01, 0.005, 0.0025)  # docs/THEORY.md section 7's step sizes
     horizon: float = 0.6
     problems: tuple[str, ...] = tuple(PROBLEMS)
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
