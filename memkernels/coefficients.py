@@ -1,4 +1,4 @@
-"""Scalar "EMA states" of THEORY.md: bias corrections and memory ages.
+"""Scalar "EMA states" of docs/THEORY.md: bias corrections and memory ages.
 
 Every correction coefficient is a float64 recursion advanced once per step
 (O(1)); the recursions are used instead of closed forms because the closed

@@ -1,4 +1,4 @@
-"""The scalar recursions of memkernels.coefficients against brute-force float64 sums (THEORY.md sections 1-4).
+"""The scalar recursions of memkernels.coefficients against brute-force float64 sums (docs/THEORY.md sections 1-4).
 
 Every expected value is a sum written straight from its definition and
 evaluated with math.fsum (or, for nested partial sums, compensated running
@@ -99,7 +99,7 @@ def memoryless_updates(mu: float, n: int, nesterov: bool) -> list[float]:
 
 
 def brute_force_c(mu: float, n: int, nesterov: bool) -> float:
-    """THEORY.md section 1 on L = theta^2/2 at theta = 1 (H = 1, g = 1): M = sum_k dF/dg_{n-k} delta_k."""
+    """docs/THEORY.md section 1 on L = theta^2/2 at theta = 1 (H = 1, g = 1): M = sum_k dF/dg_{n-k} delta_k."""
     w = momentum_weights(mu, n, nesterov)
     f = memoryless_updates(mu, n, nesterov)
     # delta_k = sum_{s=n-k}^{n-1} F^(s): suffix sums of f[:n], k = 1..n

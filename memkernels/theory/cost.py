@@ -61,7 +61,7 @@ def engine_cost(params: int = 1_000_000, *, rule: Rule | None = None, batch: int
                 repeats: int = 5, device: str | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Median wall time of the engine's memoryless update and M at steady state, relative to one gradient.
 
-    Default rule: AdamW with the moderate betas (0.8, 0.9) of THEORY.md section 7
+    Default rule: AdamW with the moderate betas (0.8, 0.9) of docs/THEORY.md section 7
     (its history depth at tol sets the JVP's cost). ratio = engine / gradient,
     where the engine's time includes its own gradient; hvp_ratio and
     rule_ratio split the rest. Nothing is asserted: the harness reports it.

@@ -1,4 +1,4 @@
-"""The general engine of THEORY.md section 1: any update rule with memory -> its memoryless approximation.
+"""The general engine of docs/THEORY.md section 1: any update rule with memory -> its memoryless approximation.
 
 A rule is written as F(n, theta, grads): the update at step n from the current
 parameters and the gradient history, newest first. Its memoryless update
@@ -271,7 +271,7 @@ class MemoryStep(_Stepper):
 class MemorylessStep(_Stepper):
     """The memoryless approximation: theta <- theta - lr [F^(n)(theta, ..., theta) + correction lr M^(n)(theta)].
 
-    correction = 1 is the approximation of THEORY.md section 1 (O(lr^2) close
+    correction = 1 is the approximation of docs/THEORY.md section 1 (O(lr^2) close
     to the rule with memory), 0 the plain memoryless path (O(lr)). M needs the
     Hessian: the closure must call backward(create_graph=True).
     """
@@ -360,7 +360,7 @@ class RuleOrder:
 
 def rule_order(rule: Rule, problem: Problem, hs: Sequence[float] = (0.02, 0.01, 0.005, 0.0025),
                horizon: float = 0.6, *, tol: float = DEFAULT_TOL) -> RuleOrder:
-    """The rule with memory against its memoryless approximation without and with M (THEORY.md section 7).
+    """The rule with memory against its memoryless approximation without and with M (docs/THEORY.md section 7).
 
     Expected: slope about 1 without M and about 2 with M, for smooth rules
     whose memory decays fast compared with the horizon.

@@ -1,4 +1,4 @@
-"""Small smooth float64 problems for the order-of-accuracy checks of THEORY.md section 7."""
+"""Small smooth float64 problems for the order-of-accuracy checks of docs/THEORY.md section 7."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ class Problem:
 
 
 def logistic(d: int = 8, samples: int = 32, seed: int = 0) -> Problem:
-    """Softplus logistic loss + quadratic + small quartic: smooth, d = 8 (THEORY.md section 7).
+    """Softplus logistic loss + quadratic + small quartic: smooth, d = 8 (docs/THEORY.md section 7).
 
     Curvature (Hessian eigenvalues about 0.3-0.6 at theta0) and gradients (norm
     about 0.7) are small enough that h in [0.0025, 0.02] is in the asymptotic

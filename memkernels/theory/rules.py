@@ -2,12 +2,12 @@
 
 Each function returns a Rule F(n, theta, grads), grads[k] = g_{n-k} newest
 first. The shipped optimizers use memkernels.optim's conventions, so the
-engine's M equals the closed forms of THEORY.md sections 2-4 (reference.py):
+engine's M equals the closed forms of docs/THEORY.md sections 2-4 (reference.py):
 heavy ball and Nesterov are torch.optim.SGD (coupled decay, dampening 0),
 AdamW is torch.optim.AdamW (bias correction, decoupled decay; eps outside the
 square root, or inside as in the paper), Lion is lion-pytorch's with the
 smooth sign of Lion-K as an option. RMSprop with momentum and AdaBelief have no
-closed form in THEORY.md: the engine is the only way to get their correction.
+closed form in docs/THEORY.md: the engine is the only way to get their correction.
 
 History sums are written as weights against the stacked history (one matmul
 each), so a rule costs O(L x params) work per evaluation, O(L^2 x params)
@@ -67,7 +67,7 @@ def safe_sqrt(x: Tensor) -> Tensor:
 def heavy_ball(momentum: float, weight_decay: float = 0.0, *, nesterov: bool = False) -> Rule:
     """torch.optim.SGD with momentum, dampening 0, coupled decay: F = b_n or g~_n + mu b_n (Nesterov).
 
-    b_n = sum_k mu^k g~_{n-k}; M = c_n H~ g~ (THEORY.md section 2, coefficients.HeavyBall).
+    b_n = sum_k mu^k g~_{n-k}; M = c_n H~ g~ (docs/THEORY.md section 2, coefficients.HeavyBall).
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -90,7 +90,7 @@ def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_d
     """AdamW with bias correction: F = m^ / (sqrt(v^) + eps) + lambda theta (torch.optim.AdamW).
 
     eps_inside_sqrt: m^ / sqrt(v^ + eps) (the paper's convention). decoupled=False:
-    Adam with L2 (the history holds g + lambda theta). M is THEORY.md section 3.
+    Adam with L2 (the history holds g + lambda theta). M is docs/THEORY.md section 3.
     """
     beta1, beta2 = betas
 
@@ -110,7 +110,7 @@ def lion(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
 
     w_0 = 1 - beta1, w_k = beta1 (1 - beta2) beta2^(k-1). phi = sign (M = 0:
     sign has zero derivative, also where c = 0) or, with smoothing > 0, the
-    smooth sign x / sqrt(x^2 + smoothing) of Lion-K (THEORY.md section 4).
+    smooth sign x / sqrt(x^2 + smoothing) of Lion-K (docs/THEORY.md section 4).
     """
     beta1, beta2 = betas
 
@@ -139,7 +139,7 @@ def rmsprop(alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, weigh
     """torch.optim.RMSprop (not centered): v_j = alpha v_{j-1} + (1 - alpha) g~_j^2,
     b_n = mu b_{n-1} + g~_n / (sqrt(v_n) + eps), F = b_n; coupled decay, no bias correction.
 
-    No closed form for M in THEORY.md: past gradients enter both the momentum
+    No closed form for M in docs/THEORY.md: past gradients enter both the momentum
     and, through v at every past step, each term's own preconditioner.
     """
 
@@ -160,7 +160,7 @@ def adabelief(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-16, wei
     s_j = beta2 s_{j-1} + (1 - beta2) (g_j - m_j)^2 + eps,
     F = m_n / (1 - beta1^(n+1)) / (sqrt(s_n / (1 - beta2^(n+1))) + eps) + lambda theta.
 
-    No closed form for M in THEORY.md: the second moment is of the residual
+    No closed form for M in docs/THEORY.md: the second moment is of the residual
     g - m, itself an EMA, so the memoryless s is eps-dominated and M mixes both EMAs.
     """
     beta1, beta2 = betas
