@@ -140,7 +140,11 @@ def moved(p: Num, lr: float, update: Num, M: Num, correction: float, u: Num, kap
         return p - term, zeros_like(p)
     bound = (kappa * lr) * u.abs()
     limited = term.v.abs() > bound.v  # NaN: not limited
-    ambiguous = ((term.v.abs() - bound.v).abs() <= SAFETY * (term.e + bound.e)).to(F64)
+    # either outcome where the two are within their errors, or where both are below the compute dtype's smallest
+    # normal number (the error model is relative: a scalar that underflows to 0 in the kernel is not modelled)
+    tiny = torch.finfo(F64 if p.u < 1e-10 else torch.float32).tiny
+    ambiguous = (((term.v.abs() - bound.v).abs() <= SAFETY * (term.e + bound.e))
+                 | (torch.maximum(term.v.abs(), bound.v) < tiny)).to(F64)
     clipped = Num(torch.where(limited, torch.where(term.v < 0, -bound.v, bound.v), term.v),
                   torch.where(limited, bound.e, term.e) + ambiguous * (term.e + bound.e), p.u)
     return p - clipped, Num(limited.to(F64), ambiguous, p.u)

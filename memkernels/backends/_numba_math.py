@@ -59,6 +59,8 @@ class AdamWScalars(NamedTuple):
     shrink: float  # 1 - lr * weight_decay when decoupled, else 1
     step_size: float  # lr in memoryless mode, else lr / bias_correction1
     correction_lr2: float  # correction * lr * lr
+    kappa_lr: float  # correction_limit * lr / DIAG_SCALE: the bound is formed from u scaled by DIAG_SCALE
+    tau: float  # the probe pass's displacement
     diag_scale: float  # DIAG_SCALE, and the next three times DIAG_SCALE (diagnostics only)
     diag_lr: float
     diag_weight_decay: float
@@ -83,6 +85,8 @@ class LionScalars(NamedTuple):
     hvp_scale: float
     shrink: float  # 1 - lr * weight_decay
     correction_lr2: float
+    kappa_lr: float  # correction_limit * lr / DIAG_SCALE, as AdamW's
+    tau: float
     diag_scale: float
     diag_lr: float
     diag_weight_decay: float
@@ -101,6 +105,8 @@ class SGDScalars(NamedTuple):
     memory_coef: float
     hvp_scale: float
     correction_lr2: float
+    kappa_lr: float  # correction_limit * lr (SGD's u is not scaled)
+    tau: float
     diag_scale: float
     diag_lr: float
 
@@ -119,13 +125,30 @@ def load_grad(grad, inv_scale, scaled):
 
 
 @_jit
-def descend(p, shrink, step_size, step, M, correction_lr2, correct):
-    """reference.descend; multiplying by shrink == 1 is exact, so it is not skipped."""
+def estimate_hvp(g_ref, g, hvp_scale):
+    """reference.estimate_hvp."""
+    return (g_ref - g) * hvp_scale
+
+
+@_jit
+def descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, correct):
+    """reference.descend, returning p and limited; multiplying by shrink == 1 is exact, so it is not skipped.
+
+    kappa_lr * |u| is the reference's bound wherever scaling u by DIAG_SCALE (and kappa_lr by its
+    inverse) is exact, that is, short of subnormals. The bound is +0, positive, +Inf or NaN, and
+    where the limit acts term is neither 0 nor NaN, so copysign is the reference's
+    where(term < 0, -bound, bound), in one instruction instead of three.
+    """
     p = p * shrink
     p = p - step_size * step
+    limited = False
     if correct:
-        p = p - correction_lr2 * M
-    return p
+        term = correction_lr2 * M
+        bound = kappa_lr * abs(u)
+        limited = abs(term) > bound
+        term = np.copysign(bound, term) if limited else term
+        p = p - term
+    return p, limited
 
 
 @njit(error_model="numpy", forceinline=True, fastmath={"contract"})
@@ -135,12 +158,12 @@ def scaled_sum(x, diag_scale, diag_y):
 
 
 @_jit
-def diagnostics(F, u, M, diag_lr, penalty, sign_flips):
+def diagnostics(F, u, M, penalty, sign_flips, limited, c):
     """reference.diagnostics on F, u and lr M scaled by DIAG_SCALE; the kernel squares the first four."""
-    hM = diag_lr * M
+    hM = c.diag_lr * M
     memory = F - u
     residual = memory - hM
-    return (F, hM, memory, residual, penalty, sign_flips)
+    return (F, hM, memory, residual, penalty, sign_flips, c.one if limited else c.zero)
 
 
 @_jit
@@ -165,16 +188,16 @@ def smooth_sign_slope(x, smoothing, smooth, one, zero):
 
 
 @_jit
-def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memoryless, correct, has_ref):
+def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryless, correct, has_hvp):
     """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
 
     The states follow the reference's operations. Divisions are the dearest
     instructions here (a 16-lane division holds Zen 4's divider for about 6 cycles, a
     square root for 10), so with eps outside the square root denom multiplies by a
     reciprocal where the reference divides, coef multiplies by 1 / a, and so does g / a
-    where it reaches neither p nor hvp (decoupled, not memoryless): p moves by about an
-    ulp of the step; NaN and Inf land where the reference's do, which
-    tests/test_numba.py checks.
+    where it reaches neither the step nor hvp (decoupled, not memoryless; through u, it
+    bounds the correction term where the limit acts): p moves by about an ulp of the
+    step; NaN and Inf land where the reference's do, which tests/test_numba.py checks.
     Where eps is outside the square root, the penalty term is |g|: the kernel turns
     the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
     """
@@ -192,29 +215,29 @@ def adamw(p, g, exp_avg, exp_avg_sq, g_ref, c, decoupled, eps_inside_sqrt, memor
         a = abs(g) + c.eps
         penalty = abs(g)
     inv_a = c.one / a
-    g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it reaches p or hvp
+    g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it is the step or enters hvp
     if eps_inside_sqrt:
         coef = inv_a * c.mean_age1 - c.mean_age2 * (g_over_a * g_over_a) * inv_a
     else:
         coef = (c.mean_age1 - c.mean_age2 * abs(g_over_a)) * inv_a
     step = exp_avg / denom
-    if has_ref:
-        hvp = (g_ref - g_raw) * c.hvp_scale
+    decay = c.diag_weight_decay * p if decoupled else c.zero
+    F = scaled_sum(step, c.diag_inv_bias_correction1, decay)  # reference: exp_avg / bias_correction1 / denom + decay
+    u = scaled_sum(g_over_a, c.diag_scale, decay)
+    if has_hvp:
         if not decoupled:
             hvp = hvp + c.weight_decay * g_over_a  # H~ = H + lambda I; u = g / a when coupled
         M = coef * hvp
     else:
         M = c.zero
-    decay = c.diag_weight_decay * p if decoupled else c.zero
-    F = scaled_sum(step, c.diag_inv_bias_correction1, decay)  # reference: exp_avg / bias_correction1 / denom + decay
-    u = scaled_sum(g_over_a, c.diag_scale, decay)
-    diag = diagnostics(F, u, M, c.diag_lr, penalty, c.zero)
-    p = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2, correct)
+    p, limited = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2, u, c.kappa_lr,
+                         correct)
+    diag = diagnostics(F, u, M, penalty, c.zero, limited, c)
     return p, exp_avg, exp_avg_sq, g_raw, diag
 
 
 @_jit
-def lion(p, g, exp_avg, g_ref, c, smooth, memoryless, correct, has_ref):
+def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
     """reference.lion; returns (p, exp_avg, g, diag terms)."""
     cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
     wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
@@ -223,21 +246,21 @@ def lion(p, g, exp_avg, g_ref, c, smooth, memoryless, correct, has_ref):
     phi_wg = smooth_sign(wg, c.smoothing, smooth, c.one, c.zero)
     F = scaled_sum(phi_c, c.diag_scale, decay)
     u = scaled_sum(phi_wg, c.diag_scale, decay)
-    if has_ref:
-        hvp = (g_ref - g) * c.hvp_scale
+    if has_hvp:
         M = smooth_sign_slope(wg, c.smoothing, smooth, c.one, c.zero) * c.age_weight * hvp
     else:
         M = c.zero
     exp_avg = c.beta2 * exp_avg + c.one_minus_beta2 * g
     penalty = np.sqrt(wg * wg + c.smoothing)
     sign_flips = c.one if sign(cm, c.one, c.zero) != sign(g, c.one, c.zero) else c.zero
-    diag = diagnostics(F, u, M, c.diag_lr, penalty, sign_flips)
-    p = descend(p, c.shrink, c.lr, phi_wg if memoryless else phi_c, M, c.correction_lr2, correct)
+    step = phi_wg if memoryless else phi_c
+    p, limited = descend(p, c.shrink, c.lr, step, M, c.correction_lr2, u, c.kappa_lr, correct)
+    diag = diagnostics(F, u, M, penalty, sign_flips, limited, c)
     return p, exp_avg, g, diag
 
 
 @_jit
-def sgd(p, g, momentum_buffer, g_ref, c, has_momentum, nesterov, memoryless, correct, has_ref):
+def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, correct, has_hvp):
     """reference.sgd; returns (p, momentum_buffer, g_raw, diag terms)."""
     g_raw = g
     g = g + c.weight_decay * p  # g~
@@ -247,11 +270,42 @@ def sgd(p, g, momentum_buffer, g_ref, c, has_momentum, nesterov, memoryless, cor
     else:
         F = g
     u = c.update_scale * g
-    if has_ref:
-        hvp = (g_ref - g_raw) * c.hvp_scale + c.weight_decay * g  # H~ g~ = H g~ + lambda g~
+    if has_hvp:
+        hvp = hvp + c.weight_decay * g  # H~ g~ = H g~ + lambda g~
         M = c.memory_coef * hvp
     else:
         M = c.zero
-    diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.diag_lr, c.half * g * g, c.zero)
-    p = descend(p, c.one, c.lr, u if memoryless else F, M, c.correction_lr2, correct)
+    p, limited = descend(p, c.one, c.lr, u if memoryless else F, M, c.correction_lr2, u, c.kappa_lr, correct)
+    diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.half * g * g, c.zero, limited, c)
     return p, momentum_buffer, g_raw, diag
+
+
+# The memoryless directions of reference.py, for the probe pass: the steps' u with exact divisions, since d
+# reaches p. They take the op's scalars and the op's direction flags.
+
+@_jit
+def adamw_direction(p, g, c, decoupled, eps_inside_sqrt):
+    """reference.adamw_direction."""
+    if not decoupled:
+        g = g + c.weight_decay * p
+    a = np.sqrt(g * g + c.eps) if eps_inside_sqrt else abs(g) + c.eps
+    u = g / a
+    return u + c.weight_decay * p if decoupled else u
+
+
+@_jit
+def lion_direction(p, g, c, smooth):
+    """reference.lion_direction."""
+    return smooth_sign(c.ema_weight * g, c.smoothing, smooth, c.one, c.zero) + c.weight_decay * p
+
+
+@_jit
+def sgd_direction(p, g, c):
+    """reference.sgd_direction: g~."""
+    return g + c.weight_decay * p
+
+
+@_jit
+def probe(p, d, tau):
+    """reference.probe: (theta + tau d, theta^2, d^2)."""
+    return p + tau * d, p * p, d * d
