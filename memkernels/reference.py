@@ -10,8 +10,8 @@ maximize sign; F is the update with memory, u = F(theta, ..., theta) the
 memoryless update, hvp the estimate of H d for the memoryless direction d
 (estimate_hvp, or a kept estimate), M the memory correction, and the parameter
 moves by -lr * (F + correction * lr * M) (or u in place of F in memoryless
-mode), with the correction term limited to correction_limit * lr * |u| per
-element (docs/THEORY.md section 9).
+mode), with the correction term limited to correction_limit * lr * |F| (|u|)
+per element (docs/THEORY.md section 9).
 
 The probe estimate of H d takes two passes: probe() moves theta to
 theta + tau * d and keeps theta in an origin buffer; the step then reads theta
@@ -70,10 +70,12 @@ def estimate_hvp(g_ref: Tensor, g: Tensor, hvp_scale: float) -> Tensor:
 
 
 def descend(p: Tensor, shrink: float, step_size: float, step: Tensor, M: Tensor, lr: float,
-            correction: float, u: Tensor, correction_limit: float) -> tuple[Tensor, Tensor]:
-    """p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to kappa lr |u|.
+            correction: float, update: Tensor, correction_limit: float) -> tuple[Tensor, Tensor]:
+    """p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to kappa lr |update|.
 
-    Returns p and the elements where the limit acted. A NaN term is not limited (it propagates).
+    update is what the step applies without the correction (F, or u in memoryless mode), so the corrected
+    step is that step times a factor in [1 - kappa, 1 + kappa] per element. Returns p and the elements where
+    the limit acted. A NaN term is not limited (it propagates).
     """
     if shrink != 1.0:
         p = p * shrink
@@ -81,7 +83,7 @@ def descend(p: Tensor, shrink: float, step_size: float, step: Tensor, M: Tensor,
     limited = torch.zeros_like(p, dtype=torch.bool)
     if correction != 0.0:
         term = (correction * lr * lr) * M
-        bound = (correction_limit * lr) * torch.abs(u)
+        bound = (correction_limit * lr) * torch.abs(update)
         limited = torch.abs(term) > bound
         term = torch.where(limited, torch.where(term < 0, -bound, bound), term)
         p = p - term
@@ -137,7 +139,7 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor
     if memoryless:
         p, limited = descend(p, shrink, lr, g_over_a, M, lr, correction, u, correction_limit)
     else:
-        p, limited = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction, u,
+        p, limited = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction, F,
                              correction_limit)
     diag = diagnostics(F, u, M, lr, penalty, torch.zeros_like(p), limited)
     return Step(p, (exp_avg, exp_avg_sq), g_raw, M, diag)
@@ -175,8 +177,8 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, hvp: Tensor | None, *,
     exp_avg = beta2 * exp_avg + (1 - beta2) * g
     penalty = torch.sqrt(wg * wg + smoothing)
     sign_flips = (torch.sign(c) != torch.sign(g)).to(p.dtype)
-    p, limited = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction, u,
-                         correction_limit)
+    p, limited = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction,
+                         u if memoryless else F, correction_limit)
     diag = diagnostics(F, u, M, lr, penalty, sign_flips, limited)
     return Step(p, (exp_avg,), g, M, diag)
 
@@ -201,7 +203,8 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, hvp: Tensor | None
     else:
         hvp = hvp + weight_decay * g  # H~ g~ = H g~ + lambda g~
         M = memory_coef * hvp
-    p, limited = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction, u, correction_limit)
+    p, limited = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction, u if memoryless else F,
+                         correction_limit)
     diag = diagnostics(F, u, M, lr, 0.5 * g * g, torch.zeros_like(p), limited)
     return Step(p, states, g_raw, M, diag)
 

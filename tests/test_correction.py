@@ -162,34 +162,37 @@ def test_hvp_every_resumes_from_a_state_dict():
 # ---------------------------------------------------------------- the limit
 
 def test_limited_fraction_equals_a_brute_force_count():
-    """memory_stats' limited_fraction counts |alpha h^2 M_i| > kappa h |u_i| with u, M from the reference math."""
+    """memory_stats' limited_fraction counts |alpha h^2 M_i| > kappa h |F_i|, with F and M from THEORY's formulas
+    (float64, exact HVP, AdamW's EMAs replayed by hand)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(20, 5).double()
     x, y = torch.randn(64, 20, dtype=F64), torch.randn(64, 5, dtype=F64)
-    opt = mk.AdamW(model.parameters(), lr=0.05, memory_correction=-1.0, correction_limit=0.3, hvp="exact",
-                   backend="reference")
-    for _ in range(6):
+    lr, wd, kappa, betas = 0.05, 1e-2, 0.3, (0.9, 0.999)
+    opt = mk.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd, memory_correction=-1.0,
+                   correction_limit=kappa, hvp="exact", backend="reference")
+    m = [torch.zeros_like(p) for p in model.parameters()]
+    v = [torch.zeros_like(p) for p in model.parameters()]
+    from memkernels.coefficients import EMAAge
+    for n in range(6):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward(create_graph=True)
         theta = [p.detach().clone() for p in model.parameters()]
         grads = [p.grad.detach().clone() for p in model.parameters()]
         hd = torch.autograd.grad([p.grad for p in model.parameters()], list(model.parameters()),
-                                 grad_outputs=[g / (g.abs() + 1e-8) + 1e-2 * t for g, t in zip(grads, theta)],
+                                 grad_outputs=[g / (g.abs() + 1e-8) + wd * t for g, t in zip(grads, theta)],
                                  retain_graph=True)
-        n = int(opt.state[model.weight]["step"]) if opt.state else 0
         opt.step()
-    stats = opt.memory_stats()[0]
-    # the last step, by hand: A_n, B_n at n = 5, u = g/a + lambda theta, M = coef * H u
-    from memkernels.coefficients import EMAAge
-    first, second = replay(EMAAge(0.9), n), replay(EMAAge(0.999), n)
-    limited = 0
-    for t, g, h in zip(theta, grads, hd):
-        a = g.abs() + 1e-8
-        u = g / a + 1e-2 * t
-        M = (first.mean_age - second.mean_age * (g / a).abs()) / a * h
-        limited += int(((0.05 * 0.05 * M).abs() > 0.3 * 0.05 * u.abs()).sum())
+        first, second = replay(EMAAge(betas[0]), n), replay(EMAAge(betas[1]), n)
+        limited = 0
+        for i, (t, g, h) in enumerate(zip(theta, grads, hd)):
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            a = g.abs() + 1e-8
+            F = m[i] / first.bias_correction / (torch.sqrt(v[i] / second.bias_correction) + 1e-8) + wd * t
+            M = (first.mean_age - second.mean_age * (g / a).abs()) / a * h
+            limited += int(((lr * lr * M).abs() > kappa * lr * F.abs()).sum())
+        assert opt.memory_stats()[0]["limited_fraction"] == limited / sum(p.numel() for p in model.parameters())
     assert limited > 0
-    assert stats["limited_fraction"] == limited / sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -312,10 +312,10 @@ SHAPES = [(3 * CHUNK + 17,), (5, 7), (1,)]
 
 @pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
 def test_limit_acts_on_a_good_fraction_of_elements(op):
-    """The limit acts where the reference's does (compare checks the count exactly), on a third to two thirds."""
+    """The limit acts where the reference's does (compare checks the count exactly), on a fifth to nine tenths."""
     n = 3 * CHUNK + 17
     diag = compare(op, make_inputs(op, [(n,)], refs=True, seed=63), LIMITED[op], True)["diagnostics"][0]
-    assert 0.3 * n < diag[6] < 0.7 * n
+    assert 0.2 * n < diag[6] < 0.9 * n
 
 
 @pytest.mark.parametrize("op,name", [("adamw", "limited"), ("adamw", "probe_coupled_eps_inside"),

@@ -128,17 +128,17 @@ def memory_terms(F: Num, u: Num, M: Num, lr: float, penalty: Num, flips: Num, li
     return [F * F, hM * hM, memory * memory, residual * residual, penalty, flips, limited]
 
 
-def moved(p: Num, lr: float, update: Num, M: Num, correction: float, u: Num, kappa: float) -> tuple[Num, Num]:
-    """p - h update - alpha h^2 M, the last term at most kappa h |u| per element (section 9); and the
-    indicator of where it was limited. alpha = 0 leaves M out entirely. Where |term| is within its error
+def moved(p: Num, lr: float, update: Num, M: Num, correction: float, kappa: float) -> tuple[Num, Num]:
+    """p - h update - alpha h^2 M, the last term at most kappa h |update| per element (section 9: update is F,
+    or u in memoryless mode); and the indicator of where it was limited. alpha = 0 leaves M out entirely. Where |term| is within its error
     of the bound either outcome may come out: the two differ by at most that error."""
     p = p - lr * update
     if correction == 0.0:
         return p, zeros_like(p)
     term = (correction * lr * lr) * M
-    if math.isinf(kappa):  # a bound of inf (or NaN where u = 0) limits nothing
+    if math.isinf(kappa):  # a bound of inf (or NaN where update = 0) limits nothing
         return p - term, zeros_like(p)
-    bound = (kappa * lr) * u.abs()
+    bound = (kappa * lr) * update.abs()
     limited = term.v.abs() > bound.v  # NaN: not limited
     # either outcome where the two are within their errors, or where both are below the compute dtype's smallest
     # normal number (the error model is relative: a scalar that underflows to 0 in the kernel is not modelled)
@@ -177,7 +177,7 @@ def adamw_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> 
     else:
         M = coef * (hvp if kw["decoupled"] else hvp + lam * u)  # H~ u = H u + lambda u
     update = u if kw["memoryless"] else F
-    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], kw["correction_limit"])
     return Expected(p_new, [m, v], g_raw, memory_terms(F, u, M, kw["lr"], penalty, zeros_like(p), limited))
 
 
@@ -203,7 +203,7 @@ def lion_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> E
     m = ema(kw["beta2"], exp_avg, g, lerp=True)
     penalty = (wg * wg + s).sqrt()
     update = u if kw["memoryless"] else F
-    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], kw["correction_limit"])
     return Expected(p_new, [m], g, memory_terms(F, u, M, kw["lr"], penalty, c.differs_in_sign(g), limited))
 
 
@@ -221,7 +221,7 @@ def sgd_step(p: Num, g: Num, states: list[Num], hvp: Num | None, kw: dict) -> Ex
     u = kw["update_scale"] * g
     M = zeros_like(p) if hvp is None else kw["memory_coef"] * (hvp + kw["weight_decay"] * g)
     update = u if kw["memoryless"] else F
-    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], u, kw["correction_limit"])
+    p_new, limited = moved(p, kw["lr"], update, M, kw["correction"], kw["correction_limit"])
     return Expected(p_new, new_states, g_raw, memory_terms(F, u, M, kw["lr"], 0.5 * (g * g), zeros_like(p),
                                                             limited))
 

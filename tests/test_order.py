@@ -106,12 +106,12 @@ def test_cancelled_memory_tracks_memoryless_path(name, hvp):
     assert all(c < p for c, p in zip(cancelled[start:], plain[start:])), (cancelled, plain)
 
 
+@pytest.mark.parametrize("kind, target", [("memoryless+M", "memory"), ("memory-M", "memoryless")])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_default_limit_leaves_the_order(name):
-    """The limit acts here only where u_i crosses zero, in O(1) steps of each crossing, each moving theta by
-    O(h^2): at the two smallest h the corrected memoryless path is within 10% of the unlimited one's error
-    (measured: equal for the AdamW variants and heavy ball, 5% above for Lion)."""
-    limited, unlimited = errors(name, "memoryless+M", "memory", "exact"), errors(
-        name, "memoryless+M", "memory", "exact", math.inf)
+def test_default_limit_leaves_the_order(name, kind, target):
+    """Where the expansion holds the limit acts only near zero crossings of the step, in O(1) steps of each
+    crossing, each moving theta by O(h^2): at the two smallest h both corrected paths are within 10% of the
+    unlimited ones' errors (measured: at most 8% above, Lion; equal to four digits for Adam + L2)."""
+    limited, unlimited = errors(name, kind, target, "exact"), errors(name, kind, target, "exact", math.inf)
     for a, b in zip(limited[-2:], unlimited[-2:]):
         assert a <= 1.1 * b, (limited, unlimited)

@@ -263,7 +263,7 @@ def check_more(op: str, case, diagnostics: bool = True, **kw) -> Out:
     ("adamw", dict(PROBE)),
     ("adamw", dict(PROBE, decoupled=False, memoryless=True)),
     ("adamw", dict(PROBE, eps_inside_sqrt=True, correction_limit=2.0)),
-    ("lion", dict(PROBE, smoothing=1e-3)),
+    ("lion", dict(PROBE, smoothing=1e-3, correction_limit=0.2)),
     ("lion", dict(PROBE, smoothing=1e-3, memoryless=True, correction_limit=0.1)),
     ("sgd", dict(TRAJECTORY)),
     ("sgd", dict(TRAJECTORY, nesterov=True, correction_limit=2.0)),

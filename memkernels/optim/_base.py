@@ -43,7 +43,7 @@ _AUTO_TRAJECTORY = ("memkernels: hvp='auto' without step(closure) estimates H d 
                     "with full or large batches; with minibatches pass step(closure) (the probe estimate: one "
                     "extra gradient on the same batch), or set hvp='trajectory' to silence this.")
 _OUT_OF_REGIME = ("memkernels: group {gi}'s memory correction is outside the regime where the expansion holds "
-                  "(|alpha h M_i| << |u_i|): ||alpha h M|| / ||F|| = {ratio:.3g}, {limited:.1%} of elements limited "
+                  "(|alpha h M_i| << |F_i|): ||alpha h M|| / ||F|| = {ratio:.3g}, {limited:.1%} of elements limited "
                   "to correction_limit={kappa} times the memoryless step at step {step}. The step applied is a "
                   "bounded heuristic there, not the paper's term; see memory_stats() and the README.")
 REGIME_LIMITED = 0.01  # warn when more than this fraction of elements is limited ...

@@ -101,16 +101,17 @@ template <typename T>
 MK_HD T estimate_hvp(T g_ref, T g, T hvp_scale) { return (g_ref - g) * hvp_scale; }
 
 // reference.descend: p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to
-// kappa lr |u|; `limited` is set where the limit acted (a NaN term is not limited: it propagates).
+// kappa lr |update| (update: F, or u in memoryless mode); `limited` is set where the limit acted (a NaN term
+// is not limited: it propagates).
 template <typename T>
 MK_HD T descend(T p, T shrink, bool shrink_on, T step_size, T step, T M, T correction_lr2,
-                bool correction_on, T u, T kappa_lr, bool& limited) {
+                bool correction_on, T update, T kappa_lr, bool& limited) {
   if (shrink_on) p = p * shrink;
   p = p - step_size * step;
   limited = false;
   if (correction_on) {
     T term = correction_lr2 * M;
-    T bound = kappa_lr * mk_abs(u);
+    T bound = kappa_lr * mk_abs(update);
     limited = mk_abs(term) > bound;
     term = limited ? (term < T(0) ? -bound : bound) : term;
     p = p - term;
@@ -200,7 +201,7 @@ MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T hvp, bool has_hvp,
                 s.kappa_lr, limited);
   } else {
     p = descend(p, s.shrink, s.shrink_on, s.step_size, exp_avg / denom, M, s.correction_lr2,
-                s.correction_on, u, s.kappa_lr, limited);
+                s.correction_on, F, s.kappa_lr, limited);
   }
   Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0), limited);
   return {p, {exp_avg, exp_avg_sq}, g_raw, M, diag};
@@ -261,7 +262,7 @@ MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T hvp, bool has_hvp, const LionScalar
   T sign_flips = T(mk_sign(c) != mk_sign(g));
   bool limited;
   p = descend(p, s.shrink, s.shrink_on, s.lr, s.memoryless ? phi_wg : phi_c, M, s.correction_lr2,
-              s.correction_on, u, s.kappa_lr, limited);
+              s.correction_on, s.memoryless ? u : F, s.kappa_lr, limited);
   Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, sign_flips, limited);
   return {p, {exp_avg}, g, M, diag};
 }
@@ -304,8 +305,8 @@ MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T hvp, bool
     M = s.memory_coef * hvp;
   }
   bool limited;
-  p = descend(p, T(1), false, s.lr, s.memoryless ? u : F, M, s.correction_lr2, s.correction_on, u, s.kappa_lr,
-              limited);
+  T update = s.memoryless ? u : F;
+  p = descend(p, T(1), false, s.lr, update, M, s.correction_lr2, s.correction_on, update, s.kappa_lr, limited);
   Diag<T> diag = diagnostics(F, u, M, s.lr, T(0.5) * g * g, T(0), limited);
   return {p, {momentum_buffer}, g_raw, M, diag};
 }
