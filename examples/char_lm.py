@@ -5,6 +5,7 @@ by the probe (one extra gradient on the same minibatch), the estimate that is so
 
     python examples/char_lm.py                         # AdamW, alpha = 0 and -1, a table at the end
     python examples/char_lm.py --opt lion sgd --steps 600 --seeds 0 1 2
+    python examples/char_lm.py --alpha -1 --correction-limit inf       # the correction without its limit
 
 Data: the .py files of the running interpreter's standard library, as bytes (memkernels.bench.lm:
 every tenth file held out whole). No download.
@@ -37,8 +38,8 @@ def train(name: str, alpha: float, seed: int, args: argparse.Namespace, data) ->
     train_data, held_out = data
     torch.manual_seed(seed)
     model = TinyGPT(args.context)
-    opt = OPTIMIZERS[name](model.parameters(), memory_correction=alpha, hvp_every=args.hvp_every,
-                           backend=args.backend)
+    opt = OPTIMIZERS[name](model.parameters(), memory_correction=alpha, correction_limit=args.correction_limit,
+                           hvp_every=args.hvp_every, backend=args.backend)
     gen = torch.Generator().manual_seed(1000 + seed)
     x, y = batch(train_data, args.batch, args.context, gen)
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--hvp-every", type=int, default=1)
+    parser.add_argument("--correction-limit", type=float, default=0.5, help="kappa; inf: no limit")
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--text-bytes", type=int, default=8_000_000)
     parser.add_argument("--backend", default="auto")

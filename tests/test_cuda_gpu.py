@@ -124,6 +124,17 @@ def _clone(inputs: dict) -> dict:
     return out
 
 
+def _reset_captured(x: dict, fresh: dict, keys: tuple[str, ...]) -> None:
+    """Copy fresh's values into the tensors a CUDA graph captured (the lists named by keys, states, diagnostics)."""
+    for key in keys:
+        for t, o in zip(x[key], fresh[key]):
+            t.copy_(o)
+    for lst, olst in zip(x["states"], fresh["states"]):
+        for t, o in zip(lst, olst):
+            t.copy_(o)
+    x["diagnostics"].copy_(fresh["diagnostics"])
+
+
 def _kwargs(op: str, mode: dict) -> dict:
     kw = {**SCALARS[op], **(LIMITER[op] if mode.get("limiter") else {}),
           **{k: v for k, v in mode.items() if k not in MADE}}
@@ -434,13 +445,7 @@ def test_step_scalars_cuda_graph(op):
 
     for values in settings:
         fresh = _clone(original)
-        for key in ("params", "grads", "grad_refs"):  # the captured tensors, reset in place
-            for t, o in zip(x[key], fresh[key]):
-                t.copy_(o)
-        for lst, olst in zip(x["states"], fresh["states"]):
-            for t, o in zip(lst, olst):
-                t.copy_(o)
-        x["diagnostics"].copy_(fresh["diagnostics"])
+        _reset_captured(x, fresh, ("params", "grads", "grad_refs"))
         scalars.copy_(_scalars(values))
         graph.replay()
         torch.cuda.synchronize()
@@ -540,13 +545,7 @@ def test_probe_flow_with_step_scalars_in_a_cuda_graph(op):
 
     for values, tau_value in settings:
         fresh = _clone(original)
-        for key in ("params", "grads", "grad_refs", "origins", "hvps"):  # the captured tensors, reset in place
-            for t, o in zip(x[key], fresh[key]):
-                t.copy_(o)
-        for lst, olst in zip(x["states"], fresh["states"]):
-            for t, o in zip(lst, olst):
-                t.copy_(o)
-        x["diagnostics"].copy_(fresh["diagnostics"])
+        _reset_captured(x, fresh, ("params", "grads", "grad_refs", "origins", "hvps"))
         x["probe_norms"].copy_(fresh["probe_norms"])
         scalars.copy_(_scalars(values))
         tau.fill_(tau_value)

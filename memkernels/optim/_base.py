@@ -356,7 +356,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for gi, group, bucket, kwargs, lists in calls:
             steps = [state["step"] for state in bucket.states]
             if bucket.n is None:
-                scalars = {**kwargs, **dict(zip(_ops.STEP_SCALARS[self.op], kwargs["step_scalars"].unbind()))}
+                scalars = self._scalars(kwargs)
                 after: int | Tensor = steps[0]  # read by memory_stats after the increment below
             else:
                 kwargs["hvp_scale"] = self._hvp_scale(group, gi, bucket)
