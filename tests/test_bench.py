@@ -135,13 +135,28 @@ def test_rows_with_new_gradients_keep_the_previous_one(monkeypatch):
         p.grad = g.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the trajectory note
-        steps = {variant: speed._stepper(variant, params, stored, "reference", closure, grads)
-                 for variant, (_, _, closure, grads) in speed.VARIANTS.items() if "trajectory" in variant}
+        steps = {name: speed._stepper(name, variant, params, stored, "reference")
+                 for name, variant in speed.VARIANTS.items() if "trajectory" in name}
     for n in range(3):
         for variant, opt in zip(steps, made):  # round-robin, as the timing runs them
             steps[variant]()
             kept = [opt.state[p]["prev_grad"] is p.grad for p in params]
             assert kept == [speed.VARIANTS[variant][1] == 32 and n > 0] * 2, variant  # none before step 1
+
+
+def test_a_call_of_the_hvp_every_row_is_one_whole_period(monkeypatch):
+    """One probe step and three that reuse its estimate per call, so every timed call does the same work."""
+    made = []
+    factory = speed._memkernels_optimizer
+    monkeypatch.setattr(speed, "_memkernels_optimizer", lambda *args: made.append(factory(*args)) or made[-1])
+    params = [torch.nn.Parameter(torch.randn(6))]
+    stored = [torch.randn(6)]
+    params[0].grad = stored[0].clone()
+    name = "AdamW + probe, hvp_every=4"
+    call = speed._stepper(name, speed.VARIANTS[name], params, stored, "reference")
+    for calls in (1, 2):
+        call()
+        assert int(made[0].state[params[0]]["step"]) == 4 * calls
 
 
 def test_interleaved_is_round_robin_with_a_rotating_start():

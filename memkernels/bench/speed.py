@@ -14,7 +14,7 @@ import itertools
 import statistics
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -25,28 +25,39 @@ from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
 
-# docs/DESIGN.md's byte model per parameter and step, fp32 everything.
-# memkernels variants: (optimizer op, bytes per parameter, needs a closure, gradients: "new" tensors every
-# step, the row's own tensors "reused" every step, or "any" tensors that hold the stored values)
-VARIANTS: dict[str, tuple[str, int, bool, str]] = {
-    "AdamW": ("adamw", 28, False, "any"),
+class Variant(NamedTuple):
+    """A memkernels row: its op, docs/DESIGN.md's bytes per parameter and step (fp32 everything), whether its
+    step takes a closure, its gradients ("new" tensors every step, the row's own tensors "reused" every step, or
+    "any" tensors that hold the stored values) and the steps one timed call makes (a whole hvp_every period, so
+    every call does the same work)."""
+
+    op: str
+    bytes_per_param: int
+    closure: bool = False
+    grads: str = "any"
+    steps: int = 1
+
+
+VARIANTS: dict[str, Variant] = {
+    "AdamW": Variant("adamw", 28),
     # new gradient tensors, as after zero_grad(): the previous one is kept and read (optim/_prev_grads.py)
-    "AdamW + trajectory correction": ("adamw", 32, False, "new"),
-    "AdamW + trajectory + diagnostics": ("adamw", 32, False, "new"),  # the same, with memory_stats' sums
+    "AdamW + trajectory correction": Variant("adamw", 32, grads="new"),
+    "AdamW + trajectory + diagnostics": Variant("adamw", 32, grads="new"),  # the same, with memory_stats' sums
     # one gradient tensor rewritten in place every step: + read and write a copy of the previous gradient
-    "AdamW + trajectory + diagnostics, grads in place": ("adamw", 36, False, "reused"),
+    "AdamW + trajectory + diagnostics, grads in place": Variant("adamw", 36, grads="reused"),
     # the probe pass (read p g, write origin and p + tau d) and the step from the origins (+ the probe gradient)
-    "AdamW + probe correction": ("adamw", 48, True, "any"),
+    "AdamW + probe correction": Variant("adamw", 48, closure=True),
     # hvp_every=4: one probe step storing its estimate (52) and three that read it (32), per four steps
-    "AdamW + probe, hvp_every=4": ("adamw", 37, True, "any"),
-    "Lion": ("lion", 20, False, "any"),
-    "heavy ball": ("sgd", 20, False, "any"),
+    "AdamW + probe, hvp_every=4": Variant("adamw", 37, closure=True, steps=4),
+    "Lion": Variant("lion", 20),
+    "heavy ball": Variant("sgd", 20),
 }
 REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios are taken to this row of the same shape set
 NOTES = [
     "The probe rows' closure only sets .grad to stored gradient tensors (no model, no copy), so they time the "
     "optimizer side of a probe step: the probe pass, the step from the kept origins, and their host work; the "
-    "training-step table times whole steps with forward and backward.",
+    "training-step table times whole steps with forward and backward. The hvp_every=4 row is timed in calls of "
+    "four steps (one probe step, three that reuse its estimate) and reported per step.",
     "The trajectory rows get their gradients as a training loop does after zero_grad() (each step's .grad is "
     "another tensor, with the same values), so the optimizer keeps the previous gradient instead of copying it; "
     "the 'grads in place' row steps on one gradient tensor per parameter, as a loop with "
@@ -122,6 +133,7 @@ class Candidate:
     backend: str
     kind: str  # "memkernels" or "anchor"
     bytes_per_param: int
+    steps: int = 1  # optimizer steps per call of `step`; times and ratios are per optimizer step
     step: Callable[[], object] | None = None
     status: str = "ok"
 
@@ -225,13 +237,12 @@ def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: t
     for backend, state in backend_status.items():
         if state != "ok":
             continue
-        for variant, (op, nbytes, closure, grads) in VARIANTS.items():
-            row = Candidate(variant, backend, "memkernels", nbytes)
-            if not backends.has_kernel(op, backend, device.type):
-                row.status = f"backend {backend} has no {op} kernel for {device.type}"
+        for name, variant in VARIANTS.items():
+            row = Candidate(name, backend, "memkernels", variant.bytes_per_param, variant.steps)
+            if not backends.has_kernel(variant.op, backend, device.type):
+                row.status = f"backend {backend} has no {variant.op} kernel for {device.type}"
             else:
-                row.step, row.status = _prepare(
-                    lambda: _stepper(variant, params, stored, backend, closure, grads))
+                row.step, row.status = _prepare(lambda: _stepper(name, variant, params, stored, backend))
             rows.append(row)
     for name, anchor, nbytes, factory in anchors(device):
         row = Candidate(name, anchor, "anchor", nbytes)
@@ -253,25 +264,35 @@ def with_own_grads(step: Callable[[], object], params: list, stored: list, turns
     return stepped
 
 
-def _stepper(variant: str, params: list, stored: list, backend: str, closure: bool,
-             grads: str) -> Callable[[], object]:
-    """A row's step (VARIANTS' gradients). Rows that set .grad use their own tensors and never write another
-    row's, which may be the previous gradient a trajectory row keeps."""
-    opt = _memkernels_optimizer(variant, params, backend)
-    if grads != "any":
-        return with_own_grads(opt.step, params, stored, 2 if grads == "new" else 1)
-    if not closure:
-        return opt.step
-    points = [g.clone() for g in stored]
-    probes = [1.01 * g for g in stored]
+def _stepper(name: str, variant: Variant, params: list, stored: list, backend: str) -> Callable[[], object]:
+    """A row's call: `variant.steps` optimizer steps on VARIANTS' gradients. Rows that set .grad use their own
+    tensors and never write another row's, which may be the previous gradient a trajectory row keeps."""
+    opt = _memkernels_optimizer(name, params, backend)
+    if variant.grads != "any":
+        step = with_own_grads(opt.step, params, stored, 2 if variant.grads == "new" else 1)
+    elif not variant.closure:
+        step = opt.step
+    else:
+        points = [g.clone() for g in stored]
+        probes = [1.01 * g for g in stored]
 
-    def gradients() -> None:
-        """Gradients without a model: the stored tensors, the point's or (when step() has set .grad to None)
-        the probe point's; no copy."""
-        for p, point, probe in zip(params, points, probes):
-            p.grad = probe if p.grad is None else point
+        def gradients() -> None:
+            """Gradients without a model: the stored tensors, the point's or (when step() has set .grad to
+            None) the probe point's; no copy."""
+            for p, point, probe in zip(params, points, probes):
+                p.grad = probe if p.grad is None else point
 
-    return lambda: opt.step(gradients)
+        def step() -> object:
+            return opt.step(gradients)
+
+    if variant.steps == 1:
+        return step
+
+    def period() -> None:
+        for _ in range(variant.steps):
+            step()
+
+    return period
 
 
 def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str], name: str,
@@ -302,7 +323,8 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
             "bandwidth": {"kernel": bw_name, "gb_s": bandwidth, "median_ms": bw_ms, "iqr_ms": bw_iqr,
                           "bytes": bw_bytes}}
     rows = []
-    for i, (cand, sample) in enumerate(zip(runnable, times[1:])):
+    for i, (cand, calls) in enumerate(zip(runnable, times[1:])):
+        sample = [ms / cand.steps for ms in calls]
         ms, iqr = median_iqr(sample)
         gb_s = cand.bytes_per_param * numel / (ms * 1e-3) / 1e9
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
@@ -310,7 +332,8 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
                      "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
                      "samples_ms": sample})
         if i in ratios:
-            anchor, per_round = ratios[i]
+            anchor, per_call = ratios[i]
+            per_round = [r / cand.steps for r in per_call]
             rows[-1]["paired_ratio"] = {"anchor": anchor, "median": statistics.median(per_round),
                                         "ratios": per_round}
     fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
