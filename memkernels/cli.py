@@ -42,7 +42,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="the default: all three suites in about 3 minutes on 2 CPU cores")
+                      help="the default: all three suites in about 4 minutes on 2 CPU cores")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="64M (CPU) or 256M (GPU) parameters, the real GPT-2-small shapes, more repeats and steps")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
