@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from memkernels.coefficients import (EMAAge, HeavyBall, LionWeights, ema_age_at, heavy_ball_at, lion_weights_at,
-                                    replay)
+from memkernels.coefficients import (JUMP, EMAAge, HeavyBall, LionWeights, ema_age_at, heavy_ball_at,
+                                    lion_weights_at, replay)
 
 STEPS = (0, 1, 2, 3, 10, 100, 1000, 10000)
 BETAS = (0.0, 0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -38,10 +38,11 @@ def running_sums(terms: Sequence[float]) -> list[float]:
 
 
 def tracks_at(factory: Callable[[], object], steps: Sequence[int]) -> dict[int, object]:
-    """One recursion advanced through every requested step; a snapshot of its fields at each."""
+    """One recursion advanced step by step through every requested step; a snapshot of its fields at each."""
     track, out = factory(), {}
     for n in sorted(steps):
-        replay(track, n)
+        while track.n < n:
+            track.advance()
         out[n] = type(track)(**vars(track))
     return out
 
@@ -176,6 +177,35 @@ def test_replay_is_idempotent():
     same = replay(track, 5)
     assert same is track and track.n == 5
     assert close(track.mean_age, replay(EMAAge(0.9), 5).mean_age)
+
+
+TRACKS = {"ema": EMAAge, "heavy_ball": HeavyBall, "nesterov": lambda b: HeavyBall(b, nesterov=True),
+          "lion": lambda b: LionWeights(0.9, b)}
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("kind", TRACKS)
+def test_a_jump_agrees_with_the_recursion(kind, beta):
+    """replay jumps by a matrix power beyond JUMP steps: every field within 1e-12 of the step-by-step recursion
+    (measured 1.5e-13), from step 0 and from a track part of the way there."""
+    steps = [n for n in STEPS if n > JUMP]
+    for n, stepped in tracks_at(lambda: TRACKS[kind](beta), steps).items():
+        for start in (0, 7):
+            jumped = replay(replay(TRACKS[kind](beta), start), n)
+            assert jumped.n == n
+            for field, value in vars(stepped).items():
+                got = vars(jumped)[field]
+                assert math.isclose(got, value, rel_tol=REL, abs_tol=1e-300), (n, start, field, got, value)
+
+
+def test_a_resume_at_any_step_count_costs_no_replay(monkeypatch):
+    """A track jumps to 10^7, 2^24 or 3e38 with no step-by-step advance, and lands on the limits."""
+    advanced = []
+    monkeypatch.setattr(EMAAge, "advance", lambda self: advanced.append(self.n))
+    for n in (10**7, 2**24, int(3e38)):
+        track = replay(EMAAge(0.999), n)
+        assert track.n == n and advanced == []
+        assert close(track.mean_age, 0.999 / (1.0 - 0.999), rel=1e-11)
 
 
 # ---------------------------------------------------------------- closed forms (a step count held in a tensor)

@@ -55,3 +55,53 @@ def test_corrected_optimizer_resumes_exactly(hvp):
     assert "prev_grad" in state["state"][0]
     train(twin, resumed, batches(40, seed=9))
     assert torch.equal(flat(model), flat(twin))
+
+
+@pytest.mark.parametrize("step", [5, 5.0, torch.tensor(5), torch.tensor(5.0, dtype=torch.float64)],
+                         ids=["int", "float", "int64 tensor", "float64 tensor"])
+def test_step_counts_of_older_checkpoints_load(step):
+    """Python numbers and integer tensors (older torch checkpoints) step like torch.optim.AdamW, which converts them."""
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, batches(5))
+    state = copy.deepcopy(opt.state_dict())
+    for st in state["state"].values():
+        st["step"] = copy.deepcopy(step)
+    twin = copy.deepcopy(model)
+    moved = _continue(model, mk.AdamW, copy.deepcopy(state), steps=20)
+    stayed = _continue(twin, torch.optim.AdamW, copy.deepcopy(state), steps=20)
+    assert max_rel(moved, stayed) < 1e-6
+
+
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), -1, torch.tensor(-3.0), torch.tensor([1.0, 2.0]), "7"],
+                         ids=["nan", "inf", "negative", "negative tensor", "two elements", "str"])
+def test_a_bad_step_count_is_refused_at_load_and_changes_nothing(step):
+    model = mlp()
+    opt = mk.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, batches(3))
+    before = copy.deepcopy(opt.state_dict())
+    state = copy.deepcopy(before)
+    state["state"][1]["step"] = step
+    with pytest.raises(ValueError, match="state 1: 'step' must be"):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, st in before["state"].items():
+        assert all(torch.equal(st[k], after["state"][i][k]) for k in st)
+
+
+def test_a_lagging_parameter_costs_no_replay(monkeypatch):
+    """A parameter one step behind its group (no gradient on the first step) reuses the kept coefficients."""
+    from memkernels.coefficients import EMAAge
+    advance = EMAAge.advance
+    calls = []
+    monkeypatch.setattr(EMAAge, "advance", lambda self: calls.append(1) or advance(self))
+    lead, lag = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = mk.AdamW([lead, lag], lr=1e-2)
+    steps = 200
+    for n in range(steps):
+        lead.grad = torch.randn(3)
+        lag.grad = torch.randn(3) if n else None
+        opt.step()
+    assert int(opt.state[lead]["step"]) == steps and int(opt.state[lag]["step"]) == steps - 1
+    assert len(calls) <= 2 * 2 * steps  # two EMAs, at most two counts a step: no replay from step 0

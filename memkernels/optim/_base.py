@@ -17,7 +17,10 @@ its first param (they do when every param of a group has a gradient every step).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -117,7 +120,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _transient(self) -> None:
         """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
-        self._tracks: dict[tuple, Any] = {}
+        self._tracks: dict[tuple, dict[int, Any]] = {}
         self._diagnostics: dict[tuple[int, torch.device, tuple], Tensor] = {}
         self._stats_meta: dict[int, tuple[int, float, int]] = {}
         self._prev_grads = PrevGrads()
@@ -185,11 +188,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ shared machinery
 
     def track(self, gi: int, key: tuple, factory: Callable[[], Any], n: int) -> Any:
-        """The coefficient recursion of group gi at step n: O(1) per step, replayed only after a jump."""
-        track = self._tracks.get((gi, key))
-        if track is None or track.n > n:
-            track = self._tracks[(gi, key)] = factory()
-        return replay(track, n)
+        """The coefficient recursion of group gi at step n: one step on from the last, O(log n) after a jump.
+
+        The two latest step counts are kept, so a parameter one step behind its group costs no replay.
+        """
+        tracks = self._tracks.setdefault((gi, key), {})
+        if n not in tracks:
+            base = max((t for t in tracks.values() if t.n <= n), key=lambda t: t.n, default=None)
+            tracks[n] = replay(dataclasses.replace(base) if base is not None else factory(), n)
+            for old in sorted(tracks)[:-2]:
+                del tracks[old]
+        return tracks[n]
 
     def measures(self, group: dict) -> bool:
         return group["memory_correction"] != 0.0 or self.track_memory
@@ -224,6 +233,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return torch.tensor(0.0, device=p.device if group["capturable"] else "cpu")
 
     def __setstate__(self, state: dict) -> None:
+        steps = {id(st): _step_count(st["step"], i) for i, st in enumerate(state.get("state", {}).values())
+                 if isinstance(st, dict) and "step" in st}  # every count checked before anything changes
+        for st in state.get("state", {}).values():
+            if isinstance(st, dict) and id(st) in steps:
+                st["step"] = steps[id(st)]
         super().__setstate__(state)
         for group in self.param_groups:  # a torch.optim state_dict lacks memkernels' keys
             for key, value in self.defaults.items():
@@ -528,6 +542,20 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                     kappa=group["correction_limit"], step=stats["step"]),
                               RuntimeWarning, stacklevel=5)
                 return
+
+
+def _step_count(step: Any, index: int) -> Tensor:
+    """A checkpoint's step count as the float32 tensor a step bumps in place (older torch checkpoints hold Python
+    numbers, some int64 tensors); not a finite count >= 0: a ValueError naming the state."""
+    if not isinstance(step, (Tensor, numbers.Real)) or isinstance(step, Tensor) and step.numel() != 1:
+        raise ValueError(f"state {index}: 'step' must be a number or a one-element tensor, got "
+                         f"{type(step).__name__}{f' of shape {tuple(step.shape)}' if isinstance(step, Tensor) else ''}")
+    count = float(step.detach().double() if isinstance(step, Tensor) else step)
+    if not math.isfinite(count) or count < 0:
+        raise ValueError(f"state {index}: 'step' must be a finite count >= 0, got {count}")
+    if isinstance(step, Tensor) and step.dtype == torch.float32:
+        return step
+    return torch.tensor(count, dtype=torch.float32, device=step.device if isinstance(step, Tensor) else "cpu")
 
 
 def _local(t: Tensor) -> Tensor:
