@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import warnings
@@ -28,10 +29,16 @@ def info() -> str:
     if backends.status()["cuda"].startswith("available"):
         from .backends import cuda
         lines.append(f"  cuda library: {cuda.LIBRARY_ORIGIN}")
+    forced = os.environ.get("MEMKERNELS_BACKEND")
+    if forced:
+        lines.append(f"MEMKERNELS_BACKEND={forced!r}: optimizers made with backend='auto' use it")
     for device_type in backends.PREFERENCE:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the reasons are listed above
-            chosen, _ = backends.resolve("adamw", "auto", device_type)
+            try:
+                chosen = backends.resolve("adamw", "auto", device_type)[0]
+            except (backends.BackendUnavailable, ValueError) as exc:  # what a step would raise, shown
+                chosen = f"none: {exc}"
         lines.append(f"auto on {device_type} tensors: {chosen}")
     return "\n".join(lines)
 

@@ -451,3 +451,19 @@ def test_report_names_a_json_left_by_another_version(tmp_path, capsys):
     assert "## Theory: order of accuracy" in report and "| problem | optimizer | experiment |" in report
     assert "implicit.json lacks what this version reports" in report
     assert "memkernels bench --suite implicit" in report
+
+
+@pytest.mark.parametrize("forced, cpu", [("reference", "auto on cpu tensors: reference"),
+                                         ("numba", "auto on cpu tensors: numba"),
+                                         ("bogus", "auto on cpu tensors: none: backend must be one of")])
+def test_info_reports_a_forced_backend(monkeypatch, forced, cpu):
+    """With MEMKERNELS_BACKEND set, info says so and what each device type would get (a step's error included)."""
+    from memkernels import backends
+    from memkernels.cli import info
+    if forced == "numba" and not backends.load("numba").startswith("available"):
+        cpu = "auto on cpu tensors: none: backend 'numba' cannot run"
+    monkeypatch.setenv("MEMKERNELS_BACKEND", forced)
+    text = info()
+    assert f"MEMKERNELS_BACKEND={forced!r}" in text
+    assert cpu in text
+    assert "auto on cuda tensors: " in text
