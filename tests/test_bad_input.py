@@ -1,5 +1,6 @@
 """Bad input raises a clear error naming what is wrong, and a step that raises changes nothing."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -160,3 +161,37 @@ def test_ops_check_again_after_an_optimizer_step():
     grads[1] = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
         _call(params, grads, m, v, refs)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda w, base: [w, w], "parameter 1 is parameter 0 again"),
+    (lambda w, base: [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[2:6])], "parameters 0 and 1 share memory"),
+    (lambda w, base: [torch.nn.Parameter(base.view(2, 4).t()), torch.nn.Parameter(base[7:])],
+     "parameters 0 and 1 share memory"),
+    (lambda w, base: [{"params": [w]}, {"params": [torch.nn.Parameter(base[:2]), torch.nn.Parameter(base[1:3])]}],
+     "parameters 1 and 2 share memory"),
+], ids=["twice", "overlapping views", "strided view", "across groups"])
+@pytest.mark.parametrize("cls", [mk.AdamW, mk.Lion, mk.SGD])
+def test_duplicate_or_overlapping_params_are_refused(cls, make, match):
+    """torch.optim only warns on a duplicate (and its step then updates it twice); here each is an error."""
+    w, base = torch.nn.Parameter(torch.randn(8)), torch.randn(8)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=match):
+        warnings.simplefilter("ignore", UserWarning)  # torch's own warning on a duplicate
+        cls(make(w, base), lr=1e-3)
+
+
+def test_disjoint_views_of_one_buffer_are_accepted():
+    base = torch.randn(4, 4)
+    opt = mk.AdamW([torch.nn.Parameter(base[:2]), torch.nn.Parameter(base[2:])], lr=1e-3)
+    assert len(opt.param_groups[0]["params"]) == 2
+
+
+def test_a_param_that_is_its_own_grad_is_refused_and_changes_nothing():
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = p.data
+    opt = mk.AdamW([p], lr=1e-3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="is its own gradient"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+

@@ -118,6 +118,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
         self._transient()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, and no parameter twice or overlapping another in memory: their updates would race."""
+        super().add_param_group(param_group)
+        _check_disjoint([p for group in self.param_groups for p in group["params"]])
+
     def _transient(self) -> None:
         """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
         self._tracks: dict[tuple, dict[int, Any]] = {}
@@ -253,6 +258,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         created: dict[Tensor, dict] = {}
         on_device, trajectory, capturable = self.device_mode(group), hvp == "trajectory", group["capturable"]
         keeps = trajectory and not (on_device or scaled or group["maximize"])
+        compiling = torch.compiler.is_compiling()  # traced tensors have no data pointers to compare
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -260,6 +266,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise TypeError(f"memkernels.{type(self).__name__} does not support sparse gradients")
             shard_groups = _shard_groups(p)
+            if shard_groups is None and not compiling and grad.numel() and grad.data_ptr() == p.data_ptr() != 0:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is its own gradient (p.grad shares p's "
+                                 "memory); the step would read the gradient it is overwriting")
             if shard_groups is not None and hvp not in (None, "trajectory"):
                 raise ValueError(f"hvp={hvp!r} with DTensor parameters is not supported; use "
                                  "hvp='trajectory' (its estimate is elementwise, so it needs no communication)")
@@ -542,6 +551,25 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                     kappa=group["correction_limit"], step=stats["step"]),
                               RuntimeWarning, stacklevel=5)
                 return
+
+
+def _check_disjoint(params: list[Tensor]) -> None:
+    """A ValueError naming two parameters (their positions over all groups) that are one tensor or share memory."""
+    seen: dict[int, int] = {}
+    spans = []
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"parameter {i} is parameter {seen[id(p)]} again; each parameter may appear once")
+        seen[id(p)] = i
+        if type(p) in (Tensor, torch.nn.Parameter) and p.device.type != "meta" and p.numel():
+            start = p.untyped_storage().data_ptr() + p.storage_offset() * p.element_size()
+            extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+            spans.append((start, start + extent * p.element_size(), i))
+    spans.sort()
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory; an optimizer step would "
+                             "update it twice")
 
 
 def _step_count(step: Any, index: int) -> Tensor:
