@@ -257,6 +257,8 @@ def _impl(op: str):
         check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
+        if backends.is_preparing() and not kernel.prepares:  # nothing to build ahead: checked is prepared
+            return
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
 
     return impl

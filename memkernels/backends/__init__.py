@@ -7,13 +7,15 @@ reported once as a warning and in `memkernels info`, never skipped silently.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import threading
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 OPS = ("adamw", "lion", "sgd")
 PREFERENCE = {"cpu": ("numba", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -22,22 +24,43 @@ BACKENDS = ("reference", "numba", "triton", "cuda")
 _kernels: dict[tuple[str, str, str], Callable] = {}
 _status: dict[str, str] = {}  # backend -> "available (...)" or the reason it is not
 _warned: set[str] = set()
+_preparing = threading.local()
 
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run here; the message says why."""
 
 
-def register(backend: str, op: str, device_types: tuple[str, ...], *,
-             device_step_scalars: bool = False) -> Callable[[Callable], Callable]:
+def register(backend: str, op: str, device_types: tuple[str, ...], *, device_step_scalars: bool = False,
+             prepares: bool = False) -> Callable[[Callable], Callable]:
     """device_step_scalars: the kernel takes `step_scalars` and reads it on the device (no host sync);
-    other kernels get its values as floats, which memkernels._ops reads on the host."""
+    other kernels get its values as floats, which memkernels._ops reads on the host.
+    prepares: called inside preparing(), the kernel compiles or loads what the call needs and writes nothing;
+    the ops do not call other kernels there."""
     def deco(fn: Callable) -> Callable:
         fn.device_step_scalars = device_step_scalars
+        fn.prepares = prepares
         for device_type in device_types:
             _kernels[(op, backend, device_type)] = fn
         return fn
     return deco
+
+
+@contextlib.contextmanager
+def preparing() -> Iterator[None]:
+    """Op calls inside check, resolve and build their kernels (compile, or load from a cache) but change no
+    tensor: an optimizer step prepares every call before its first write (docs/DESIGN.md, a step is all or
+    nothing)."""
+    before = is_preparing()
+    _preparing.on = True
+    try:
+        yield
+    finally:
+        _preparing.on = before
+
+
+def is_preparing() -> bool:
+    return getattr(_preparing, "on", False)
 
 
 def has_kernel(op: str, backend: str, device_type: str) -> bool:

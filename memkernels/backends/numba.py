@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import NDIAG
-from . import register, unavailable
+from . import is_preparing, register, unavailable
 
 try:
     import numba
@@ -98,18 +98,19 @@ _launched: set[tuple] = set()  # (kernel, argument dtypes) already timed
 
 
 def _launch(kernel: Callable, name: str, *args) -> None:
-    """Run a kernel; on the first call of a specialisation, record the compile or cache-load time."""
+    """Run a kernel (inside backends.preparing(): only build it). A specialisation's first use compiles it or
+    loads it from the cache, apart from its run, and records how long that took."""
     key = (kernel, *(a.dtype for a in args[:-1]))
-    if key in _launched:
+    if key not in _launched:
+        before, hits = len(kernel.overloads), sum(kernel.stats.cache_hits.values())
+        start = time.perf_counter()
+        kernel.compile(tuple(numba.typeof(a) for a in args))
+        if len(kernel.overloads) > before:
+            compiled = sum(kernel.stats.cache_hits.values()) == hits
+            first_calls.append(FirstCall(name, time.perf_counter() - start, compiled))
+        _launched.add(key)
+    if not is_preparing():
         kernel(*args)
-        return
-    _launched.add(key)
-    before, hits = len(kernel.overloads), sum(kernel.stats.cache_hits.values())
-    start = time.perf_counter()
-    kernel(*args)
-    if len(kernel.overloads) > before:
-        compiled = sum(kernel.stats.cache_hits.values()) == hits
-        first_calls.append(FirstCall(name, time.perf_counter() - start, compiled))
 
 
 def _run(kernel: Callable, name: str, lists: tuple[list[Tensor], ...], numels: tuple[int, ...], out: Tensor | None,
@@ -124,7 +125,7 @@ def _run(kernel: Callable, name: str, lists: tuple[list[Tensor], ...], numels: t
     carriers = [_DTYPE_CARRIERS[(lst or params)[0].dtype] for lst in lists]
     sums = np.zeros((work.shape[0], out.numel()) if out is not None else (0, NDIAG))
     _launch(kernel, name, addresses, work, *carriers, sums, scalars)
-    if out is not None:
+    if out is not None and not is_preparing():
         out.add_(torch.from_numpy(sums.sum(axis=0)).to(out.device))
 
 
@@ -264,6 +265,6 @@ def numba_status() -> str:
 
 
 if numba is not None:
-    register("numba", "adamw", ("cpu",))(adamw)
-    register("numba", "lion", ("cpu",))(lion)
-    register("numba", "sgd", ("cpu",))(sgd)
+    register("numba", "adamw", ("cpu",), prepares=True)(adamw)
+    register("numba", "lion", ("cpu",), prepares=True)(lion)
+    register("numba", "sgd", ("cpu",), prepares=True)(sgd)
