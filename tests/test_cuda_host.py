@@ -272,9 +272,10 @@ def test_sgd_math_matches_reference(host, mode, dtype):
     _check_mode(host, "sgd", SGD_MODES[mode], dtype)
 
 
-# Corrections large enough that the limit acts on about half of the elements.
+# Corrections large enough that the limit acts on 20-80% of the random elements (adamw measured 0.22-0.82 over
+# seeds: plain and update_grad_refs near 0.75, memoryless near 0.25).
 LIMITER = {
-    "adamw": dict(has_ref=True, correction=-1.0, hvp_scale=5e3),
+    "adamw": dict(has_ref=True, correction=-1.0, hvp_scale=2e3),
     "lion": dict(smoothing=1e-4, has_ref=True, correction=-3.0, hvp_scale=1e5, correction_limit=0.1),
     "sgd": dict(has_ref=True, correction=-1.0, hvp_scale=1e3),
 }

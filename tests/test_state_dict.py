@@ -105,3 +105,45 @@ def test_a_lagging_parameter_costs_no_replay(monkeypatch):
         opt.step()
     assert int(opt.state[lead]["step"]) == steps and int(opt.state[lag]["step"]) == steps - 1
     assert len(calls) <= 2 * 2 * steps  # two EMAs, at most two counts a step: no replay from step 0
+
+
+def _trained(opt_cls, **kw):
+    model = mlp()
+    opt = opt_cls(model.parameters(), **kw)
+    train(model, opt, batches(2))
+    return model, copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("source, target, match", [
+    ((torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (mk.AdamW, {}), r"holds \['momentum_buffer'\], which "
+     r"memkernels.AdamW does not keep"),
+    ((torch.optim.AdamW, {}), (mk.Lion, {}), r"holds \['exp_avg_sq'\], which memkernels.Lion does not keep"),
+    ((torch.optim.AdamW, dict(amsgrad=True)), (mk.AdamW, {}), r"holds \['max_exp_avg_sq'\]"),
+    ((mk.Lion, {}), (mk.AdamW, {}), "lacks 'exp_avg_sq', a tensor memkernels.AdamW needs"),
+], ids=["sgd into adamw", "adamw into lion", "amsgrad into adamw", "lion into adamw"])
+def test_a_state_of_another_optimizer_is_refused_naming_the_key(source, target, match):
+    model, state = _trained(source[0], **source[1])
+    opt = target[0](model.parameters(), lr=1e-2, **target[1])
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    assert not opt.state
+
+
+@pytest.mark.parametrize("key, value, match", [("exp_avg", None, "lacks 'exp_avg'"),
+                                               ("exp_avg_sq", 3.0, "'exp_avg_sq' must be a tensor, got float")])
+def test_a_state_with_a_missing_or_malformed_tensor_is_refused(key, value, match):
+    model, state = _trained(torch.optim.AdamW, lr=1e-2)
+    state["state"][0][key] = value
+    opt = mk.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    assert not opt.state
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_torch_sgd_states_load_with_and_without_a_buffer(momentum):
+    model, state = _trained(torch.optim.SGD, lr=0.1, momentum=momentum)
+    twin = copy.deepcopy(model)
+    moved = _continue(model, mk.SGD, copy.deepcopy(state), steps=10, momentum=momentum)
+    stayed = _continue(twin, torch.optim.SGD, copy.deepcopy(state), steps=10, momentum=momentum)
+    assert max_rel(moved, stayed) < 1e-6

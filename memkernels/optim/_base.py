@@ -106,6 +106,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     op: str
     state_keys: tuple[str, ...]  # the op's state lists, in schema order, by torch's state_dict names
+    optional_state_keys: tuple[str, ...] = ()  # those a state may lack (SGD's buffer without momentum)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool, backend: str) -> None:
         if defaults["hvp"] not in HVP_MODES:
@@ -239,16 +240,36 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return torch.tensor(0.0, device=p.device if group["capturable"] else "cpu")
 
     def __setstate__(self, state: dict) -> None:
-        steps = {id(st): _step_count(st["step"], i) for i, st in enumerate(state.get("state", {}).values())
-                 if isinstance(st, dict) and "step" in st}  # every count checked before anything changes
-        for st in state.get("state", {}).values():
-            if isinstance(st, dict) and id(st) in steps:
+        loaded = [st for st in state.get("state", {}).values() if isinstance(st, dict)]
+        for i, st in enumerate(loaded):  # everything checked before anything changes
+            self._check_loaded(st, i)
+        steps = {id(st): _step_count(st["step"], i) for i, st in enumerate(loaded) if "step" in st}
+        for st in loaded:
+            if id(st) in steps:
                 st["step"] = steps[id(st)]
+            for key in self.optional_state_keys:
+                if key in st and st[key] is None:  # torch.optim.SGD's buffer before its first step
+                    del st[key]
         super().__setstate__(state)
         for group in self.param_groups:  # a torch.optim state_dict lacks memkernels' keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._transient()
+
+    def _check_loaded(self, st: dict, index: int) -> None:
+        """A ValueError naming the key when a loaded state is another optimizer's or lacks a tensor."""
+        name = f"memkernels.{type(self).__name__}"
+        kept = {"step", "prev_grad", "hvp", *self.state_keys}
+        foreign = sorted(set(st) - kept)
+        if foreign:
+            raise ValueError(f"state {index} holds {foreign}, which {name} does not keep (it keeps {sorted(kept)}): "
+                             "a state_dict of another optimizer")
+        for key in (*self.state_keys, "prev_grad", "hvp"):
+            value = st.get(key)
+            if value is None and key in self.state_keys and key not in self.optional_state_keys and st:
+                raise ValueError(f"state {index} lacks {key!r}, a tensor {name} needs")
+            if value is not None and not isinstance(value, Tensor):
+                raise ValueError(f"state {index}: {key!r} must be a tensor, got {type(value).__name__}")
 
     def _buckets(self, group: dict, hvp: str | None, scaled: bool) -> tuple[dict[tuple, Bucket], dict[Tensor, dict]]:
         """Group this group's parameters with gradients; new state is returned, not stored yet.

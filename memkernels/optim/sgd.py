@@ -18,6 +18,7 @@ class SGD(MemoryOptimizer):
 
     op = "sgd"
     state_keys = ("momentum_buffer",)
+    optional_state_keys = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0,
