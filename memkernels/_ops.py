@@ -104,7 +104,7 @@ def check_hyperparameters(**values: float) -> None:
                 raise ValueError(f"correction_limit must be in (0, inf], got {value}")
 
 
-def _dense_layout(t: Tensor) -> bool:
+def dense_layout(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one contiguous storage range."""
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
@@ -112,6 +112,12 @@ def _dense_layout(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def element_order(t: Tensor) -> tuple[int, ...]:
+    """The strides that place elements (a dimension of size 1 places none): two dense tensors of one shape with
+    the same order hold each element at the same offset, which is all the kernels need."""
+    return tuple(st for s, st in zip(t.shape, t.stride()) if s != 1)
 
 
 _PARAM_LISTS = ("params", "grads", "origins")  # of the params' dtype; the others are states
@@ -132,7 +138,7 @@ def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: tor
             return False
         if lst is not params and [(t.shape, t.stride()) for t in lst] != layout:
             return False
-    return all(t.is_contiguous() or _dense_layout(t) for t in params)
+    return all(t.is_contiguous() or dense_layout(t) for t in params)
 
 
 def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -177,9 +183,12 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                 p = params[i]
                 if t.shape != p.shape:
                     raise ValueError(f"{label} has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
-                if t.numel() > 1 and (t.stride() != p.stride() or not _dense_layout(t)):
-                    raise ValueError(f"{label} must be dense with the strides of params[{i}] "
-                                     f"(strides {t.stride()} vs {p.stride()})")
+                if t.numel() > 1 and not dense_layout(t):
+                    raise ValueError(f"{label} is not dense (strides {t.stride()} for shape {tuple(t.shape)}: an "
+                                     "expanded or strided view); the kernels need each element stored once")
+                if t.numel() > 1 and element_order(t) != element_order(p):
+                    raise ValueError(f"{label} has strides {t.stride()} but params[{i}] has {p.stride()}: the "
+                                     "kernels need one element order (e.g. both contiguous, or both channels_last)")
     for name, t, size in (("diagnostics", diagnostics, NDIAG), ("probe_norms", probe_norms, 2)):
         if t is not None and (t.shape != (size,) or t.dtype != torch.float64 or t.device != device):
             raise ValueError(f"{where}: {name} must be a float64 tensor of shape ({size},) on {device}")

@@ -31,7 +31,7 @@ def _call(params, grads, m, v, refs, diag=None, **over):
     (lambda a: a[1].__setitem__(1, torch.randn(4, 3)), ValueError, r"grads\[1\] has shape \(4, 3\)"),
     (lambda a: a[1].__setitem__(0, torch.randn(3, 4, dtype=torch.float64)), TypeError, r"grads\[0\] has dtype"),
     (lambda a: a[1].__setitem__(0, torch.randn(3, 4).to_sparse()), TypeError, "sparse"),
-    (lambda a: a[3].__setitem__(0, torch.zeros(4, 3).t()), ValueError, r"exp_avg_sqs\[0\] must be dense"),
+    (lambda a: a[3].__setitem__(0, torch.zeros(4, 3).t()), ValueError, r"exp_avg_sqs\[0\] has strides \(1, 3\) but params\[0\] has \(4, 1\)"),
     (lambda a: a[0].__setitem__(0, a[0][0].int()), TypeError, "dtype"),
 ])
 def test_op_rejects_bad_tensors_and_changes_nothing(mutate, error, match):
@@ -114,7 +114,7 @@ def _unchanged(model, opt, error, match):
     (lambda model, opt: setattr(model[1].weight, "grad", model[1].weight.grad.to_sparse()), TypeError, "sparse"),
     # the optimizer's own check (its op calls skip theirs): a grad laid out unlike its parameter
     (lambda model, opt: setattr(model[1].weight, "grad", model[1].weight.grad.t().contiguous().t()), ValueError,
-     r"grads\[0\] must be dense with the strides of params\[0\]"),
+     r"grads\[0\] has strides .* but params\[0\] has .*: the kernels need one element order"),
 ])
 def test_failed_step_changes_no_parameter_or_state(first_step, breakage, error, match):
     model, opt = _model_and_opt(memory_correction=-1.0)
@@ -195,3 +195,10 @@ def test_a_param_that_is_its_own_grad_is_refused_and_changes_nothing():
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state
 
+
+
+def test_an_expanded_param_is_named_as_not_dense():
+    p = torch.nn.Parameter(torch.randn(1, 2).expand(4, 2))
+    p.grad = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"params\[0\] is not dense \(strides \(0, 1\) for shape \(4, 2\)"):
+        mk.AdamW([p], lr=1e-3).step()

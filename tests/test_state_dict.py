@@ -147,3 +147,47 @@ def test_torch_sgd_states_load_with_and_without_a_buffer(momentum):
     moved = _continue(model, mk.SGD, copy.deepcopy(state), steps=10, momentum=momentum)
     stayed = _continue(twin, torch.optim.SGD, copy.deepcopy(state), steps=10, momentum=momentum)
     assert max_rel(moved, stayed) < 1e-6
+
+
+def test_a_contiguous_checkpoint_resumes_into_a_channels_last_model():
+    """States are brought to the param's element order at load, and training goes on as torch.optim's."""
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-2)
+    conv(x).square().sum().backward()
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    mine = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    theirs = copy.deepcopy(mine)
+    x = x.to(memory_format=torch.channels_last)
+    for model, cls in ((mine, mk.AdamW), (theirs, torch.optim.AdamW)):
+        o = cls(model.parameters(), lr=1e-2)
+        o.load_state_dict(copy.deepcopy(state))
+        for _ in range(5):
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+    assert mine.weight.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel(flat(mine), flat(theirs)) < 1e-6
+
+
+@pytest.mark.parametrize("cls", [mk.AdamW, mk.Lion, mk.SGD])
+def test_a_column_param_steps_on_a_transposed_gradient(cls):
+    """A (D, 1) param whose gradient comes through .t() (strides (1, D) against (1, 1)): one element order."""
+    torch.manual_seed(0)
+    mine = torch.nn.Parameter(torch.randn(8, 1))
+    twin = torch.nn.Parameter(mine.detach().clone())
+    reference, kw = {mk.AdamW: (torch.optim.AdamW, {}), mk.SGD: (torch.optim.SGD, dict(momentum=0.9)),
+                     mk.Lion: (None, {})}[cls]
+    opts = [cls([mine], lr=1e-2, **kw)]
+    if reference is not None:
+        opts.append(reference([twin], lr=1e-2, **kw))
+    for _ in range(3):
+        g = torch.randn(1, 8).t()
+        assert g.stride() == (1, 8)
+        for p, o in zip((mine, twin), opts):
+            p.grad = g.clone().t().contiguous().t()  # keeps the (1, 8) strides
+            o.step()
+    assert torch.isfinite(mine).all()
+    if reference is not None:
+        assert max_rel(mine.detach().flatten(), twin.detach().flatten()) < 1e-6

@@ -244,6 +244,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for i, st in enumerate(loaded):  # everything checked before anything changes
             self._check_loaded(st, i)
         steps = {id(st): _step_count(st["step"], i) for i, st in enumerate(loaded) if "step" in st}
+        for p, st in state.get("state", {}).items():  # states in the param's element order (a checkpoint of a
+            if isinstance(st, dict) and isinstance(p, Tensor):  # contiguous model into a channels_last one)
+                for key, value in st.items():
+                    if _needs_relayout(value, p):
+                        st[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
         for st in loaded:
             if id(st) in steps:
                 st["step"] = steps[id(st)]
@@ -621,6 +626,12 @@ def _check_disjoint(params: list[Tensor]) -> None:
         if start < end:
             raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory; an optimizer step would "
                              "update it twice")
+
+
+def _needs_relayout(value: Any, p: Tensor) -> bool:
+    """A plain state tensor of the param's shape whose elements lie in another order than the dense param's."""
+    return (type(value) is Tensor and type(p) in (Tensor, torch.nn.Parameter) and value.shape == p.shape
+            and value.numel() > 1 and _ops.dense_layout(p) and _ops.element_order(value) != _ops.element_order(p))
 
 
 def _step_count(step: Any, index: int) -> Tensor:
