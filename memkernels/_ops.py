@@ -102,6 +102,12 @@ def check_hyperparameters(**values: float) -> None:
         elif name == "correction_limit":
             if not value > 0.0:  # inf switches the limit off; NaN fails here too
                 raise ValueError(f"correction_limit must be in (0, inf], got {value}")
+        elif name in ("bias_correction1", "bias_correction2", "ema_weight"):  # 1 - beta^k with beta in [0, 1)
+            _check_range(name, value, 0.0, 1.0, low_open=True, high_open=False)
+        elif name in ("mean_age1", "mean_age2", "age_weight", "memory_coef"):  # sums of nonnegative weights
+            _check_range(name, value, 0.0, math.inf)
+        elif name == "update_scale":
+            _check_range(name, value, 0.0, math.inf, low_open=True)
 
 
 def dense_layout(t: Tensor) -> bool:
@@ -195,6 +201,10 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (t.numel() != 1 or not t.is_floating_point()):
             raise ValueError(f"{where}: {name} must be a one-element floating tensor")
+    if grad_scale is not None and grad_scale.device.type == "cpu":  # elsewhere a read would sync the device
+        scale = float(grad_scale)
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"{where}: grad_scale must be finite and > 0, got {scale}")
     if probe_tau is not None and (probe_tau.numel() != 1 or probe_tau.dtype != torch.float64
                                   or probe_tau.device != device):
         raise ValueError(f"{where}: probe_tau must be a one-element float64 tensor on {device}")
@@ -263,7 +273,8 @@ def _impl(op: str):
             if kwargs["probe_tau"] is not None and not kwargs["probe"]:
                 kwargs["hvp_scale"] = 1.0 / tau if tau > 0.0 else 0.0
             kwargs["probe_tau"] = tau
-        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+        placeholders = STEP_SCALARS[op] if "step_scalars" in kwargs else ()  # the tensor's values, on the device
+        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float) and k not in placeholders})
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
         if backends.is_preparing() and not kernel.prepares:  # nothing to build ahead: checked is prepared

@@ -57,6 +57,10 @@ def test_mixed_devices_are_named():
     (dict(lr=-1e-3), "lr"), (dict(beta1=1.0), "beta1"), (dict(beta2=-0.1), "beta2"),
     (dict(eps=0.0), "eps"), (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(correction=float("inf")), "correction"), (dict(correction=1.0), "grad_refs"),
+    (dict(bias_correction1=0.0), r"bias_correction1 must be in \(0.0, 1.0\]"),
+    (dict(bias_correction2=float("nan")), "bias_correction2"), (dict(mean_age1=-1.0), "mean_age1"),
+    (dict(grad_scale=torch.tensor(0.0)), "grad_scale must be finite and > 0"),
+    (dict(grad_scale=torch.tensor(float("nan"))), "grad_scale must be finite and > 0"),
 ])
 def test_op_rejects_bad_scalars(over, match):
     with pytest.raises(ValueError, match=match):

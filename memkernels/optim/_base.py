@@ -387,7 +387,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
                                    bucket.grad_refs, None, grad_scale, found_inf, hvps=bucket.hvps)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
-                    check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+                    placeholders = _ops.STEP_SCALARS[self.op] if bucket.n is None else ()  # device mode
+                    check_hyperparameters(**{k: v for k, v in kwargs.items()
+                                             if isinstance(v, float) and k not in placeholders})
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
                 if bucket.hvp == "exact" and bucket.estimate and any(g.grad_fn is None for g in bucket.grads):
                     raise ValueError("hvp='exact' needs gradients with a graph: "
