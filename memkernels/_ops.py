@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -108,6 +108,13 @@ def check_hyperparameters(**values: float) -> None:
             _check_range(name, value, 0.0, math.inf)
         elif name == "update_scale":
             _check_range(name, value, 0.0, math.inf, low_open=True)
+
+
+def check_scalars(op: str, kwargs: dict[str, Any]) -> None:
+    """check_hyperparameters on a call's float kwargs; with a step_scalars tensor, its names' floats are
+    placeholders (the kernel reads the tensor's values on the device) and are not checked."""
+    placeholders = STEP_SCALARS[op] if kwargs.get("step_scalars") is not None else ()
+    check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float) and k not in placeholders})
 
 
 def dense_layout(t: Tensor) -> bool:
@@ -273,8 +280,7 @@ def _impl(op: str):
             if kwargs["probe_tau"] is not None and not kwargs["probe"]:
                 kwargs["hvp_scale"] = 1.0 / tau if tau > 0.0 else 0.0
             kwargs["probe_tau"] = tau
-        placeholders = STEP_SCALARS[op] if "step_scalars" in kwargs else ()  # the tensor's values, on the device
-        check_hyperparameters(**{k: v for k, v in kwargs.items() if isinstance(v, float) and k not in placeholders})
+        check_scalars(op, kwargs)
         if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
             raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
         if backends.is_preparing() and not kernel.prepares:  # nothing to build ahead: checked is prepared

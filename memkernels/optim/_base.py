@@ -18,7 +18,6 @@ its first param (they do when every param of a group has a gradient every step).
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import numbers
 import warnings
@@ -88,8 +87,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
     Keywords every optimizer takes (docs/THEORY.md sections 5, 6 and 9):
     - memory_correction (alpha): the step is p - h (F + alpha h M); 0 is the plain optimizer, -1 cancels
       memory's implicit term, +1 doubles it.
-    - correction_limit (kappa, in (0, inf]): alpha h M is limited per element to kappa |u| (u: the memoryless
-      update), which keeps the correction where the expansion holds and bounds it where it does not;
+    - correction_limit (kappa, in (0, inf]): alpha h M is limited per element to kappa |F| (F: the step it
+      corrects; u, the memoryless update, in memoryless mode), which keeps the correction where the expansion holds and bounds it where it does not;
       memory_stats()["limited_fraction"] counts where it acted. inf: no limit.
     - hvp: how H d is estimated. "auto": the probe when step() gets a closure (one extra gradient on the same
       batch: sound with minibatches), else "trajectory" (the change of the gradient between steps: free, sound
@@ -208,11 +207,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return tracks[n]
 
     def measures(self, group: dict) -> bool:
+        """The group estimates H d and reduces the diagnostics: with tracking, and always under a correction,
+        whose limit is counted there."""
         return group["memory_correction"] != 0.0 or self.track_memory
-
-    def diagnoses(self, group: dict) -> bool:
-        """Diagnostics are reduced with tracking, and always under a correction: its limit is counted there."""
-        return self.track_memory or group["memory_correction"] != 0.0
 
     def hvp_mode(self, group: dict, closure: Callable | None) -> str | None:
         """How this step estimates H d for the group (None: it does not measure memory).
@@ -386,16 +383,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 kwargs, lists = self._call(group, gi, bucket, grad_scale)
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
                                    bucket.grad_refs, None, grad_scale, found_inf, hvps=bucket.hvps)
+                if bucket.n is None:
+                    kwargs.update(step_scalars=self._step_scalars(group, bucket), found_inf=found_inf)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
-                    placeholders = _ops.STEP_SCALARS[self.op] if bucket.n is None else ()  # device mode
-                    check_hyperparameters(**{k: v for k, v in kwargs.items()
-                                             if isinstance(v, float) and k not in placeholders})
+                    _ops.check_scalars(self.op, kwargs)
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
                 if bucket.hvp == "exact" and bucket.estimate and any(g.grad_fn is None for g in bucket.grads):
                     raise ValueError("hvp='exact' needs gradients with a graph: "
                                      "call loss.backward(create_graph=True)")
-                if bucket.n is None:
-                    kwargs.update(step_scalars=self._step_scalars(group, bucket), found_inf=found_inf)
                 calls.append((gi, group, bucket, kwargs, lists))
         if not torch.compiler.is_compiling():
             self._prepare(calls)
@@ -415,7 +410,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 kwargs["hvp_scale"] = self._hvp_scale(group, gi, bucket)
                 scalars, after = kwargs, bucket.n + 1
             grad_refs = bucket.ref[0] if bucket.ref is not None else bucket.grad_refs
-            diagnostics = self._diagnostics_for(gi, bucket) if self.diagnoses(group) else None
+            diagnostics = self._diagnostics_for(gi, bucket) if self.measures(group) else None
             # checked above, unless a probe or the exact mode brought new reference gradients; traced, the
             # op's own check is the one that runs with real tensors
             compiling = torch.compiler.is_compiling()
@@ -456,12 +451,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
             refs = bucket.grads if bucket.hvp in ("probe", "exact") and bucket.estimate else bucket.grad_refs
             origins = self._probes.buffers(bucket.params) if probe else bucket.origins
             tau = torch.zeros(1, dtype=torch.float64, device=bucket.params[0].device) if probe else bucket.tau
-            diagnostics = self._diagnostics_for(gi, bucket) if self.diagnoses(group) else None
+            diagnostics = self._diagnostics_for(gi, bucket) if self.measures(group) else None
             op = _ops.EAGER[self.op]
             with backends.preparing():
                 if probe:
-                    op(bucket.params, bucket.grads, *lists, [], None, **{**kwargs, "hvps": []}, probe=True,
-                       origins=origins, probe_tau=tau, probe_norms=torch.zeros_like(tau.expand(2)))
+                    _probe_pass(op, bucket, lists, kwargs, origins, tau, torch.zeros_like(tau.expand(2)))
                 op(bucket.params, bucket.grads, *lists, refs, diagnostics, **kwargs, origins=origins, probe_tau=tau)
             self._prepared.add(kind)
 
@@ -541,8 +535,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 bucket.origins = self._probes.buffers(bucket.params)
                 norms = torch.zeros(2, dtype=torch.float64, device=bucket.params[0].device)
                 op = getattr(_ops, self.op + "_") if compiling else _ops.EAGER[self.op]
-                op(bucket.params, bucket.grads, *lists, [], None, **{**kwargs, "hvps": []}, probe=True,
-                   origins=bucket.origins, probe_tau=bucket.tau, probe_norms=norms)
+                _probe_pass(op, bucket, lists, kwargs, bucket.origins, bucket.tau, norms)
                 passed.append(bucket)  # its params hold theta + tau d, its origins theta (a pass that raised
                 # inside its kernel is the one case left half done: docs/DESIGN.md)
                 kept.append((key, bucket.params, norms))
@@ -565,7 +558,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
         Needs track_memory=True or a memory_correction: groups without either report zeros.
         """
-        if not any(self.diagnoses(g) for g in self.param_groups):
+        if not any(self.measures(g) for g in self.param_groups):
             raise RuntimeError("memory_stats() needs the optimizer built with track_memory=True "
                                "(or a nonzero memory_correction)")
         stats = []
@@ -609,6 +602,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                     kappa=group["correction_limit"], step=stats["step"]),
                               RuntimeWarning, stacklevel=5)
                 return
+
+
+def _probe_pass(op: Callable, bucket: Bucket, lists: list, kwargs: dict[str, Any], origins: list[Tensor],
+                tau: Tensor, norms: Tensor) -> None:
+    """The op's probe pass over a bucket: origins <- theta, theta <- theta + tau d, norms += (|theta|^2, |d|^2)."""
+    op(bucket.params, bucket.grads, *lists, [], None, **{**kwargs, "hvps": []}, probe=True, origins=origins,
+       probe_tau=tau, probe_norms=norms)
 
 
 def _check_disjoint(params: list[Tensor]) -> None:
