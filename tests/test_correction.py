@@ -343,3 +343,29 @@ def test_lion_penalty_is_the_modified_loss_of_its_memoryless_flow(n):
     lion = mk.Lion([torch.zeros(1)], lr=0.1, betas=(beta1, beta2), smoothing=eps)
     assert lion.penalty_prefactor({}, dict(lr=0.1, smoothing=eps, age_weight=C, ema_weight=W)) == pytest.approx(
         0.1 * C / W ** 2, rel=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("mode", ["host", "capturable", "tensor_lr"])
+@pytest.mark.parametrize("lr", [1e-3, 1e-30, 1e-39])
+def test_a_vanishing_lr_skips_the_trajectory_estimate_and_counts_it(backend, mode, lr):
+    """1/h past sqrt(fp32 max) (h < ~5e-20) would overflow M to inf and the term to NaN: those steps go
+    without the estimate, and memory_stats counts them; at a usual lr none is skipped."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64))
+    twin = torch.nn.Parameter(p.detach().clone())
+    opt = mk.AdamW([p], lr=torch.tensor(lr) if mode == "tensor_lr" else lr, memory_correction=-1.0,
+                   hvp="trajectory", capturable=mode == "capturable", backend=backend)
+    ref = torch.optim.AdamW([twin], lr=lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the regime warning, at lr = 1e-3
+        for _ in range(4):
+            p.grad = torch.randn(64) * 10
+            twin.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+    assert torch.isfinite(p).all()
+    skipped = opt.memory_stats()[0]["skipped_estimates"]
+    assert skipped == (0 if lr == 1e-3 else 3)  # steps 2-4 estimate; step 1 has no previous gradient
+    if lr != 1e-3:
+        torch.testing.assert_close(p.detach(), twin.detach(), rtol=0, atol=0)

@@ -211,8 +211,10 @@ def test_locate_prefers_current_builds(tmp_path, monkeypatch):
     path, why = _cuda_build.locate()
     assert path is None and "stale" in why and "nvcc not found" in why
     cached = _cuda_build.cached_library(src, _cuda_build.requested_archs())
-    cached.parent.mkdir(parents=True)
+    cached.parent.parent.mkdir(mode=0o700, parents=True)  # private, as locate() makes it (test_cuda_cache_security)
+    cached.parent.mkdir(mode=0o700)
     cached.write_bytes(b"memkernels-source-hash:" + _cuda_build.source_hash(src).encode())
+    cached.chmod(0o600)
     assert _cuda_build.locate() == (cached, f"cached {cached}")
     packaged.write_bytes(cached.read_bytes())
     assert _cuda_build.locate() == (packaged, f"packaged {packaged}")

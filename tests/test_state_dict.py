@@ -1,5 +1,6 @@
 """Checkpoints move between torch.optim.AdamW and mk.AdamW both ways, and training continues identically."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,26 @@ def test_a_contiguous_checkpoint_resumes_into_a_channels_last_model():
             o.step()
     assert mine.weight.is_contiguous(memory_format=torch.channels_last)
     assert max_rel(flat(mine), flat(theirs)) < 1e-6
+
+
+@pytest.mark.parametrize("grad_of", ["contiguous", "expanded"])
+def test_a_gradient_in_another_layout_is_copied_into_the_params_and_warned_once(grad_of):
+    """A channels_last param with a contiguous (or an expanded, non-dense) grad: the step copies the grad into
+    the param's order, says so once, and equals torch.optim.AdamW."""
+    torch.manual_seed(0)
+    mine = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    twin = torch.nn.Parameter(mine.detach().clone())
+    opt, ref = mk.AdamW([mine], lr=1e-2), torch.optim.AdamW([twin], lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            g = torch.randn(2, 3, 4, 5) if grad_of == "contiguous" else torch.randn(1, 3, 1, 5).expand(2, 3, 4, 5)
+            mine.grad, twin.grad = g, g.clone()
+            opt.step()
+            ref.step()
+    assert sum("copied into the parameter's layout" in str(w.message) for w in caught) == 1
+    assert mine.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel(mine.detach().flatten(), twin.detach().flatten()) < 1e-6
 
 
 @pytest.mark.parametrize("cls", [mk.AdamW, mk.Lion, mk.SGD])

@@ -7,23 +7,34 @@ the package (which needs torch).
 
 The library embeds a hash of the sources it was built from; a library whose hash
 differs from the sources beside it is stale and is not loaded (it is rebuilt).
+
+The per-user cache is $XDG_CACHE_HOME/memkernels (else ~/.cache/memkernels), one 0700
+directory per source hash and architectures. Loading a .so runs its code, and the hash
+check only guards against stale builds, not planted ones; so a cached library is loaded
+only when it, its directory and the cache directory are real files/directories (no
+symlinks) owned by you and writable by no one else, and the build lock is opened without
+following symlinks or truncating. MEMKERNELS_CUDA_LIB (your own choice) and the library
+packaged inside the install are trusted as they are.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 LIB_NAME = "libmemkernels_cuda.so"
 SOURCES = ("common.cu", "adamw.cu", "lion.cu", "sgd.cu")
@@ -171,15 +182,85 @@ def embedded_hash(path: Path) -> str | None:
     return m.group(1).decode() if m else None
 
 
+def _my_uid() -> int:
+    """The owner a trusted cache path must have (a function so tests can pose as another user)."""
+    return os.geteuid()
+
+
+def private_dir(path: Path) -> None:
+    """Create path with mode 0700 (its parents as usual); an existing one is left for untrusted() to judge."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # exactly: an odd umask could have taken our own bits away
+
+
+def untrusted(path: Path, kind: str) -> str | None:
+    """Why a cache path (kind "directory" or "file") must not be used, or None: if it exists, it must be a
+    real one of its kind (no symlink), owned by you and writable only by you. The caches hold code (a .so,
+    numba's pickles), so this is what stands between another user and code run in your process."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{kind} {path} is a symlink"
+    if not (stat.S_ISDIR if kind == "directory" else stat.S_ISREG)(st.st_mode):
+        return f"{path} is not a {'regular file' if kind == 'file' else kind}"
+    if st.st_uid != _my_uid():
+        return f"{kind} {path} is owned by uid {st.st_uid}"
+    writers = [who for bit, who in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if st.st_mode & bit]
+    if writers:
+        return f"{kind} {path} is writable by {' and '.join(writers)} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _refusal(library: Path) -> str | None:
+    """The reason locate() gives for not loading (or building) library, or None when it may: the cache
+    directory, the library's directory and the library (those that exist) must pass untrusted()."""
+    problem = (untrusted(cache_dir(), "directory") or untrusted(library.parent, "directory")
+               or untrusted(library, "file"))
+    if problem is None:
+        return None
+    return (f"refusing the cached CUDA library {library}: {problem}; the cache directories and the library must "
+            f"be owned by you (uid {_my_uid()}), not symlinks, and writable only by you")
 @contextlib.contextmanager
-def _lock(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _lock(directory: Path) -> Iterator[None]:
+    """Hold directory/.lock exclusively. Opened with O_NOFOLLOW and without truncating, so a planted
+    symlink fails (an OSError saying so) rather than clobbering its target."""
+    path = directory / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        problem = "is a symlink" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+        raise OSError(f"the build lock {path} {problem}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build_cached(cached: Path, archs: str, nvcc: str, src: Path) -> str | None:
+    """Build cached (once, under the cache's lock) into 0700 directories; None or why it is not loadable."""
+    try:
+        for directory in (cache_dir(), cached.parent):  # each checked before anything is written into it
+            private_dir(directory)
+            refusal = _refusal(cached)
+            if refusal:
+                return refusal
+        with _lock(cache_dir()):
+            if not os.path.lexists(cached):
+                print(f"memkernels: building the CUDA library for {archs} into {cached.parent} (once)",
+                      file=sys.stderr)
+                build(cached, archs, nvcc=nvcc, src=src)
+    except OSError as exc:
+        return f"cannot build the CUDA library into {cached.parent}: {exc}"
+    except BuildError as exc:
+        return f"building the CUDA library failed: {exc}"
+    return _refusal(cached)
 
 
 def locate(build_if_missing: bool = True) -> tuple[Path | None, str]:
@@ -199,23 +280,20 @@ def locate(build_if_missing: bool = True) -> tuple[Path | None, str]:
         return packaged, f"packaged {packaged}"
     archs = requested_archs()
     cached = cached_library(src, archs)
-    if cached.is_file() and embedded_hash(cached) == current:
-        return cached, f"cached {cached}"
+    if os.path.lexists(cached):
+        refusal = _refusal(cached)  # before reading it, too: it may be a FIFO or anyone's file
+        if refusal:
+            return None, refusal
+        if embedded_hash(cached) == current:
+            return cached, f"cached {cached}"
     stale = " (the packaged one is stale)" if packaged.is_file() else ""
     nvcc = find_nvcc()
     if nvcc is None:
         return None, f"no built CUDA library{stale} and nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     if not build_if_missing:
         return None, f"no built CUDA library{stale}"
-    with _lock(cache_dir()):
-        if not cached.is_file():
-            print(f"memkernels: building the CUDA library for {archs} into {cached.parent} (once)",
-                  file=sys.stderr)
-            try:
-                build(cached, archs, nvcc=nvcc, src=src)
-            except BuildError as exc:
-                return None, f"building the CUDA library failed: {exc}"
-    return cached, f"built {cached}"
+    problem = _build_cached(cached, archs, nvcc, src)
+    return (None, problem) if problem else (cached, f"built {cached}")
 
 
 def main(argv: list[str] | None = None) -> int:

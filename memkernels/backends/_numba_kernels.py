@@ -3,11 +3,11 @@
 A factory per op makes one kernel per combination of flags; the flags are
 closure constants, which numba freezes, so each kernel contains only the code
 its mode needs (the fast path reads no grad_refs and sums no diagnostics).
-Kernels are cached on disk, so a second process loads them instead of
-compiling. numba checks a cached kernel against this file's timestamp only, not
-against the modules it inlines; every kernel therefore refers to SOURCES, a
-digest of those modules, which makes it part of the closure values that numba
-puts in the cache key: an edit anywhere recompiles instead of loading stale code.
+Kernels are cached on disk (_numba_cache.py), so a second process loads them
+instead of compiling, under their factory's name and flags and SOURCES, a digest
+of this file and the modules it inlines: an edit anywhere recompiles instead of
+loading stale code. The element functions are not cached on their own: a cached
+kernel holds their code.
 
 A kernel reaches the tensors through `addresses`, one row per tensor with the
 data address of that tensor in each list (params, grads, the states,
@@ -60,6 +60,7 @@ import functools
 import hashlib
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from llvmlite import ir
@@ -68,10 +69,12 @@ from numba.extending import intrinsic
 
 from . import _numba_dtypes, _numba_log1p, _numba_penalty
 from . import _numba_math as element
+from ._numba_cache import cached
 from ._numba_dtypes import SCRATCH, cast_like, fence, load, scratch, store, stream, view
+from ._numba_fork import threads_usable
 
-SOURCES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
-                                  for module in (element, _numba_dtypes, _numba_log1p, _numba_penalty))).hexdigest()
+SOURCES = hashlib.sha256(b"".join(Path(file).read_bytes() for file in (
+    __file__, element.__file__, _numba_dtypes.__file__, _numba_log1p.__file__, _numba_penalty.__file__))).hexdigest()
 
 CHUNK = 1 << 14  # 64 KiB of fp32 per array: a few arrays of a chunk fit in L2
 SUB_BLOCK = 256  # elements per partial sum of the diagnostics
@@ -112,7 +115,7 @@ def prefer_256_bit_vectors(typingctx):
     return types.none(), codegen
 
 
-@njit(error_model="numpy", forceinline=True, cache=True)
+@njit(error_model="numpy", forceinline=True)
 def load_hvp(r_, h_, i, g, c, has_ref, processed, reuse_hvp):
     """hvp: kept in hvps (reuse_hvp), else estimated from g_ref (has_ref), else unused (zero).
 
@@ -128,7 +131,7 @@ def load_hvp(r_, h_, i, g, c, has_ref, processed, reuse_hvp):
     return element.estimate_hvp(g_ref, g, c.hvp_scale)
 
 
-@njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True, cache=True)
+@njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True)
 def add(partial, terms, scale, flips, raw_penalty, limits):
     """partial + each term's part, one multiply-add each: squares of the first four, the rest times scale.
 
@@ -144,7 +147,7 @@ def add(partial, terms, scale, flips, raw_penalty, limits):
             partial[6] + terms[6] * scale if limits else partial[6])
 
 
-@njit(error_model="numpy", forceinline=True, cache=True)
+@njit(error_model="numpy", forceinline=True)
 def unscaled(partial, unscale):
     """partial * unscale in float64 (exact scaling: the partial is widened first)."""
     return (np.float64(partial[0]) * unscale, np.float64(partial[1]) * unscale, np.float64(partial[2]) * unscale,
@@ -152,37 +155,51 @@ def unscaled(partial, unscale):
             np.float64(partial[6]) * unscale)
 
 
-@njit(error_model="numpy", forceinline=True, cache=True)
+@njit(error_model="numpy", forceinline=True)
 def accumulate(totals, block):
     return (totals[0] + block[0], totals[1] + block[1], totals[2] + block[2], totals[3] + block[3],
             totals[4] + block[4], totals[5] + block[5], totals[6] + block[6])
 
 
-@njit(error_model="numpy", forceinline=True, cache=True)
+@njit(error_model="numpy", forceinline=True)
 def zeros_like(x):
     return (x, x, x, x, x, x, x)
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", forceinline=True, cache=True)
+@njit(fastmath={"reassoc"}, error_model="numpy", forceinline=True)
 def add_norms(norms, theta_sq, d_sq):
     """norms + the float64 values of theta^2 and d^2 (reassoc lets LLVM vectorize the sums)."""
     return norms[0] + np.float64(theta_sq), norms[1] + np.float64(d_sq)
 
 
-_kernel = njit(parallel=True, error_model="numpy", cache=True)
+
+
+def kernels(*, parallel: bool):
+    """A kernel factory's decorator: one kernel per arguments (made once), compiled with numba (in parallel
+    unless a forked child cannot start threads: _numba_fork.py) and kept in the disk cache under the
+    factory's name and arguments, with SOURCES (_numba_cache.py)."""
+    def decorate(factory: Callable) -> Callable:
+        @functools.cache
+        def variant(*args, threads: bool):
+            return cached(njit(parallel=threads, error_model="numpy")(factory(*args)),
+                          f"{factory.__name__}{args + (threads,)}", SOURCES)
+
+        @functools.wraps(factory)
+        def make(*args):
+            return variant(*args, threads=parallel and threads_usable())
+        return make
+    return decorate
 _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-@functools.cache
+@kernels(parallel=True)
 def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, correct: bool, has_origin: bool,
                  has_ref: bool, write_ref: bool, reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool,
-                 stream_params: bool, sources: str = SOURCES):
+                 stream_params: bool):
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
     log_penalty = diagnose and decoupled and not eps_inside_sqrt  # the penalty term is |g| (_numba_penalty.py)
 
-    @_kernel
     def adamw(addresses, work, params, grads, exp_avgs, exp_avg_sqs, grad_refs, origins, hvps, sums, c):
-        sources  # noqa: B018 (a closure value, hence part of the cache key)
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
@@ -237,15 +254,12 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
     return adamw
 
 
-@functools.cache
+@kernels(parallel=True)
 def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_origin: bool, has_ref: bool, write_ref: bool,
-                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool,
-                sources: str = SOURCES):
+                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
 
-    @_kernel
     def lion(addresses, work, params, grads, exp_avgs, grad_refs, origins, hvps, sums, c):
-        sources  # noqa: B018 (a closure value, hence part of the cache key)
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
@@ -285,15 +299,12 @@ def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_origin: bool,
     return lion
 
 
-@functools.cache
+@kernels(parallel=True)
 def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bool, has_origin: bool, has_ref: bool,
-               write_ref: bool, reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool,
-               sources: str = SOURCES):
+               write_ref: bool, reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
 
-    @_kernel
     def sgd(addresses, work, params, grads, momentum_buffers, grad_refs, origins, hvps, sums, c):
-        sources  # noqa: B018 (a closure value, hence part of the cache key)
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
             prefer_256_bit_vectors()  # here: numba outlines the prange body into the function LLVM vectorizes
@@ -336,9 +347,8 @@ def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bo
     return sgd
 
 
-@functools.cache
-def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, stream_origins: bool,
-                 sources: str = SOURCES):
+@kernels(parallel=True)
+def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, stream_origins: bool):
     """The probe pass of op (reference.probe of the op's direction, which takes `flags`): origins keep theta,
     params get theta + tau d, and with measure each chunk's sums of theta^2 and d^2 go to its row of sums.
 
@@ -349,9 +359,7 @@ def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, 
     """
     block = SCRATCH if stream_origins else CHUNK
 
-    @_kernel
     def probe(addresses, work, params, grads, origins, sums, c):
-        sources  # noqa: B018 (a closure value, hence part of the cache key)
         for chunk in prange(work.shape[0]):
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             norms = (0.0, 0.0)
@@ -384,12 +392,10 @@ def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, 
     return probe
 
 
-@functools.cache
-def add_one_kernel(sources: str = SOURCES):
+@kernels(parallel=False)
+def add_one_kernel():
     """+1 on the scalar of like's dtype at each address (the optimizers' step counts)."""
-    @njit(cache=True)
     def add_one(addresses, like):
-        sources  # noqa: B018 (a closure value, hence part of the cache key)
         for i in range(addresses.size):
             count = view(addresses[i], 0, 1, like)
             count[0] += 1

@@ -26,7 +26,9 @@ from . import is_preparing, register, unavailable
 
 try:
     import numba
+    from . import _numba_cache
     from . import _numba_kernels as kernels
+    from . import _numba_fork
     from ._numba_math import DIAG_SCALE, AdamWScalars, LionScalars, SGDScalars
 except ImportError as exc:  # the registry reports the reason; auto falls back to the reference
     numba = None
@@ -257,11 +259,16 @@ def numba_status() -> str:
     compiled = [c for c in first_calls if c.compiled]
     loaded = [c for c in first_calls if not c.compiled]
     first = first_calls[0]
-    return (f"numba {numba.__version__}, {numba.get_num_threads()} threads ({numba.threading_layer()}); "
+    root, why_off = _numba_cache.state()
+    threads = (f"{numba.get_num_threads()} threads ({numba.threading_layer()})" if _numba_fork.threads_usable()
+               else f"one thread: {_numba_fork.single_thread_reason}")
+    return (f"numba {numba.__version__}, {threads}; kernel cache {root or 'off: ' + why_off}; "
             f"first {first.kernel} kernel {'compiled' if first.compiled else 'loaded from the disk cache'} "
             f"in {first.seconds:.2f} s; this process compiled {len(compiled)} kernel(s) in "
             f"{sum(c.seconds for c in compiled):.1f} s and loaded {len(loaded)} from the cache in "
-            f"{sum(c.seconds for c in loaded):.2f} s")
+            f"{sum(c.seconds for c in loaded):.2f} s"
+            + (f"; discarded {len(_numba_cache.discarded)} unreadable cache file(s)" if _numba_cache.discarded
+               else ""))
 
 
 if numba is not None:

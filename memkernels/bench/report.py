@@ -85,9 +85,21 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
     skipped = [f"{name} ({why})" for name, why in result["backends"].items() if why != "ok"]
     if skipped:
         lines += ["", "memkernels backends not timed: " + "; ".join(skipped) + "."]
+    lines += _resumed_table(result.get("resumed"))
     lines += _training_table(result.get("training"))
     lines += ["", *(f"- {note}" for note in result["notes"])]
     return lines + _images(images)
+
+
+def _resumed_table(resumed: dict[str, Any] | None) -> list[str]:
+    """A step resumed at a large step count against one at step 10 (speed's resumed_steps)."""
+    if not resumed:
+        return []
+    lines = ["", f"**Resumed at step {resumed['step']:,}** ({resumed['params']:,} parameters, the default "
+                 "backend): the median over rounds of a step's time at that count / a step's time at step 10, back "
+                 "to back. 1 within the spread: the step coefficients cost the same at any count.", ""]
+    rows = [[r["name"], f"{r['paired_ratio']:.3f}", _num(r["iqr"], 3), str(r["rounds"])] for r in resumed["rows"]]
+    return lines + _table(["optimizer", "paired ratio", "IQR", "rounds"], rows)
 
 
 def _training_table(training: dict[str, Any] | None) -> list[str]:

@@ -350,6 +350,41 @@ def _anchor_of(row: Candidate, runnable: list[Candidate]) -> Candidate | None:
     return next((c for c in runnable if c.kind == "anchor" and c.name == optimizer), None)
 
 
+RESUME_AT = 10_000_000
+RESUMED: dict[str, Callable[[list], torch.optim.Optimizer]] = {
+    "AdamW + trajectory correction": lambda ps: AdamW(ps, lr=1e-3, memory_correction=-1.0, hvp="trajectory"),
+    "Lion + trajectory correction": lambda ps: Lion(ps, lr=1e-4, memory_correction=-1.0, hvp="trajectory"),
+}
+
+
+def _at_step(make: Callable[[list], torch.optim.Optimizer], step: int, device: torch.device):
+    """An optimizer over 8 small tensors (the step is host work: coefficients, checks) whose state says it has
+    taken `step` steps, as after loading a checkpoint, with its first step after the load taken."""
+    params = [torch.nn.Parameter(torch.randn(1024, device=device)) for _ in range(8)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make(params)
+    opt.step()
+    state = opt.state_dict()
+    for s in state["state"].values():
+        s["step"] = torch.tensor(float(step))
+    opt.load_state_dict(state)
+    opt.step()
+    return opt
+
+
+def resumed_steps(cfg: SpeedConfig, device: torch.device, tick: Callable[[int], object]) -> dict[str, Any]:
+    """A step at step RESUME_AT against a step at step 10, paired: the step coefficients cost O(1) at any count
+    (coefficients.py), so the ratio should be 1 within the machine's spread."""
+    rows = []
+    for name, make in RESUMED.items():
+        late, early = _at_step(make, RESUME_AT, device), _at_step(make, 10, device)
+        ratios = paired(late.step, early.step, warmup=cfg.warmup, repeats=cfg.repeats, device=device, tick=tick)
+        ratio, iqr = median_iqr(ratios)
+        rows.append({"name": name, "paired_ratio": ratio, "iqr": iqr, "rounds": len(ratios)})
+    return {"step": RESUME_AT, "params": 8 * 1024, "rows": rows}
+
+
 def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
     """Time every row of every shape set; total(n) announces n more calls to come (progress bar)."""
@@ -365,9 +400,10 @@ def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         gc.collect()  # free this set's parameters and states before the next one is allocated
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    total(4 * (cfg.warmup + cfg.repeats) * len(RESUMED))
     result = {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
               "backends": backend_status, "shape_sets": sets, "rows": rows, "unavailable": unavailable,
-              "notes": NOTES}
+              "resumed": resumed_steps(cfg, device, tick), "notes": NOTES}
     if cfg.training != "none":
         result["training"] = training.run(tiny=cfg.training == "tiny", warmup=cfg.warmup, repeats=cfg.repeats,
                                           tick=tick, total=total)

@@ -119,9 +119,19 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._transient()
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch.optim's, and no parameter twice or overlapping another in memory: their updates would race."""
+        """torch.optim's, and no parameter twice or overlapping another in memory (their updates would race), and
+        no complex one; a group refused is not added."""
         super().add_param_group(param_group)
-        _check_disjoint([p for group in self.param_groups for p in group["params"]])
+        try:
+            for p in self.param_groups[-1]["params"]:
+                if p.is_complex():
+                    raise TypeError(f"memkernels.{type(self).__name__}: a parameter of shape {tuple(p.shape)} is "
+                                    f"{p.dtype}; complex parameters are not supported (torch.optim steps them "
+                                    "as torch.view_as_real views: use torch.optim for them, or real parameters)")
+            _check_disjoint([p for group in self.param_groups for p in group["params"]])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def _transient(self) -> None:
         """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
@@ -129,6 +139,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._prepared: set[tuple] = set()  # kinds of kernel call built ahead of a step (_prepare)
         self._diagnostics: dict[tuple[int, torch.device, tuple], Tensor] = {}
         self._stats_meta: dict[int, tuple[int, float, int]] = {}
+        self._skipped: dict[int, int | Tensor] = {}  # per group: trajectory estimates skipped (_scale_limit)
         self._prev_grads = PrevGrads()
         self._probes = _hvp.Probes()
         self._warned: set[str] = set()
@@ -290,6 +301,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise TypeError(f"memkernels.{type(self).__name__} does not support sparse gradients")
             shard_groups = _shard_groups(p)
+            if shard_groups is None and not compiling:
+                grad = self._in_param_order(p, grad)
             if shard_groups is None and not compiling and grad.numel() and grad.data_ptr() == p.data_ptr() != 0:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} is its own gradient (p.grad shares p's "
                                  "memory); the step would read the gradient it is overwriting")
@@ -384,7 +397,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], lists)),
                                    bucket.grad_refs, None, grad_scale, found_inf, hvps=bucket.hvps)
                 if bucket.n is None:
-                    kwargs.update(step_scalars=self._step_scalars(group, bucket), found_inf=found_inf)
+                    kwargs.update(step_scalars=self._step_scalars(group, gi, bucket), found_inf=found_inf)
                 if not torch.compiler.is_compiling():  # the op checks and resolves again as it runs, outside the graph
                     _ops.check_scalars(self.op, kwargs)
                     backends.resolve(self.op, self.backend, bucket.params[0].device.type)
@@ -469,12 +482,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         else:
             group["prev_lr"] = lr.detach().clone()
 
-    def _step_scalars(self, group: dict, bucket: Bucket) -> Tensor:
+    def _step_scalars(self, group: dict, gi: int, bucket: Bucket) -> Tensor:
         """The op's STEP_SCALARS for this bucket as a float64 tensor on its device, with no host read."""
         device = bucket.params[0].device
         n = bucket.step.to(device=device, dtype=torch.float64)
         values = {"lr": _on(group["lr"], n), **self.coefficients_at(group, n),
-                  "hvp_scale": self._hvp_scale_at(group, bucket, n)}
+                  "hvp_scale": self._hvp_scale_at(group, gi, bucket, n)}
         return torch.stack([values[name] for name in _ops.STEP_SCALARS[self.op]])
 
     def _diagnostics_for(self, gi: int, bucket: Bucket) -> Tensor:
@@ -487,6 +500,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ estimates of H d
 
+    def _in_param_order(self, p: Tensor, grad: Tensor) -> Tensor:
+        """grad, or a copy of it in p's element order where they differ (a contiguous grad of a channels_last
+        param): the kernels walk every tensor of a param in one order. The copy is an extra pass over the
+        grad, so it is announced once."""
+        if (grad.shape != p.shape or grad.layout != torch.strided or not _ops.dense_layout(p)
+                or (_ops.dense_layout(grad) and _ops.element_order(grad) == _ops.element_order(p))):
+            return grad
+        if "grad_layout" not in self._warned:
+            self._warned.add("grad_layout")
+            warnings.warn(f"memkernels: a gradient with strides {grad.stride()} for a parameter with strides "
+                          f"{p.stride()} (shape {tuple(p.shape)}) is copied into the parameter's layout at each "
+                          "step, an extra pass over it; gradients in their parameter's layout avoid it",
+                          RuntimeWarning, stacklevel=4)
+        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(grad)
+
     def _hvp_scale(self, group: dict, gi: int, bucket: Bucket) -> float:
         if bucket.ref is not None:
             return bucket.ref[1]
@@ -495,16 +523,22 @@ class MemoryOptimizer(torch.optim.Optimizer):
         prev_lr = float(group.get("prev_lr", group["lr"]))
         if prev_lr == 0.0:
             return 0.0
-        return 1.0 / (prev_lr * self.trajectory_ratio(group, gi, bucket.n))
+        scale = 1.0 / (prev_lr * self.trajectory_ratio(group, gi, bucket.n))
+        if scale > _scale_limit(bucket.params[0].dtype):
+            self._skipped[gi] = self._skipped.get(gi, 0) + 1
+            return 0.0
+        return scale
 
-    def _hvp_scale_at(self, group: dict, bucket: Bucket, n: Tensor) -> Tensor:
+    def _hvp_scale_at(self, group: dict, gi: int, bucket: Bucket, n: Tensor) -> Tensor:
         """_hvp_scale in tensor ops: 0 at step 0 and after a zero lr (a probe's comes from its tau)."""
         if bucket.hvp == "exact":
             return torch.ones_like(n)
         if bucket.hvp != "trajectory" or bucket.fresh_refs:
             return torch.zeros_like(n)
         denominator = _on(group.get("prev_lr", group["lr"]), n) * self.trajectory_ratio_at(group, n)
-        return torch.where((n > 0) & (denominator > 0), 1.0 / denominator, 0.0)
+        skip = (n > 0) & (denominator > 0) & (denominator * _scale_limit(bucket.params[0].dtype) < 1.0)
+        self._skipped[gi] = self._skipped.get(gi, 0) + skip.to(torch.int64)
+        return torch.where((n > 0) & (denominator > 0) & ~skip, 1.0 / denominator, 0.0)
 
     def _scalars(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's scalars with the step_scalars tensor's values in place of their placeholders."""
@@ -579,6 +613,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 "penalty": float(prefactor) * sums["penalty_sum"],
                 "sign_flip_fraction": sums["sign_flips"] / numel if numel else float("nan"),
                 "limited_fraction": sums["limited"] / numel if numel else float("nan"),
+                "skipped_estimates": int(self._skipped.get(gi, 0)),
             })
         return stats
 
@@ -670,6 +705,14 @@ def _shard_groups(p: Tensor) -> tuple | None:
         return None
     mesh = p.device_mesh
     return tuple(mesh.get_group(i) for i, placement in enumerate(p.placements) if placement.is_shard())
+
+
+def _scale_limit(dtype: torch.dtype) -> float:
+    """The largest 1/h of a trajectory estimate: the square root of the kernels' compute dtype's max (fp32:
+    1.8e19, so h below ~5e-20). Beyond it M = (g - g_prev)/h can overflow to inf and the term h^2 M become
+    NaN, while the step h F it would correct is below the resolution of any parameter above ~1e-12. Such
+    steps go without the estimate (M = 0), counted in memory_stats()["skipped_estimates"]."""
+    return math.sqrt(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max)
 
 
 def _on(value: float | Tensor, like: Tensor) -> Tensor:
