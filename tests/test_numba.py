@@ -740,7 +740,7 @@ for name, kernel in (("sgd", K.sgd_kernel(True, *[False] * 11)), ("lion", K.lion
     print(name, '"prefer-vector-width"="256"' in kernel.inspect_llvm(kernel.signatures[0]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
-                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert out.stdout.split() == ["sgd", "True", "lion", "False"], out.stdout + out.stderr
 
 

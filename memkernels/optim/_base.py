@@ -139,7 +139,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._prepared: set[tuple] = set()  # kinds of kernel call built ahead of a step (_prepare)
         self._diagnostics: dict[tuple[int, torch.device, tuple], Tensor] = {}
         self._stats_meta: dict[int, tuple[int, float, int]] = {}
-        self._skipped: dict[int, int | Tensor] = {}  # per group: trajectory estimates skipped (_scale_limit)
+        self._skipped: dict[tuple[int, torch.device], int | Tensor] = {}  # trajectory estimates skipped (_scale_limit)
         self._prev_grads = PrevGrads()
         self._probes = _hvp.Probes()
         self._warned: set[str] = set()
@@ -485,6 +485,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _step_scalars(self, group: dict, gi: int, bucket: Bucket) -> Tensor:
         """The op's STEP_SCALARS for this bucket as a float64 tensor on its device, with no host read."""
         device = bucket.params[0].device
+        if not isinstance(self._skipped.get((gi, device)), Tensor):  # made on the first step, with the states
+            self._skipped[gi, device] = torch.zeros((), dtype=torch.int64, device=device)
         n = bucket.step.to(device=device, dtype=torch.float64)
         values = {"lr": _on(group["lr"], n), **self.coefficients_at(group, n),
                   "hvp_scale": self._hvp_scale_at(group, gi, bucket, n)}
@@ -525,7 +527,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return 0.0
         scale = 1.0 / (prev_lr * self.trajectory_ratio(group, gi, bucket.n))
         if scale > _scale_limit(bucket.params[0].dtype):
-            self._skipped[gi] = self._skipped.get(gi, 0) + 1
+            key = (gi, bucket.params[0].device)
+            self._skipped[key] = self._skipped.get(key, 0) + 1
             return 0.0
         return scale
 
@@ -537,7 +540,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return torch.zeros_like(n)
         denominator = _on(group.get("prev_lr", group["lr"]), n) * self.trajectory_ratio_at(group, n)
         skip = (n > 0) & (denominator > 0) & (denominator * _scale_limit(bucket.params[0].dtype) < 1.0)
-        self._skipped[gi] = self._skipped.get(gi, 0) + skip.to(torch.int64)
+        self._skipped[gi, n.device].add_(skip)  # in place: a new tensor each step would make a compiled step recompile
         return torch.where((n > 0) & (denominator > 0) & ~skip, 1.0 / denominator, 0.0)
 
     def _scalars(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -613,7 +616,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 "penalty": float(prefactor) * sums["penalty_sum"],
                 "sign_flip_fraction": sums["sign_flips"] / numel if numel else float("nan"),
                 "limited_fraction": sums["limited"] / numel if numel else float("nan"),
-                "skipped_estimates": int(self._skipped.get(gi, 0)),
+                "skipped_estimates": sum(int(count) for (g, _), count in self._skipped.items() if g == gi),
             })
         return stats
 
