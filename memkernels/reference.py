@@ -102,6 +102,11 @@ def probe(p: Tensor, d: Tensor, tau: float) -> Probe:
     return Probe(p + tau * d, p * p, d * d)
 
 
+def decay_term(weight_decay: float, p: Tensor) -> Tensor | float:
+    """weight_decay * p, or 0 when weight_decay == 0: 0 * inf is NaN, and torch.optim skips the term there."""
+    return weight_decay * p if weight_decay != 0 else 0.0
+
+
 def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor | None, *,
           lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
           bias_correction1: float, bias_correction2: float, mean_age1: float, mean_age2: float,
@@ -110,10 +115,10 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor
     """AdamW (decoupled) or Adam with L2 (coupled) and the correction of docs/THEORY.md section 3."""
     g_raw = g
     if not decoupled:
-        g = g + weight_decay * p  # coupled L2: the EMAs see g~ = g + lambda theta
+        g = g + decay_term(weight_decay, p)  # coupled L2: the EMAs see g~ = g + lambda theta
     exp_avg = exp_avg + (1 - beta1) * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
-    decay = weight_decay * p if decoupled else torch.zeros_like(p)
+    decay = decay_term(weight_decay, p) if decoupled else torch.zeros_like(p)
     if eps_inside_sqrt:
         denom = torch.sqrt(exp_avg_sq / bias_correction2 + eps)
         a = torch.sqrt(g * g + eps)
@@ -165,7 +170,7 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, hvp: Tensor | None, *,
     """Lion (sign) or Lion-K with a smooth sign, and the correction of docs/THEORY.md section 4."""
     c = beta1 * exp_avg + (1 - beta1) * g
     wg = ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
-    decay = weight_decay * p
+    decay = decay_term(weight_decay, p)
     phi_c = smooth_sign(c, smoothing)
     phi_wg = smooth_sign(wg, smoothing)
     F = phi_c + decay
@@ -189,7 +194,7 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, hvp: Tensor | None
         memoryless: bool) -> Step:
     """Heavy-ball or Nesterov SGD (coupled decay, dampening 0) and the correction of section 2."""
     g_raw = g
-    g = g + weight_decay * p  # g~
+    g = g + decay_term(weight_decay, p)  # g~
     states: tuple[Tensor, ...] = ()
     if momentum_buffer is None:
         F = g
@@ -217,20 +222,20 @@ def adamw_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, de
     """g / a + decay, in place on a where the values are the same: each full-size temporary is a fresh
     allocation, and its first-touch page faults cost more than the arithmetic."""
     if not decoupled:
-        g = g + weight_decay * p
+        g = g + decay_term(weight_decay, p)
     a = (g * g).add_(eps).sqrt_() if eps_inside_sqrt else torch.abs(g).add_(eps)
     u = torch.div(g, a, out=a)
-    return u.add_(weight_decay * p) if decoupled else u
+    return u.add_(decay_term(weight_decay, p)) if decoupled else u
 
 
 def lion_direction(p: Tensor, g: Tensor, *, weight_decay: float, smoothing: float, ema_weight: float,
                    **_: object) -> Tensor:
-    return smooth_sign(ema_weight * g, smoothing).add_(weight_decay * p)  # in place: see adamw_direction
+    return smooth_sign(ema_weight * g, smoothing).add_(decay_term(weight_decay, p))  # in place: see adamw_direction
 
 
 def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float, **_: object) -> Tensor:
     """H~ is applied to g~ itself (M = c_n H~ g~), so d = g~ without the factor S_n."""
-    return g + weight_decay * p
+    return g + decay_term(weight_decay, p)
 
 
 # op -> (step, direction); the directions take the op's scalars and ignore the ones they do not use.

@@ -58,9 +58,10 @@ def host(tmp_path_factory):
 
 # ------------------------------------------------------------------ inputs and the reference
 
-def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = True) -> dict[str, np.ndarray]:
+def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = True,
+            inf_params: bool = False) -> dict[str, np.ndarray]:
     """Random values over many magnitudes, with the edge values placed in g and in g_ref (and in the kept
-    estimates hvp, which take g_ref's values)."""
+    estimates hvp, which take g_ref's values); inf_params makes theta's first two values +inf and -inf."""
     n = n_random + (len(EDGES) ** 2 if edges else 0)
     magnitude = 10.0 ** rng.uniform(-8, 3, n)
     grad = rng.standard_normal(n) * magnitude
@@ -68,15 +69,18 @@ def _inputs(rng: np.random.Generator, dtype, n_random: int = 400, edges: bool = 
     if edges:  # every pair of edge values (g, g_ref) occurs once
         pairs = np.array([(a, b) for a in EDGES for b in EDGES])
         grad[n_random:], grad_ref[n_random:] = pairs[:, 0], pairs[:, 1]
+    p, origin = rng.standard_normal(n), rng.standard_normal(n) * 3
+    if inf_params:
+        p[:2] = origin[:2] = np.inf, -np.inf
     with np.errstate(over="ignore"):
         return {
-            "p": rng.standard_normal(n).astype(dtype),
+            "p": p.astype(dtype),
             "grad": grad.astype(dtype),
             "exp_avg": (rng.standard_normal(n) * magnitude * 0.5).astype(dtype),
             "exp_avg_sq": ((rng.standard_normal(n) * magnitude) ** 2).astype(dtype),
             "grad_ref": grad_ref.astype(dtype),
             "hvp": grad_ref.astype(dtype),
-            "origin": (rng.standard_normal(n) * 3).astype(dtype),
+            "origin": origin.astype(dtype),
         }
 
 
@@ -144,10 +148,11 @@ def _assert_matches(name: str, actual: np.ndarray, expected: torch.Tensor, *, rt
 
 
 def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edges: bool = True, *,
-           reuse: bool = False, origin: bool = False) -> np.ndarray:
-    """Every output of the host step against the reference; returns the reference's limited flags."""
+           reuse: bool = False, origin: bool = False, inf_params: bool = False) -> np.ndarray:
+    """Every output of the host step against the reference; returns the reference's limited flags. With
+    inf_params (and no weight decay) theta's +inf and -inf must come out as they went in, as in torch.optim."""
     seed = int.from_bytes(os.urandom(4), "little")
-    x = _inputs(np.random.default_rng(seed), dtype, edges=edges)
+    x = _inputs(np.random.default_rng(seed), dtype, edges=edges, inf_params=inf_params)
     with np.errstate(all="ignore"):
         got = _host(host, op, x, states, has_ref, kw, reuse, origin)
     want, hvp = _reference(_reference_step, op, x, states, has_ref, kw, reuse, origin)
@@ -155,6 +160,8 @@ def _check(host, op: str, states: list[str], has_ref: bool, kw: dict, dtype, edg
     if hvp is not None:  # what a step with hvps stores (a reused one comes back as it went in)
         _assert_matches("hvp", got["hvp"], hvp, **exact)
     _assert_matches("p", got["p"], want.p, **exact)
+    if inf_params:
+        np.testing.assert_array_equal(got["p"][:2], [np.inf, -np.inf], err_msg=f"infinite params (seed {seed})")
     for i, (value, expected) in enumerate(zip(got["states"], want.states)):
         _assert_matches(f"states[{i}]", value, expected, **exact)
     _assert_matches("g", got["g"], want.g, **exact)
@@ -192,6 +199,9 @@ ADAMW_MODES = {
     "grad_scale_trajectory": dict(has_ref=True, correction=-1.0, hvp_scale=10.0, inv_scale=1 / 3.0,
                                   update_grad_refs=True),
     "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=1.0),
+    "no_decay_inf_params": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=1.0, inf_params=True),
+    "coupled_no_decay_inf_params": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=10.0,
+                                        decoupled=False, inf_params=True),
     "no_limit": dict(has_ref=True, correction=-1.0, hvp_scale=5e3, correction_limit=float("inf")),
     "reuse_hvp": dict(reuse=True, correction=-1.0, hvp_scale=7.0),
     "reuse_hvp_coupled": dict(reuse=True, correction=0.5, decoupled=False),
@@ -213,6 +223,9 @@ LION_MODES = {
     "maximize_grad_scale": dict(smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0, maximize=True,
                                 inv_scale=1 / 1024.0),
     "no_decay": dict(weight_decay=0.0, smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0),
+    "no_decay_inf_params": dict(weight_decay=0.0, smoothing=1e-4, has_ref=True, correction=-1.0, hvp_scale=5.0,
+                                inf_params=True),
+    "sign_no_decay_inf_params": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=5.0, inf_params=True),
     "no_limit": dict(smoothing=1e-4, has_ref=True, correction=-3.0, hvp_scale=1e5, correction_limit=float("inf")),
     "reuse_hvp": dict(smoothing=1e-4, reuse=True, correction=-1.0),
     "origin_probe": dict(smoothing=1e-4, origin=True, has_ref=True, correction=-1.0, hvp_scale=5.0),
@@ -230,6 +243,9 @@ SGD_MODES = {
     "memoryless": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, memoryless=True),
     "maximize_grad_scale": dict(has_ref=True, correction=-1.0, hvp_scale=20.0, maximize=True, inv_scale=0.125),
     "no_decay": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=20.0),
+    "no_decay_inf_params": dict(weight_decay=0.0, has_ref=True, correction=-1.0, hvp_scale=20.0, inf_params=True),
+    "nesterov_no_decay_inf_params": dict(nesterov=True, weight_decay=0.0, inf_params=True),
+    "momentum_0_no_decay_inf_params": dict(momentum=0.0, weight_decay=0.0, no_buffer=True, inf_params=True),
     "no_limit": dict(has_ref=True, correction=-1.0, hvp_scale=1e3, correction_limit=float("inf")),
     "reuse_hvp": dict(reuse=True, correction=-1.0),
     "reuse_hvp_momentum_0": dict(momentum=0.0, reuse=True, correction=0.5, no_buffer=True),
@@ -243,7 +259,7 @@ BASES = {"adamw": (ADAMW, ["exp_avg", "exp_avg_sq"]), "lion": (LION, ["exp_avg"]
 def _split(base: dict, mode: dict) -> tuple[dict, bool, dict]:
     kw = {**COMMON, **base, **mode}
     has_ref = kw.pop("has_ref", False)
-    flags = {name: kw.pop(name, False) for name in ("no_buffer", "reuse", "origin")}
+    flags = {name: kw.pop(name, False) for name in ("no_buffer", "reuse", "origin", "inf_params")}
     return kw, has_ref, flags
 
 
@@ -251,7 +267,8 @@ def _check_mode(host, op: str, mode: dict, dtype) -> np.ndarray:
     base, states = BASES[op]
     kw, has_ref, flags = _split(base, mode)
     states = [None] if flags["no_buffer"] else states
-    return _check(host, op, states, has_ref, kw, dtype, reuse=flags["reuse"], origin=flags["origin"])
+    return _check(host, op, states, has_ref, kw, dtype, reuse=flags["reuse"], origin=flags["origin"],
+                  inf_params=flags["inf_params"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -316,14 +333,17 @@ def test_probe_matches_reference(host, op, dtype):
     for case in PROBE_CASES[op]:
         seed = int.from_bytes(os.urandom(4), "little")
         rng = np.random.default_rng(seed)
-        x = _inputs(rng, dtype)
-        tau = float(10 ** rng.uniform(-6, 0))
         kw = {**COMMON, **base, **case}
+        inf_params = kw["weight_decay"] == 0.0  # theta +-inf: the direction adds no 0 * inf
+        x = _inputs(rng, dtype, inf_params=inf_params)
+        tau = float(10 ** rng.uniform(-6, 0))
         with np.errstate(all="ignore"):
             got = getattr(host, op)(x["p"], x["grad"], *(x[name] for name in states), None, probe=True, tau=tau, **kw)
         want = _reference(_reference_probe, op, x, kw, tau)
         for name in ("p", "theta_sq", "d_sq"):
             _assert_matches(f"{op} {case} {name}", got[name], getattr(want, name), rtol=0.0, atol=0.0, seed=seed)
+        if inf_params:
+            np.testing.assert_array_equal(got["p"][:2], [np.inf, -np.inf], err_msg=f"{op} {case} (seed {seed})")
 
 
 @pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])

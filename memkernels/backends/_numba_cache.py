@@ -67,19 +67,17 @@ _state: tuple[Path | None, str] | None = None
 
 def state() -> tuple[Path | None, str]:
     """The cache directory in use, or None and why kernels compile in memory; decided once per process."""
-    global _state
     if _state is None:
-        _state = _usable()
-        if _state[0] is None:
-            _warn_once("unusable", f"the numba kernel cache is off ({_state[1]}); kernels compile in memory in "
-                                   "each process (tens of seconds for the first step of each kind)")
+        _set(*_usable())
     return _state
 
 
-def _disable(reason: str) -> None:
+def _set(root: Path | None, why_off: str) -> None:
     global _state
-    _state = (None, reason)
-    _warn_once("unusable", f"the numba kernel cache is off ({reason}); kernels compile in memory in each process")
+    _state = (root, why_off)
+    if root is None:
+        _warn_once("unusable", f"the numba kernel cache is off ({why_off}); kernels compile in memory in each "
+                               "process (seconds to a minute for the first step of each kind)")
 
 
 class KernelCache(_Cache):
@@ -145,7 +143,7 @@ class KernelCache(_Cache):
                 os.unlink(partial)
                 raise
         except OSError as exc:
-            _disable(f"cannot write {root} ({exc})")
+            _set(None, f"cannot write {root} ({exc})")
 
     def enable(self) -> None:
         """Always on: state() decides."""

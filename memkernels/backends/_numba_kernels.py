@@ -172,8 +172,6 @@ def add_norms(norms, theta_sq, d_sq):
     return norms[0] + np.float64(theta_sq), norms[1] + np.float64(d_sq)
 
 
-
-
 def kernels(*, parallel: bool):
     """A kernel factory's decorator: one kernel per arguments (made once), compiled with numba (in parallel
     unless a forked child cannot start threads: _numba_fork.py) and kept in the disk cache under the
@@ -189,6 +187,8 @@ def kernels(*, parallel: bool):
             return variant(*args, threads=parallel and threads_usable())
         return make
     return decorate
+
+
 _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 

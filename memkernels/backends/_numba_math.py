@@ -189,6 +189,13 @@ def smooth_sign_slope(x, smoothing, smooth, one, zero):
 
 
 @_jit
+def decay_term(weight_decay, p, zero):
+    """reference.decay_term: weight_decay * p, or zero when weight_decay == 0 (0 * inf is NaN). A select
+    on a loop-invariant scalar, so the loops still vectorize."""
+    return weight_decay * p if weight_decay != zero else zero
+
+
+@_jit
 def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryless, correct, has_hvp):
     """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
 
@@ -204,7 +211,7 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     """
     g_raw = g
     if not decoupled:
-        g = g + c.weight_decay * p  # coupled L2: the EMAs see g~ = g + lambda theta
+        g = g + decay_term(c.weight_decay, p, c.zero)  # coupled L2: the EMAs see g~ = g + lambda theta
     exp_avg = exp_avg + c.one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * g * g
     if eps_inside_sqrt:
@@ -222,7 +229,7 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     else:
         coef = (c.mean_age1 - c.mean_age2 * abs(g_over_a)) * inv_a
     step = exp_avg / denom
-    decay = c.diag_weight_decay * p if decoupled else c.zero
+    decay = decay_term(c.diag_weight_decay, p, c.zero) if decoupled else c.zero
     F = scaled_sum(step, c.diag_inv_bias_correction1, decay)  # reference: exp_avg / bias_correction1 / denom + decay
     u = scaled_sum(g_over_a, c.diag_scale, decay)
     if has_hvp:
@@ -242,7 +249,7 @@ def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
     """reference.lion; returns (p, exp_avg, g, diag terms)."""
     cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
     wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
-    decay = c.diag_weight_decay * p
+    decay = decay_term(c.diag_weight_decay, p, c.zero)
     phi_c = smooth_sign(cm, c.smoothing, smooth, c.one, c.zero)
     phi_wg = smooth_sign(wg, c.smoothing, smooth, c.one, c.zero)
     F = scaled_sum(phi_c, c.diag_scale, decay)
@@ -264,7 +271,7 @@ def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
 def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, correct, has_hvp):
     """reference.sgd; returns (p, momentum_buffer, g_raw, diag terms)."""
     g_raw = g
-    g = g + c.weight_decay * p  # g~
+    g = g + decay_term(c.weight_decay, p, c.zero)  # g~
     if has_momentum:
         momentum_buffer = c.momentum * momentum_buffer + g
         F = g + c.momentum * momentum_buffer if nesterov else momentum_buffer
@@ -289,22 +296,22 @@ def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, corre
 def adamw_direction(p, g, c, decoupled, eps_inside_sqrt):
     """reference.adamw_direction."""
     if not decoupled:
-        g = g + c.weight_decay * p
+        g = g + decay_term(c.weight_decay, p, c.zero)
     a = np.sqrt(g * g + c.eps) if eps_inside_sqrt else abs(g) + c.eps
     u = g / a
-    return u + c.weight_decay * p if decoupled else u
+    return u + decay_term(c.weight_decay, p, c.zero) if decoupled else u
 
 
 @_jit
 def lion_direction(p, g, c, smooth):
     """reference.lion_direction."""
-    return smooth_sign(c.ema_weight * g, c.smoothing, smooth, c.one, c.zero) + c.weight_decay * p
+    return smooth_sign(c.ema_weight * g, c.smoothing, smooth, c.one, c.zero) + decay_term(c.weight_decay, p, c.zero)
 
 
 @_jit
 def sgd_direction(p, g, c):
     """reference.sgd_direction: g~."""
-    return g + c.weight_decay * p
+    return g + decay_term(c.weight_decay, p, c.zero)
 
 
 @_jit

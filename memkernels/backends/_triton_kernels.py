@@ -189,6 +189,16 @@ def _diagnostics(diagnostics, F, u, M, lr, penalty, sign_flips, limited, mask, M
 
 
 @triton.jit
+def _decay_term(weight_decay, p):
+    """reference.decay_term: weight_decay * p, or 0 when weight_decay == 0 (0 * inf is NaN). A branch on the
+    scalar rather than tl.where, so that the interpreter does not form 0 * inf (and warn) to discard it."""
+    decay = tl.zeros_like(p)
+    if weight_decay != 0:
+        decay = weight_decay * p
+    return decay
+
+
+@triton.jit
 def _rdiv(scalar, x):
     """scalar / x as torch evaluates it for a Python scalar: reciprocal(x) * scalar."""
     return tl.div_rn(1.0, x) * scalar
@@ -324,12 +334,12 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
 
     g_raw = g
     if not DECOUPLED:
-        g = g + weight_decay * p
+        g = g + _decay_term(weight_decay, p)
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     decay = 0.0
     if DECOUPLED:
-        decay = weight_decay * p
+        decay = _decay_term(weight_decay, p)
     # What a step does not use (F and u without a correction or diagnostics, ...) the compiler drops.
     if EPS_INSIDE_SQRT:
         denom = tl.sqrt_rn(tl.div_rn(exp_avg_sq, bias_correction2) + eps)
@@ -369,14 +379,14 @@ def _adamw_tile(table, row, start, n, diagnostics, inv_scale,
 def _adamw_direction(p, g, eps, weight_decay, DECOUPLED: tl.constexpr, EPS_INSIDE_SQRT: tl.constexpr):
     """reference.adamw_direction: the step's u, by the same operations."""
     if not DECOUPLED:
-        g = g + weight_decay * p
+        g = g + _decay_term(weight_decay, p)
     if EPS_INSIDE_SQRT:
         a = tl.sqrt_rn(g * g + eps)
     else:
         a = tl.abs(g) + eps
     u = tl.div_rn(g, a)
     if DECOUPLED:
-        u = u + weight_decay * p
+        u = u + _decay_term(weight_decay, p)
     return u
 
 
@@ -491,7 +501,7 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
 
     c = beta1 * exp_avg + one_minus_beta1 * g
     wg = ema_weight * g
-    decay = weight_decay * p
+    decay = _decay_term(weight_decay, p)
     phi_c = _smooth_sign(c, smoothing, SIGN)
     phi_wg = _smooth_sign(wg, smoothing, SIGN)  # dropped by the compiler where unused, as u is
     F = phi_c + decay
@@ -518,7 +528,7 @@ def _lion_tile(table, row, start, n, diagnostics, inv_scale,
 @triton.jit
 def _lion_direction(p, g, weight_decay, smoothing, ema_weight, SIGN: tl.constexpr):
     """reference.lion_direction: the step's u = phi(W_n g) + decay."""
-    return _smooth_sign(ema_weight * g, smoothing, SIGN) + weight_decay * p
+    return _smooth_sign(ema_weight * g, smoothing, SIGN) + _decay_term(weight_decay, p)
 
 
 @triton.jit
@@ -591,7 +601,7 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
                    UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, BLOCK)
 
     g_raw = g
-    g = g + weight_decay * p
+    g = g + _decay_term(weight_decay, p)
     if HAS_MOMENTUM:
         b_ptrs = _tile(table, row, 2, start, S1, ALIGNED, BLOCK)
         momentum_buffer = momentum * _load(b_ptrs, mask, MASKED) + g
@@ -623,7 +633,7 @@ def _sgd_tile(table, row, start, n, diagnostics, inv_scale,
 @triton.jit
 def _sgd_direction(p, g, weight_decay):
     """reference.sgd_direction: g~, without the step's factor update_scale."""
-    return g + weight_decay * p
+    return g + _decay_term(weight_decay, p)
 
 
 @triton.jit

@@ -49,6 +49,10 @@ MK_HD double pow_half(double x) {
 template <typename T>
 MK_HD T rdiv(T scalar, T x) { return (T(1) / x) * scalar; }
 
+// reference.decay_term: weight_decay * p, or 0 when weight_decay == 0 (0 * inf is NaN; torch.optim skips the term).
+template <typename T>
+MK_HD T decay_term(T weight_decay, T p) { return weight_decay != T(0) ? weight_decay * p : T(0); }
+
 // torch.sign: 0 for +-0 and for NaN.
 template <typename T>
 MK_HD T mk_sign(T x) { return T(T(0) < x) - T(x < T(0)); }
@@ -168,10 +172,12 @@ template <typename T>
 MK_HD Step<T, 2> adamw(T p, T g, T exp_avg, T exp_avg_sq, T hvp, bool has_hvp,
                        const AdamWScalars<T>& s) {
   T g_raw = g;
-  if (!s.decoupled) g = g + s.weight_decay * p;  // coupled L2: the EMAs see g~ = g + lambda theta
+  if (!s.decoupled) g = g + decay_term(s.weight_decay, p);  // coupled L2: the EMAs see g~ = g + lambda theta
   exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg);
   exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
-  T decay = s.decoupled ? s.weight_decay * p : T(0);
+  // decay_term(weight_decay, 0) is reference.py's 0 (weight_decay is finite); selecting p rather than the term
+  // keeps the fp64 step kernel within the registers ptxas allots it (no spills, tests/test_cuda_build.py).
+  T decay = decay_term(s.weight_decay, s.decoupled ? p : T(0));
   T denom, a, g_over_a, coef, penalty;
   if (s.eps_inside_sqrt) {
     denom = mk_sqrt(exp_avg_sq / s.bias_correction2 + s.eps);
@@ -246,7 +252,7 @@ template <typename T>
 MK_HD Step<T, 1> lion(T p, T g, T exp_avg, T hvp, bool has_hvp, const LionScalars<T>& s) {
   T c = s.beta1 * exp_avg + s.one_minus_beta1 * g;
   T wg = s.ema_weight * g;  // W_n g: c_n with every past gradient replaced by the current one
-  T decay = s.weight_decay * p;
+  T decay = decay_term(s.weight_decay, p);
   T phi_c = smooth_sign(c, s.smoothing, s.smoothing_on);
   T phi_wg = smooth_sign(wg, s.smoothing, s.smoothing_on);
   T F = phi_c + decay;
@@ -288,7 +294,7 @@ template <typename T>
 MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T hvp, bool has_hvp,
                      const SGDScalars<T>& s) {
   T g_raw = g;
-  g = g + s.weight_decay * p;  // g~
+  g = g + decay_term(s.weight_decay, p);  // g~
   T F;
   if (!has_momentum) {
     F = g;
@@ -317,21 +323,21 @@ MK_HD Step<T, 1> sgd(T p, T g, T momentum_buffer, bool has_momentum, T hvp, bool
 
 template <typename T>
 MK_HD T adamw_direction(T p, T g, const AdamWScalars<T>& s) {
-  if (!s.decoupled) g = g + s.weight_decay * p;
+  if (!s.decoupled) g = g + decay_term(s.weight_decay, p);
   T a = s.eps_inside_sqrt ? mk_sqrt(g * g + s.eps) : mk_abs(g) + s.eps;
   T u = g / a;
-  return s.decoupled ? u + s.weight_decay * p : u;
+  return s.decoupled ? u + decay_term(s.weight_decay, p) : u;
 }
 
 template <typename T>
 MK_HD T lion_direction(T p, T g, const LionScalars<T>& s) {
-  return smooth_sign(s.ema_weight * g, s.smoothing, s.smoothing_on) + s.weight_decay * p;
+  return smooth_sign(s.ema_weight * g, s.smoothing, s.smoothing_on) + decay_term(s.weight_decay, p);
 }
 
 // H~ is applied to g~ itself (M = c_n H~ g~), so d = g~ without the factor S_n.
 template <typename T>
 MK_HD T sgd_direction(T p, T g, const SGDScalars<T>& s) {
-  return g + s.weight_decay * p;
+  return g + decay_term(s.weight_decay, p);
 }
 
 }  // namespace memkernels
