@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -88,9 +89,21 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open=F
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
 
 
-def check_hyperparameters(**values: float) -> None:
+def real(name: str, value: Any) -> float:
+    """value as a float, if it is a real number or a one-element floating tensor. A bool or a string is refused
+    by name: True would be read as 1 (memory_correction=True is +1, the opposite of cancelling) and torch
+    refuses lr="1e-3"."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_hyperparameters(**values: Any) -> None:
     """The rules every entry point applies to its scalars, by name."""
     for name, value in values.items():
+        value = real(name, value)
         if name in ("lr", "weight_decay", "smoothing", "hvp_scale", "probe_tau"):
             _check_range(name, value, 0.0, math.inf)
         elif name in ("beta1", "beta2", "momentum"):

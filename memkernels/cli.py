@@ -70,6 +70,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
+        from .bench.report import summary_lines
         from .bench.run import SUITES, configs, run
     except ModuleNotFoundError as exc:  # matplotlib, tqdm or scikit-learn: the bench extra
         parser.error(f"memkernels bench needs {exc.name}: pip install 'memkernels[bench]'")
@@ -81,7 +82,7 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:  # a bad option: say which, without a traceback
         parser.error(str(exc))
     path = run(suites, args.mode, args.out, progress=not args.no_progress, **options)
-    print(f"report: {path}")
+    print("\n".join([*summary_lines(path.parent), f"report: {path}"]))
     return 0
 
 

@@ -219,3 +219,34 @@ def test_an_expanded_param_is_named_as_not_dense():
     p.grad = torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"params\[0\] is not dense \(strides \(0, 1\) for shape \(4, 2\)"):
         mk.AdamW([p], lr=1e-3).step()
+
+
+@pytest.mark.parametrize("cls, key, value, name", [
+    (mk.AdamW, "lr", "1e-3", "lr"), (mk.AdamW, "memory_correction", True, "memory_correction"),
+    (mk.AdamW, "memory_correction", "yes", "memory_correction"), (mk.AdamW, "eps", True, "eps"),
+    (mk.AdamW, "weight_decay", None, "weight_decay"), (mk.AdamW, "betas", ("0.9", 0.999), "beta1"),
+    (mk.Lion, "smoothing", "1e-4", "smoothing"), (mk.Lion, "betas", (0.9, False), "beta2"),
+    (mk.SGD, "momentum", True, "momentum"), (mk.SGD, "weight_decay", "0", "weight_decay"),
+])
+def test_bools_and_strings_are_refused_for_numbers_by_name(cls, key, value, name):
+    """torch refuses lr="1e-3"; True as memory_correction would silently be +1, the opposite of cancelling."""
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        cls([torch.nn.Parameter(torch.randn(3))], **{key: value})
+    opt = cls([torch.nn.Parameter(torch.randn(3))])  # and set later, at the step: refused, nothing changed
+    p = opt.param_groups[0]["params"][0]
+    p.grad, before = torch.ones(3), p.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+def test_an_hvp_setting_without_memory_measurement_warns_that_it_is_unused():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.warns(UserWarning, match="hvp='probe', hvp_every=1 is unused"):
+        mk.AdamW(p, hvp="probe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mk.AdamW(p, hvp="probe", track_memory=True)
+        mk.AdamW(p, hvp="probe", memory_correction=-1.0)
+        mk.AdamW(p)

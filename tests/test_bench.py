@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from memkernels.bench import implicit, run, speed, timing
+from memkernels.bench.report import noisy, summary_lines
 from memkernels.cli import main
 from memkernels.coefficients import ema_age_at
 
@@ -467,3 +468,19 @@ def test_info_reports_a_forced_backend(monkeypatch, forced, cpu):
     assert f"MEMKERNELS_BACKEND={forced!r}" in text
     assert cpu in text
     assert "auto on cuda tensors: " in text
+
+
+def test_noise_verdict_by_hand():
+    steady = {"samples_ms": [1.0, 1.01, 0.99, 1.0, 1.02], "paired_ratio": {"ratios": [1.0, 1.01, 0.99, 1.0]}}
+    assert not noisy(steady)
+    assert noisy({**steady, "samples_ms": [1.0, 1.5, 0.7, 1.0, 2.0]})  # times spread: IQR 0.5 of the median
+    assert noisy({**steady, "paired_ratio": {"ratios": [1.0, 1.4, 0.8, 1.0, 1.3]}})  # ratios spread
+
+
+def test_the_terminal_summary_lists_every_paired_row(out):
+    lines = summary_lines(out)
+    rows = [r for r in load(out, "speed")["rows"] if r.get("paired_ratio")]
+    assert lines[0].startswith("speed (") and len(lines) - 2 - (lines[-1].startswith("noisy run")) == len(rows)
+    for line, row in zip(lines[2:], rows):
+        assert row["name"] in line and f"{row['paired_ratio']['median']:.3f}" in line
+        assert line.endswith("noisy") == noisy(row)

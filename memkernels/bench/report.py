@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,47 @@ def _images(names: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------ speed
 
+NOISE = 0.2  # a row whose times or paired ratios spread (IQR) more than this share of their median is noisy
+
+
+def _spread(sample: list[float]) -> float:
+    """IQR / median of a sample (0 for fewer than 2 values)."""
+    if len(sample) < 2:
+        return 0.0
+    q1, q2, q3 = statistics.quantiles(sample, n=4, method="inclusive")
+    return (q3 - q1) / q2 if q2 > 0 else math.inf
+
+
+def noisy(row: dict[str, Any]) -> bool:
+    """The machine moved under this row: its times, or its paired ratios, spread by more than NOISE."""
+    paired = row.get("paired_ratio") or {}
+    return _spread(row.get("samples_ms") or []) > NOISE or _spread(paired.get("ratios") or []) > NOISE
+
+
+def summary_lines(out: Path) -> list[str]:
+    """The speed suite's rows for the terminal: median ms, the paired ratio to the row's counterpart (the ratio
+    to read) and the noise verdict; empty when the folder holds no speed run."""
+    path = out / "speed.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    rows = [r for r in result["rows"] if r.get("paired_ratio")]
+    sets = max((len(r["shape_set"]) for r in rows), default=9)
+    names = max((len(r["name"]) for r in rows), default=9)
+    lines = [f"speed ({result['device']}): paired ratio = this row's time / its counterpart's in the same rounds "
+             "(below 1 is faster)", f"{'shape set':<{sets}}  {'optimizer':<{names}}  {'backend':<9} {'median ms':>10}"
+             "  paired ratio (to)"]
+    for r in rows:
+        flag = "  noisy" if noisy(r) else ""
+        lines.append(f"{r['shape_set']:<{sets}}  {r['name']:<{names}}  {r['backend']:<9} {r['median_ms']:>10.3f}  "
+                     f"{r['paired_ratio']['median']:.3f} ({r['paired_ratio']['anchor']}){flag}")
+    flagged = sum(noisy(r) for r in result["rows"])
+    if flagged:
+        lines.append(f"noisy run: {flagged} of {len(result['rows'])} rows spread by more than {NOISE:.0%} of their "
+                     "median; rerun on an idle machine")
+    return lines
+
+
 def implementation(row: dict[str, Any]) -> str:
     return f"memkernels {row['backend']}" if row["kind"] == "memkernels" else row["backend"]
 
@@ -75,10 +117,11 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
                       f"in {shape_set['tensors']} tensor(s). Bandwidth ({bw['kernel']} over as many fp32 elements, "
                       f"same run): {bw['gb_s']:.1f} GB/s.", ""]
         rows = [[r["name"], implementation(r), _num(r["median_ms"]), _num(r["iqr_ms"], 2), _num(r["gb_s"]),
-                 f"{r['pct_bandwidth']:.0f}%", _num(r["ratio_to_torch_fused"]), _paired(r.get("paired_ratio"))]
+                 f"{r['pct_bandwidth']:.0f}%", _num(r["ratio_to_torch_fused"]), _paired(r.get("paired_ratio")),
+                 "noisy" if noisy(r) else ""]
                 for r in result["rows"] if r["shape_set"] == shape_set["name"]]
         lines += _table(["optimizer", "implementation", "median ms", "IQR ms", "GB/s", f"% of {bw['kernel']}",
-                         "time / torch fused AdamW", "paired ratio (to)"], rows)
+                         "time / torch fused AdamW", "paired ratio (to)", "noise"], rows)
     missing = [f"{name}: {why}" for name, why in result["unavailable"].items()]
     if missing:
         lines += ["", "Not timed: " + "; ".join(missing) + "."]

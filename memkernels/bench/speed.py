@@ -68,6 +68,8 @@ NOTES = [
     "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round (after the "
     "round-robin, as many rounds) calling row, counterpart, counterpart, row back to back: a slow or fast spell "
     "of the machine spans the round and cancels out, which a ratio of medians keeps, and each goes first once.",
+    "noise: 'noisy' where the row's times, or its paired ratios, spread (IQR) by more than 20% of their median: "
+    "the machine's speed moved during the row; rerun on an idle machine before reading it.",
     "GB/s counts docs/DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
     "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
     "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "

@@ -34,7 +34,7 @@ except ImportError:  # a torch built without distributed support
 
 from .. import _ops, backends
 from ..coefficients import replay
-from .._ops import check_hyperparameters
+from .._ops import check_hyperparameters, real
 from ..reference import DIAGNOSTICS, NDIAG, compute_dtype
 from . import _hvp
 from ._prev_grads import Mode, PrevGrads
@@ -132,6 +132,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        group = self.param_groups[-1]
+        if (group["hvp"] != "auto" or group["hvp_every"] != 1) and not self.measures(group):
+            warnings.warn(f"memkernels.{type(self).__name__}: hvp={group['hvp']!r}, hvp_every={group['hvp_every']} "
+                          "is unused: H d is estimated only with a nonzero memory_correction or track_memory=True",
+                          UserWarning, stacklevel=5)
 
     def _transient(self) -> None:
         """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
@@ -151,7 +156,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """Raise ValueError naming a bad hyperparameter of this group."""
         if group["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {group['hvp']!r}")
-        if not math.isfinite(group["memory_correction"]):
+        if not math.isfinite(real("memory_correction", group["memory_correction"])):
             raise ValueError(f"memory_correction must be finite, got {group['memory_correction']}")
         limit = group["correction_limit"]
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
@@ -166,7 +171,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
             raise ValueError(f"lr must be a float or a one-element floating tensor, got {tuple(lr.shape)} {lr.dtype}")
         if not (isinstance(lr, Tensor) and self.device_mode(group)):  # a tensor lr in device mode is not read
-            check_hyperparameters(lr=float(lr))
+            check_hyperparameters(lr=lr)
         if group["capturable"] and self.measures(group) and (group["hvp"] == "exact" or every > 1):
             raise ValueError(f"capturable=True measures memory with hvp='trajectory' or 'probe' and hvp_every=1, "
                              f"got hvp={group['hvp']!r}, hvp_every={every} (the exact estimate needs autograd, "
@@ -728,5 +733,5 @@ def _on(value: float | Tensor, like: Tensor) -> Tensor:
 def check_betas(betas: Any) -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return float(betas[0]), float(betas[1])
+    return real("beta1", betas[0]), real("beta2", betas[1])
 

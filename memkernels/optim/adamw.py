@@ -41,8 +41,7 @@ class AdamW(MemoryOptimizer):
     def check_group(self, group: dict) -> None:
         super().check_group(group)
         beta1, beta2 = check_betas(group["betas"])
-        check_hyperparameters(beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                              weight_decay=float(group["weight_decay"]))
+        check_hyperparameters(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         return {"step": self.new_step(p, group),

@@ -40,7 +40,7 @@ class Lion(MemoryOptimizer):
         super().check_group(group)
         beta1, beta2 = check_betas(group["betas"])
         check_hyperparameters(beta1=beta1, beta2=beta2,
-                              weight_decay=float(group["weight_decay"]), smoothing=float(group["smoothing"]))
+                              weight_decay=group["weight_decay"], smoothing=group["smoothing"])
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         return {"step": self.new_step(p, group), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}

@@ -32,8 +32,7 @@ class SGD(MemoryOptimizer):
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
-        check_hyperparameters(momentum=float(group["momentum"]),
-                              weight_decay=float(group["weight_decay"]))
+        check_hyperparameters(momentum=group["momentum"], weight_decay=group["weight_decay"])
         if group["nesterov"] and group["momentum"] == 0.0:
             raise ValueError("nesterov=True needs momentum > 0")
 
