@@ -89,10 +89,18 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, backends and why the others are unavailable")
+    info_parser = sub.add_parser("info", help="versions, devices, backends and why the others are unavailable")
+    info_parser.add_argument("--warm", action="store_true",
+                             help="first build the numba kernels of the usual training modes into the disk cache "
+                                  "(about a minute once; a first step then waits for none of them)")
     add_bench(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
+        if args.warm:
+            if not backends.status()["numba"].startswith("available"):
+                parser.error(f"--warm builds numba kernels, and numba is {backends.status()['numba']}")
+            from .warm import warm
+            print(warm())
         print(info())
     elif args.command == "bench":
         return bench(args, parser)

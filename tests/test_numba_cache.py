@@ -225,3 +225,33 @@ def test_a_forked_child_steps_after_the_parent_started_numba_threads():
     torch.testing.assert_close(torch.from_numpy(stepped), twin.detach(), rtol=1e-6, atol=1e-7)
     if nb.numba.threading_layer() == "omp":
         assert "one thread: this process was forked" in status, status
+
+
+TRAINING = r"""
+import torch, warnings, memkernels as mk
+from memkernels.backends import numba as nb
+warnings.simplefilter("ignore")
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).to(torch.bfloat16)
+x, y = torch.randn(128, 32, dtype=torch.bfloat16), torch.randn(128, 1, dtype=torch.bfloat16)
+def closure():
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+    loss.backward()
+    return loss
+for opt in (mk.AdamW(model.parameters(), track_memory=True), mk.Lion(model.parameters(), memory_correction=-1.0),
+            mk.SGD(model.parameters(), memory_correction=-1.0, hvp="trajectory")):
+    for _ in range(3):
+        opt.step(closure) if isinstance(opt, mk.Lion) else (closure(), opt.step())
+print(sum(c.compiled for c in nb.first_calls), len(nb.first_calls))
+"""
+
+
+def test_info_warm_builds_the_kernels_that_a_training_script_then_loads(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    warm = subprocess.run([sys.executable, "-m", "memkernels.cli", "info", "--warm"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert warm.returncode == 0 and warm.stdout.startswith("warm: numba kernels"), warm.stdout + warm.stderr
+    assert " 0 compiled" not in warm.stdout  # an empty cache: it built them
+    script = subprocess.run([sys.executable, "-c", TRAINING], env=env, capture_output=True, text=True, timeout=300)
+    compiled, calls = map(int, script.stdout.split())
+    assert calls > 0 and compiled == 0, script.stdout + script.stderr
