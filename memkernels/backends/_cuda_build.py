@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -209,6 +208,8 @@ def untrusted(path: Path, kind: str) -> str | None:
         return f"{kind} {path} is a symlink"
     if not (stat.S_ISDIR if kind == "directory" else stat.S_ISREG)(st.st_mode):
         return f"{path} is not a {'regular file' if kind == 'file' else kind}"
+    if not hasattr(os, "geteuid"):  # no POSIX owners or modes (Windows): the profile's ACLs guard ~/.cache
+        return None
     if st.st_uid != _my_uid():
         return f"{kind} {path} is owned by uid {st.st_uid}"
     writers = [who for bit, who in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if st.st_mode & bit]
@@ -237,6 +238,8 @@ def _lock(directory: Path) -> Iterator[None]:
         problem = "is a symlink" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
         raise OSError(f"the build lock {path} {problem}") from exc
     try:
+        import fcntl  # POSIX only; here, so that the numba cache, which shares this module's checks, imports anywhere
+
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

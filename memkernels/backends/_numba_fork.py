@@ -27,7 +27,8 @@ def _after_fork_in_child() -> None:
                                 "cannot start threads after fork()")
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX: where there is no fork there is nothing to do
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _warned = False
 
 
