@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 from .machine import summary
+from .timing import median_iqr
 
 SUITES = ("speed", "theory", "implicit")
 TITLES = {"speed": "Speed", "theory": "Theory: order of accuracy", "implicit": "Implicit regularization"}
@@ -62,11 +62,11 @@ NOISE = 0.2  # a row whose times or paired ratios spread (IQR) more than this sh
 
 
 def _spread(sample: list[float]) -> float:
-    """IQR / median of a sample (0 for fewer than 2 values)."""
-    if len(sample) < 2:
+    """IQR / median of a sample (0 for none)."""
+    if not sample:
         return 0.0
-    q1, q2, q3 = statistics.quantiles(sample, n=4, method="inclusive")
-    return (q3 - q1) / q2 if q2 > 0 else math.inf
+    median, iqr = median_iqr(sample)
+    return iqr / median if median > 0 else math.inf
 
 
 def noisy(row: dict[str, Any]) -> bool:

@@ -88,8 +88,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     - memory_correction (alpha): the step is p - h (F + alpha h M); 0 is the plain optimizer, -1 cancels
       memory's implicit term, +1 doubles it.
     - correction_limit (kappa, in (0, inf]): alpha h M is limited per element to kappa |F| (F: the step it
-      corrects; u, the memoryless update, in memoryless mode), which keeps the correction where the expansion holds and bounds it where it does not;
-      memory_stats()["limited_fraction"] counts where it acted. inf: no limit.
+      corrects; u, the memoryless update, in memoryless mode), which keeps the correction where the expansion
+      holds and bounds it where it does not; memory_stats()["limited_fraction"] counts where it acted. inf: no
+      limit.
     - hvp: how H d is estimated. "auto": the probe when step() gets a closure (one extra gradient on the same
       batch: sound with minibatches), else "trajectory" (the change of the gradient between steps: free, sound
       with full or large batches; a warning says so once). "exact": double backward (call
@@ -260,8 +261,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for p, st in state.get("state", {}).items():  # states in the param's element order (a checkpoint of a
             if isinstance(st, dict) and isinstance(p, Tensor):  # contiguous model into a channels_last one)
                 for key, value in st.items():
-                    if _needs_relayout(value, p):
-                        st[key] = torch.empty_like(p, dtype=value.dtype, device=value.device).copy_(value)
+                    if type(value) is Tensor and type(p) in (Tensor, torch.nn.Parameter) and _other_order(value, p):
+                        st[key] = _in_order_of(p, value)
         for st in loaded:
             if id(st) in steps:
                 st["step"] = steps[id(st)]
@@ -511,8 +512,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """grad, or a copy of it in p's element order where they differ (a contiguous grad of a channels_last
         param): the kernels walk every tensor of a param in one order. The copy is an extra pass over the
         grad, so it is announced once."""
-        if (grad.shape != p.shape or grad.layout != torch.strided or not _ops.dense_layout(p)
-                or (_ops.dense_layout(grad) and _ops.element_order(grad) == _ops.element_order(p))):
+        if grad.layout != torch.strided or not _other_order(grad, p):
             return grad
         if "grad_layout" not in self._warned:
             self._warned.add("grad_layout")
@@ -520,7 +520,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                           f"{p.stride()} (shape {tuple(p.shape)}) is copied into the parameter's layout at each "
                           "step, an extra pass over it; gradients in their parameter's layout avoid it",
                           RuntimeWarning, stacklevel=4)
-        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(grad)
+        return _in_order_of(p, grad)
 
     def _hvp_scale(self, group: dict, gi: int, bucket: Bucket) -> float:
         if bucket.ref is not None:
@@ -531,7 +531,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if prev_lr == 0.0:
             return 0.0
         scale = 1.0 / (prev_lr * self.trajectory_ratio(group, gi, bucket.n))
-        if scale > _scale_limit(bucket.params[0].dtype):
+        if scale > _scale_limit(bucket.params[0]):
             key = (gi, bucket.params[0].device)
             self._skipped[key] = self._skipped.get(key, 0) + 1
             return 0.0
@@ -544,9 +544,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if bucket.hvp != "trajectory" or bucket.fresh_refs:
             return torch.zeros_like(n)
         denominator = _on(group.get("prev_lr", group["lr"]), n) * self.trajectory_ratio_at(group, n)
-        skip = (n > 0) & (denominator > 0) & (denominator * _scale_limit(bucket.params[0].dtype) < 1.0)
+        estimated = (n > 0) & (denominator > 0)
+        skip = estimated & (denominator * _scale_limit(bucket.params[0]) < 1.0)
         self._skipped[gi, n.device].add_(skip)  # in place: a new tensor each step would make a compiled step recompile
-        return torch.where((n > 0) & (denominator > 0) & ~skip, 1.0 / denominator, 0.0)
+        return torch.where(estimated & ~skip, 1.0 / denominator, 0.0)
 
     def _scalars(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's scalars with the step_scalars tensor's values in place of their placeholders."""
@@ -673,10 +674,16 @@ def _check_disjoint(params: list[Tensor]) -> None:
                              "update it twice")
 
 
-def _needs_relayout(value: Any, p: Tensor) -> bool:
-    """A plain state tensor of the param's shape whose elements lie in another order than the dense param's."""
-    return (type(value) is Tensor and type(p) in (Tensor, torch.nn.Parameter) and value.shape == p.shape
-            and value.numel() > 1 and _ops.dense_layout(p) and _ops.element_order(value) != _ops.element_order(p))
+def _other_order(t: Tensor, p: Tensor) -> bool:
+    """t, of dense p's shape, does not hold its elements in p's order (another order, or not dense): the kernels
+    walk every tensor of a param in the param's order. Equal strides, the common case, decide at once."""
+    return (t.stride() != p.stride() and t.shape == p.shape and t.numel() > 1 and _ops.dense_layout(p)
+            and not (_ops.dense_layout(t) and _ops.element_order(t) == _ops.element_order(p)))
+
+
+def _in_order_of(p: Tensor, t: Tensor) -> Tensor:
+    """A copy of t in p's layout (t's dtype and device)."""
+    return torch.empty_like(p, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _step_count(step: Any, index: int) -> Tensor:
@@ -715,12 +722,12 @@ def _shard_groups(p: Tensor) -> tuple | None:
     return tuple(mesh.get_group(i) for i, placement in enumerate(p.placements) if placement.is_shard())
 
 
-def _scale_limit(dtype: torch.dtype) -> float:
+def _scale_limit(p: Tensor) -> float:
     """The largest 1/h of a trajectory estimate: the square root of the kernels' compute dtype's max (fp32:
     1.8e19, so h below ~5e-20). Beyond it M = (g - g_prev)/h can overflow to inf and the term h^2 M become
     NaN, while the step h F it would correct is below the resolution of any parameter above ~1e-12. Such
     steps go without the estimate (M = 0), counted in memory_stats()["skipped_estimates"]."""
-    return math.sqrt(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max)
+    return math.sqrt(torch.finfo(compute_dtype(p)).max)
 
 
 def _on(value: float | Tensor, like: Tensor) -> Tensor:
