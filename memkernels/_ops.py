@@ -93,6 +93,8 @@ def real(name: str, value: Any) -> float:
     """value as a float, if it is a real number or a one-element floating tensor. A bool or a string is refused
     by name: True would be read as 1 (memory_correction=True is +1, the opposite of cancelling) and torch
     refuses lr="1e-3"."""
+    if type(value) is float:  # the common case, every step: no abstract-class check
+        return value
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

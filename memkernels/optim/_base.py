@@ -307,7 +307,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise TypeError(f"memkernels.{type(self).__name__} does not support sparse gradients")
             shard_groups = _shard_groups(p)
-            if shard_groups is None and not compiling:
+            if shard_groups is None and not compiling and grad.stride() != p.stride():  # the rare case, tested first
                 grad = self._in_param_order(p, grad)
             if shard_groups is None and not compiling and grad.numel() and grad.data_ptr() == p.data_ptr() != 0:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} is its own gradient (p.grad shares p's "
