@@ -171,7 +171,8 @@ def compare(op: str, inputs: dict, kwargs: dict, diagnostics: bool) -> dict:
     States, grad_refs, origins and hvps involve no sqrt or log, so they must be bit-identical, and
     so must the parameters of SGD and sign-Lion and those of a probe pass without sqrt; the rest
     (AdamW and smooth-Lion parameters, the diagnostics, which are also summed in another order)
-    within assert_matches' tolerance, but for the count of limited elements, which must be exact.
+    within assert_matches' tolerance; the count of limited elements is exact where the parameters are, and
+    otherwise differs by no more than the number of parameters that do.
     The probe norms sum the same terms in another order: 1e-12 relative where the direction is exact.
     """
     expected = run(op, "reference", inputs, kwargs, diagnostics)
@@ -192,7 +193,13 @@ def compare(op: str, inputs: dict, kwargs: dict, diagnostics: bool) -> dict:
         slack = diagnostics_slack(e, rounding_sensitivity(op, inputs, kwargs, fp64_math), fp64_math)
         close = ((a - e).abs() <= (1e-12 if fp64_math else 1e-6) * e.abs() + slack) | (a == e) | (a.isnan() & e.isnan())
         assert close.all(), f"diagnostics: numba {a.tolist()}, reference {e.tolist()}, slack {slack.tolist()}"
-        assert a[6] == e[6], f"limited: numba {a[6].item()}, reference {e[6].item()}"
+        # The limit compares |alpha h^2 M| with kappa h |F|: where F is exact, so is the count; where F takes a
+        # sqrt that rounds differently (torch's vs IEEE), an element on the boundary may fall either way, and
+        # its parameter then differs too, so the counts differ by at most the elements whose parameters do.
+        differing = 0 if exact_params else sum(int((x != y).sum())
+                                               for x, y in zip(actual["params"], expected["params"]))
+        assert abs(a[6] - e[6]) <= differing, f"limited: numba {a[6].item()}, reference {e[6].item()}, " \
+                                              f"{differing} parameters differ"
     return actual
 
 
