@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import backends
 from .reference import NDIAG
+from .spec import BOUNDS, SPECS
 
 LIB = "memkernels"
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,28 +44,13 @@ _COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., 
            "bool probe=False, Tensor? probe_tau=None, Tensor(n!)? probe_norms=None, str backend=\"auto\""
            % CORRECTION_LIMIT)
 
-# The scalars that change from step to step, in the order of the optional `step_scalars` tensor (float64,
-# on the params' device). When it is given its values replace the float arguments of the same names, so a
-# compiled or CUDA-graph-captured step can move lr and the coefficients without recompiling or syncing.
-STEP_SCALARS = {
-    "adamw": ("lr", "bias_correction1", "bias_correction2", "mean_age1", "mean_age2", "hvp_scale"),
-    "lion": ("lr", "ema_weight", "age_weight", "hvp_scale"),
-    "sgd": ("lr", "update_scale", "memory_coef", "hvp_scale"),
-}
+# The per-step scalars in the order of the optional `step_scalars` tensor (float64, on the params' device). When
+# it is given its values replace the float arguments of the same names, so a compiled or CUDA-graph-captured
+# step can move lr and the coefficients without recompiling or syncing.
+STEP_SCALARS = {name: spec.step_scalars for name, spec in SPECS.items()}
 
 # op name -> (state list names, scalar part of the schema)
-SCHEMAS = {
-    "adamw": (("exp_avgs", "exp_avg_sqs"),
-              "float lr, float beta1, float beta2, float eps, float weight_decay, "
-              "float bias_correction1, float bias_correction2, float mean_age1, float mean_age2, "
-              "bool decoupled=True, bool eps_inside_sqrt=False"),
-    "lion": (("exp_avgs",),
-             "float lr, float beta1, float beta2, float weight_decay, float smoothing, "
-             "float ema_weight, float age_weight"),
-    "sgd": (("momentum_buffers",),
-            "float lr, float momentum, float weight_decay, bool nesterov, "
-            "float update_scale, float memory_coef"),
-}
+SCHEMAS = {name: (spec.state_lists, spec.scalar_schema()) for name, spec in SPECS.items()}
 
 
 def _schema(states: Sequence[str], scalars: str) -> str:
@@ -81,14 +67,6 @@ for _name, (_states, _scalars) in SCHEMAS.items():
 
 # ---------------------------------------------------------------- argument checks
 
-def _check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=True) -> None:
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
-
-
 def real(name: str, value: Any) -> float:
     """value as a float, if it is a real number or a one-element floating tensor. A bool or a string is refused
     by name: True would be read as 1 (memory_correction=True is +1, the opposite of cancelling) and torch
@@ -103,26 +81,11 @@ def real(name: str, value: Any) -> float:
 
 
 def check_hyperparameters(**values: Any) -> None:
-    """The rules every entry point applies to its scalars, by name."""
+    """The rules every entry point applies to its scalars, by name (spec.BOUNDS)."""
     for name, value in values.items():
         value = real(name, value)
-        if name in ("lr", "weight_decay", "smoothing", "hvp_scale", "probe_tau"):
-            _check_range(name, value, 0.0, math.inf)
-        elif name in ("beta1", "beta2", "momentum"):
-            _check_range(name, value, 0.0, 1.0)
-        elif name == "eps":
-            _check_range(name, value, 0.0, math.inf, low_open=True)
-        elif name == "correction":
-            _check_range(name, value, -math.inf, math.inf, low_open=True)
-        elif name == "correction_limit":
-            if not value > 0.0:  # inf switches the limit off; NaN fails here too
-                raise ValueError(f"correction_limit must be in (0, inf], got {value}")
-        elif name in ("bias_correction1", "bias_correction2", "ema_weight"):  # 1 - beta^k with beta in [0, 1)
-            _check_range(name, value, 0.0, 1.0, low_open=True, high_open=False)
-        elif name in ("mean_age1", "mean_age2", "age_weight", "memory_coef"):  # sums of nonnegative weights
-            _check_range(name, value, 0.0, math.inf)
-        elif name == "update_scale":
-            _check_range(name, value, 0.0, math.inf, low_open=True)
+        if name in BOUNDS:
+            BOUNDS[name].check(name, value)
 
 
 def check_scalars(op: str, kwargs: dict[str, Any]) -> None:
@@ -179,8 +142,9 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     origins, hvps = origins or (), hvps or ()
     if len(grads) != len(params):
         raise ValueError(f"{where}: grads has {len(grads)} tensors, params has {len(params)}")
+    optional = SPECS[op].optional_state_keys
     for name, lst in states.items():
-        if len(lst) not in (len(params),) and not (name == "momentum_buffers" and len(lst) == 0):
+        if len(lst) != len(params) and not (name[:-1] in optional and len(lst) == 0):
             raise ValueError(f"{where}: {name} has {len(lst)} tensors, params has {len(params)}")
     for name, lst in (("grad_refs", grad_refs), ("origins", origins), ("hvps", hvps)):
         if len(lst) not in (0, len(params)):
@@ -268,7 +232,8 @@ def checked_by_caller(checked: bool = True) -> Iterator[None]:
 
 
 def _impl(op: str):
-    state_names = SCHEMAS[op][0]
+    spec = SPECS[op]
+    state_names = spec.state_lists
     schema = getattr(torch.ops.memkernels, f"{op}_").default._schema
     defaults = {a.name: a.default_value for a in schema.arguments if a.kwarg_only and a.has_default_value()}
 
@@ -296,8 +261,9 @@ def _impl(op: str):
                 kwargs["hvp_scale"] = 1.0 / tau if tau > 0.0 else 0.0
             kwargs["probe_tau"] = tau
         check_scalars(op, kwargs)
-        if op == "sgd" and kwargs["momentum"] != 0.0 and not state_lists[0]:
-            raise ValueError("memkernels.sgd_: momentum != 0 needs momentum_buffers")
+        for state, lst in zip(spec.states, state_lists):
+            if state.absent_when_zero and kwargs[state.absent_when_zero] != 0.0 and not lst:
+                raise ValueError(f"memkernels.{op}_: {state.absent_when_zero} != 0 needs {state.list_name}")
         if backends.is_preparing() and not kernel.prepares:  # nothing to build ahead: checked is prepared
             return
         kernel(params, grads, *state_lists, grad_refs, diagnostics, **kwargs)
@@ -320,7 +286,4 @@ for _name in SCHEMAS:
     # reached only by a call without any tensor (every list empty, no diagnostics): a no-op
     _lib.impl(f"{_name}_", EAGER[_name], "CompositeExplicitAutograd")
     torch.library.register_fake(f"{LIB}::{_name}_")(_fake)
-
-adamw_ = torch.ops.memkernels.adamw_
-lion_ = torch.ops.memkernels.lion_
-sgd_ = torch.ops.memkernels.sgd_
+    globals()[f"{_name}_"] = getattr(torch.ops.memkernels, f"{_name}_")  # _ops.adamw_, ...

@@ -69,25 +69,31 @@ def estimate_hvp(g_ref: Tensor, g: Tensor, hvp_scale: float) -> Tensor:
     return (g_ref - g) * hvp_scale
 
 
-def descend(p: Tensor, shrink: float, step_size: float, step: Tensor, M: Tensor, lr: float,
-            correction: float, update: Tensor, correction_limit: float) -> tuple[Tensor, Tensor]:
+def descend(p: Tensor, step: Tensor, M: Tensor, update: Tensor, s: dict[str, float], correct: bool
+            ) -> tuple[Tensor, Tensor]:
     """p <- p * shrink - step_size * step - term, term = correction * lr^2 * M limited to kappa lr |update|.
 
-    update is what the step applies without the correction (F, or u in memoryless mode), so the corrected
-    step is that step times a factor in [1 - kappa, 1 + kappa] per element. Returns p and the elements where
-    the limit acted. A NaN term is not limited (it propagates).
+    s holds the op's derived scalars (its derive()); correct: correction != 0. update is what the step
+    applies without the correction (F, or u in memoryless mode), so the corrected step is that step times a
+    factor in [1 - kappa, 1 + kappa] per element. Returns p and the elements where the limit acted. A NaN
+    term is not limited (it propagates).
     """
-    if shrink != 1.0:
-        p = p * shrink
-    p = p - step_size * step
+    if s["shrink"] != 1.0:
+        p = p * s["shrink"]
+    p = p - s["step_size"] * step
     limited = torch.zeros_like(p, dtype=torch.bool)
-    if correction != 0.0:
-        term = (correction * lr * lr) * M
-        bound = (correction_limit * lr) * torch.abs(update)
+    if correct:
+        term = s["correction_lr2"] * M
+        bound = s["kappa_lr"] * torch.abs(update)
         limited = torch.abs(term) > bound
         term = torch.where(limited, torch.where(term < 0, -bound, bound), term)
         p = p - term
     return p, limited
+
+
+def correction_scalars(lr: float, correction: float, correction_limit: float) -> dict[str, float]:
+    """The correction's derived scalars, shared by every op's derive()."""
+    return dict(correction_lr2=correction * lr * lr, kappa_lr=correction_limit * lr)
 
 
 def diagnostics(F, u, M, lr, penalty, sign_flips, limited):
@@ -113,11 +119,14 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor
           correction: float, correction_limit: float, decoupled: bool, eps_inside_sqrt: bool,
           memoryless: bool) -> Step:
     """AdamW (decoupled) or Adam with L2 (coupled) and the correction of docs/THEORY.md section 3."""
+    s = adamw_derived(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, bias_correction1=bias_correction1,
+                      bias_correction2=bias_correction2, decoupled=decoupled, memoryless=memoryless,
+                      correction=correction, correction_limit=correction_limit)
     g_raw = g
     if not decoupled:
         g = g + decay_term(weight_decay, p)  # coupled L2: the EMAs see g~ = g + lambda theta
-    exp_avg = exp_avg + (1 - beta1) * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    exp_avg = exp_avg + s["one_minus_beta1"] * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + s["one_minus_beta2"] * g * g
     decay = decay_term(weight_decay, p) if decoupled else torch.zeros_like(p)
     if eps_inside_sqrt:
         denom = torch.sqrt(exp_avg_sq / bias_correction2 + eps)
@@ -127,7 +136,7 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor
         coef = mean_age1 / a - mean_age2 * (g_over_a * g_over_a) / a
         penalty = a
     else:
-        denom = torch.sqrt(exp_avg_sq) / bias_correction2 ** 0.5 + eps
+        denom = torch.sqrt(exp_avg_sq) / s["bias_correction2_sqrt"] + eps
         a = torch.abs(g) + eps
         g_over_a = g / a
         coef = (mean_age1 - mean_age2 * torch.abs(g_over_a)) / a  # A/a - B |g|/a^2 without a^2 to overflow
@@ -140,14 +149,21 @@ def adamw(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hvp: Tensor
         if not decoupled:
             hvp = hvp + weight_decay * u  # H~ = H + lambda I
         M = coef * hvp
-    shrink = 1 - lr * weight_decay if decoupled else 1.0
     if memoryless:
-        p, limited = descend(p, shrink, lr, g_over_a, M, lr, correction, u, correction_limit)
+        p, limited = descend(p, g_over_a, M, u, s, correction != 0.0)
     else:
-        p, limited = descend(p, shrink, lr / bias_correction1, exp_avg / denom, M, lr, correction, F,
-                             correction_limit)
+        p, limited = descend(p, exp_avg / denom, M, F, s, correction != 0.0)
     diag = diagnostics(F, u, M, lr, penalty, torch.zeros_like(p), limited)
     return Step(p, (exp_avg, exp_avg_sq), g_raw, M, diag)
+
+
+def adamw_derived(*, lr: float, beta1: float, beta2: float, weight_decay: float, bias_correction1: float,
+                  bias_correction2: float, decoupled: bool, memoryless: bool, correction: float,
+                  correction_limit: float, **_: object) -> dict[str, float]:
+    return dict(one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2,
+                bias_correction2_sqrt=bias_correction2 ** 0.5, shrink=1 - lr * weight_decay if decoupled else 1.0,
+                step_size=lr if memoryless else lr / bias_correction1,
+                **correction_scalars(lr, correction, correction_limit))
 
 
 def smooth_sign(x: Tensor, smoothing: float) -> Tensor:
@@ -168,7 +184,9 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, hvp: Tensor | None, *,
          ema_weight: float, age_weight: float, correction: float, correction_limit: float,
          memoryless: bool) -> Step:
     """Lion (sign) or Lion-K with a smooth sign, and the correction of docs/THEORY.md section 4."""
-    c = beta1 * exp_avg + (1 - beta1) * g
+    s = lion_derived(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, correction=correction,
+                     correction_limit=correction_limit)
+    c = beta1 * exp_avg + s["one_minus_beta1"] * g
     wg = ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
     decay = decay_term(weight_decay, p)
     phi_c = smooth_sign(c, smoothing)
@@ -179,13 +197,18 @@ def lion(p: Tensor, g: Tensor, exp_avg: Tensor, hvp: Tensor | None, *,
         M = torch.zeros_like(p)
     else:
         M = smooth_sign_slope(wg, smoothing) * age_weight * hvp
-    exp_avg = beta2 * exp_avg + (1 - beta2) * g
+    exp_avg = beta2 * exp_avg + s["one_minus_beta2"] * g
     penalty = torch.sqrt(wg * wg + smoothing)
     sign_flips = (torch.sign(c) != torch.sign(g)).to(p.dtype)
-    p, limited = descend(p, 1 - lr * weight_decay, lr, phi_wg if memoryless else phi_c, M, lr, correction,
-                         u if memoryless else F, correction_limit)
+    p, limited = descend(p, phi_wg if memoryless else phi_c, M, u if memoryless else F, s, correction != 0.0)
     diag = diagnostics(F, u, M, lr, penalty, sign_flips, limited)
     return Step(p, (exp_avg,), g, M, diag)
+
+
+def lion_derived(*, lr: float, beta1: float, beta2: float, weight_decay: float, correction: float,
+                 correction_limit: float, **_: object) -> dict[str, float]:
+    return dict(one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, shrink=1 - lr * weight_decay, step_size=lr,
+                **correction_scalars(lr, correction, correction_limit))
 
 
 def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, hvp: Tensor | None, *,
@@ -208,10 +231,14 @@ def sgd(p: Tensor, g: Tensor, momentum_buffer: Tensor | None, hvp: Tensor | None
     else:
         hvp = hvp + weight_decay * g  # H~ g~ = H g~ + lambda g~
         M = memory_coef * hvp
-    p, limited = descend(p, 1.0, lr, u if memoryless else F, M, lr, correction, u if memoryless else F,
-                         correction_limit)
+    s = sgd_derived(lr=lr, correction=correction, correction_limit=correction_limit)
+    p, limited = descend(p, u if memoryless else F, M, u if memoryless else F, s, correction != 0.0)
     diag = diagnostics(F, u, M, lr, 0.5 * g * g, torch.zeros_like(p), limited)
     return Step(p, states, g_raw, M, diag)
+
+
+def sgd_derived(*, lr: float, correction: float, correction_limit: float, **_: object) -> dict[str, float]:
+    return dict(shrink=1.0, step_size=lr, **correction_scalars(lr, correction, correction_limit))
 
 
 # Memoryless directions d = F(theta, ..., theta) whose H d the correction needs: the probe pass and
@@ -237,6 +264,3 @@ def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float, **_: object) -> 
     """H~ is applied to g~ itself (M = c_n H~ g~), so d = g~ without the factor S_n."""
     return g + decay_term(weight_decay, p)
 
-
-# op -> (step, direction); the directions take the op's scalars and ignore the ones they do not use.
-OPS = {"adamw": (adamw, adamw_direction), "lion": (lion, lion_direction), "sgd": (sgd, sgd_direction)}

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from memkernels import reference
+from memkernels.spec import SPECS
 from memkernels._ops import CORRECTION_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def _reference_probe(op: str, x: dict[str, np.ndarray], kw: dict, tau: float) ->
     inv_scale, maximize = kw.pop("inv_scale", 1.0), kw.pop("maximize", False)
     t = {k: torch.from_numpy(v.copy()) for k, v in x.items()}
     g = reference.load_grad(t["grad"], inv_scale, maximize)
-    return reference.probe(t["p"], reference.OPS[op][1](t["p"], g, **kw), tau)
+    return reference.probe(t["p"], SPECS[op].direction(t["p"], g, **kw), tau)
 
 
 PROBE_CASES = {

@@ -17,7 +17,6 @@ import time
 import warnings
 from typing import Callable, Iterator
 
-OPS = ("adamw", "lion", "sgd")
 PREFERENCE = {"cpu": ("numba", "reference"), "cuda": ("cuda", "triton", "reference")}
 BACKENDS = ("reference", "numba", "triton", "cuda")
 

@@ -4,18 +4,20 @@ Half-precision tensors are computed in fp32 and rounded once on write-back.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .. import reference
+from ..spec import SPECS, OpSpec
 from . import register
 
 
-def _run(op, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
+def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
          grad_scale, found_inf, origins, hvps, reuse_hvp, probe, probe_tau, probe_norms, hvp_scale,
          **scalars) -> None:
     if found_inf is not None and found_inf.item() != 0.0:
         return  # AMP found an inf: skip the step exactly, as torch's fused path does
-    step_math, direction = reference.OPS[op]
     inv_scale = reference.inv_scale(grad_scale)
     totals = [0.0] * (2 if probe else reference.NDIAG)
     for i, p in enumerate(params):
@@ -23,7 +25,7 @@ def _run(op, params, grads, state_lists, grad_refs, diagnostics, *, maximize, up
         g = reference.load_grad(grads[i].to(dtype), inv_scale, maximize)
         theta = (origins[i] if origins and not probe else p).to(dtype)
         if probe:  # theta + tau d into params, theta kept in origins
-            out = reference.probe(theta, direction(theta, g, **scalars), probe_tau)
+            out = reference.probe(theta, spec.direction(theta, g, **scalars), probe_tau)
             origins[i].copy_(p)
             p.copy_(out.p)
             if probe_norms is not None:
@@ -40,7 +42,7 @@ def _run(op, params, grads, state_lists, grad_refs, diagnostics, *, maximize, up
             if hvps:
                 hvps[i].copy_(hvp)
         states = [lst[i].to(dtype) if lst else None for lst in state_lists]
-        step = step_math(theta, g, *states, hvp, **scalars)
+        step = spec.step(theta, g, *states, hvp, **scalars)
         p.copy_(step.p)
         for lst, new in zip((lst for lst in state_lists if lst), step.states):
             lst[i].copy_(new)
@@ -54,16 +56,13 @@ def _run(op, params, grads, state_lists, grad_refs, diagnostics, *, maximize, up
         out.add_(torch.tensor(totals, dtype=torch.float64, device=out.device))
 
 
-@register("reference", "adamw", ("cpu", "cuda"))
-def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, **kw) -> None:
-    _run("adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, **kw)
+def _kernel(spec: OpSpec) -> Callable[..., None]:
+    n = len(spec.states)
+
+    def kernel(params, grads, *lists_and_diagnostics, **kw) -> None:
+        _run(spec, params, grads, lists_and_diagnostics[:n], *lists_and_diagnostics[n:], **kw)
+    return kernel
 
 
-@register("reference", "lion", ("cpu", "cuda"))
-def lion(params, grads, exp_avgs, grad_refs, diagnostics, **kw) -> None:
-    _run("lion", params, grads, (exp_avgs,), grad_refs, diagnostics, **kw)
-
-
-@register("reference", "sgd", ("cpu", "cuda"))
-def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, **kw) -> None:
-    _run("sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics, **kw)
+for _spec in SPECS.values():
+    register("reference", _spec.name, ("cpu", "cuda"))(_kernel(_spec))

@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import EMAAge, ema_age_at
+from ..spec import ADAMW
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -24,7 +25,7 @@ class AdamW(MemoryOptimizer):
     """
 
     op = "adamw"
-    state_keys = ("exp_avg", "exp_avg_sq")
+    state_keys = ADAMW.state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,

@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import LionWeights, lion_weights_at
+from ..spec import LION
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -24,7 +25,7 @@ class Lion(MemoryOptimizer):
     """
 
     op = "lion"
-    state_keys = ("exp_avg",)
+    state_keys = LION.state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,

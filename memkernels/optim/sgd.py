@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import HeavyBall, heavy_ball_at
+from ..spec import SGD
 from ._base import MemoryOptimizer
 
 
@@ -17,8 +18,8 @@ class SGD(MemoryOptimizer):
     MemoryOptimizer)."""
 
     op = "sgd"
-    state_keys = ("momentum_buffer",)
-    optional_state_keys = ("momentum_buffer",)
+    state_keys = SGD.state_keys
+    optional_state_keys = SGD.optional_state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0,
