@@ -78,7 +78,7 @@ def optimizer_runs() -> dict[str, list[torch.Tensor]]:
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8) if t.numel() else t
+    return t.reshape(-1).contiguous().view(torch.uint8) if t.numel() else t
 
 
 def main() -> None:

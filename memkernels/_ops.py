@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends
 from .reference import NDIAG
-from .spec import BOUNDS, SPECS
+from .ops import BOUNDS, SPECS
 
 LIB = "memkernels"
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from memkernels import reference
-from memkernels.spec import SPECS
+from memkernels.ops import SPECS
 from memkernels._ops import CORRECTION_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import memkernels as mk
-from memkernels import reference
+from memkernels import ops, reference
 from memkernels.coefficients import EMAAge, LionWeights, replay
 from memkernels.theory import logistic, trajectory
 
@@ -43,12 +43,12 @@ def test_adam_eps_inside_and_signum_share_the_correction(beta, eps):
     lion = replay(LionWeights(beta, beta), LARGE_N)
     hvp_scale = 3.0
     hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
-    adam = reference.adamw(p, g, exp_avg, exp_avg_sq, hvp, lr=0.01, beta1=beta, beta2=beta, eps=eps,
+    adam = ops.adamw.adamw(p, g, exp_avg, exp_avg_sq, hvp, lr=0.01, beta1=beta, beta2=beta, eps=eps,
                            weight_decay=0.0, bias_correction1=age.bias_correction,
                            bias_correction2=age.bias_correction, mean_age1=age.mean_age, mean_age2=age.mean_age,
                            correction=1.0, correction_limit=math.inf, decoupled=True, eps_inside_sqrt=True,
                            memoryless=True)
-    signum = reference.lion(p, g, exp_avg, hvp, lr=0.01, beta1=beta, beta2=beta, weight_decay=0.0,
+    signum = ops.lion.lion(p, g, exp_avg, hvp, lr=0.01, beta1=beta, beta2=beta, weight_decay=0.0,
                             smoothing=eps, ema_weight=lion.w, age_weight=lion.c, correction=1.0,
                             correction_limit=math.inf, memoryless=True)
     tau = beta / (1.0 - beta)
@@ -102,8 +102,8 @@ def test_adamw_coefficient_in_float32_where_powers_of_a_overflow(eps_inside_sqrt
     kwargs = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=1.0,
                   bias_correction2=1.0, mean_age1=9.0, mean_age2=999.0, correction=1.0, correction_limit=0.5,
                   decoupled=True, eps_inside_sqrt=eps_inside_sqrt, memoryless=False)
-    M64 = reference.adamw(*inputs, **kwargs).M
-    M32 = reference.adamw(*(t.float() for t in inputs), **kwargs).M
+    M64 = ops.adamw.adamw(*inputs, **kwargs).M
+    M32 = ops.adamw.adamw(*(t.float() for t in inputs), **kwargs).M
     assert (M64 * g > 0).all()  # hvp = -g and the coefficient has the sign of A - B: M = 990 g / a
     torch.testing.assert_close(M32.double(), M64, rtol=1e-5, atol=0.0)
 
@@ -114,7 +114,7 @@ def test_sign_lion_reference_correction_is_zero():
     p, g, exp_avg = (rand(1000, seed=s) for s in range(3))
     g[::7] = 0.0  # c = beta1 m is still nonzero there
     hvp = 1e30 * rand(1000, seed=3)  # however large the HVP
-    step = reference.lion(p, g, exp_avg, hvp, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1,
+    step = ops.lion.lion(p, g, exp_avg, hvp, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1,
                           smoothing=0.0, ema_weight=0.95, age_weight=7.0, correction=1.0, correction_limit=0.5,
                           memoryless=False)
     c = 0.9 * exp_avg + 0.1 * g

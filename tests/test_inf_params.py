@@ -10,7 +10,7 @@ from lion_pytorch import Lion as LionPytorch
 
 import memkernels as mk
 from memkernels import backends
-from memkernels.spec import SPECS
+from memkernels.ops import SPECS
 
 BACKENDS = ["reference", "numba", "triton"]
 

@@ -9,7 +9,7 @@ import lion_pytorch
 import pytest
 import torch
 
-from memkernels import reference
+from memkernels import ops
 from memkernels.coefficients import EMAAge, HeavyBall, LionWeights, replay
 from memkernels.theory import (Rule, correction, engine_cost, logistic, memoryless, plot_order, rule_order,
                                rules, tanh_regression, trajectory, with_memory)
@@ -57,8 +57,8 @@ def test_heavy_ball_matches_closed_form(n, nesterov):
     mu, wd = 0.8, 0.1
     M = correction(rules.heavy_ball(mu, wd, nesterov=nesterov), n, theta, loss, tol=TOL)
     hb = replay(HeavyBall(mu, nesterov), n)
-    d = reference.sgd_direction(theta, g, weight_decay=wd)
-    ref = reference.sgd(theta, g, torch.zeros_like(g), H @ d, lr=0.01, momentum=mu, weight_decay=wd,
+    d = ops.sgd.sgd_direction(theta, g, weight_decay=wd)
+    ref = ops.sgd.sgd(theta, g, torch.zeros_like(g), H @ d, lr=0.01, momentum=mu, weight_decay=wd,
                         nesterov=nesterov, update_scale=hb.update_scale, memory_coef=hb.c, correction=1.0,
                         correction_limit=math.inf, memoryless=True)
     assert_matches(M, ref.M)
@@ -67,9 +67,9 @@ def test_heavy_ball_matches_closed_form(n, nesterov):
 
 def adamw_reference(theta, g, H, n, *, betas, eps, wd, inside, decoupled):
     a1, a2 = replay(EMAAge(betas[0]), n), replay(EMAAge(betas[1]), n)
-    d = reference.adamw_direction(theta, g, eps=eps, weight_decay=wd, decoupled=decoupled, eps_inside_sqrt=inside)
+    d = ops.adamw.adamw_direction(theta, g, eps=eps, weight_decay=wd, decoupled=decoupled, eps_inside_sqrt=inside)
     zeros = torch.zeros_like(g)
-    return reference.adamw(theta, g, zeros, zeros, H @ d, lr=0.01, beta1=betas[0], beta2=betas[1], eps=eps,
+    return ops.adamw.adamw(theta, g, zeros, zeros, H @ d, lr=0.01, beta1=betas[0], beta2=betas[1], eps=eps,
                            weight_decay=wd, bias_correction1=a1.bias_correction,
                            bias_correction2=a2.bias_correction, mean_age1=a1.mean_age, mean_age2=a2.mean_age,
                            correction=1.0, correction_limit=math.inf, decoupled=decoupled, eps_inside_sqrt=inside,
@@ -110,17 +110,17 @@ def test_smoothed_lion_matches_closed_form(n):
     betas, wd, smoothing = (0.8, 0.9), 0.1, 0.0025
     M = correction(rules.smoothed_lion(betas, wd, smoothing), n, theta, loss, tol=TOL)
     lw = replay(LionWeights(*betas), n)
-    directions = [reference.lion_direction(theta, g, weight_decay=wd, smoothing=smoothing,
+    directions = [ops.lion.lion_direction(theta, g, weight_decay=wd, smoothing=smoothing,
                                            ema_weight=replay(LionWeights(*betas), s).w) for s in range(n)]
     weights = [1 - betas[0]] + [betas[0] * (1 - betas[1]) * betas[1] ** (k - 1) for k in range(1, n + 1)]
     D = sum((weights[k] * sum(directions[n - k:n]) for k in range(1, n + 1)), torch.zeros_like(g))
     kw = dict(lr=0.01, beta1=betas[0], beta2=betas[1], weight_decay=wd, smoothing=smoothing,
               ema_weight=lw.w, correction=1.0, correction_limit=math.inf, memoryless=True)
-    exact = reference.lion(theta, g, torch.zeros_like(g), H @ D, age_weight=1.0, **kw)
+    exact = ops.lion.lion(theta, g, torch.zeros_like(g), H @ D, age_weight=1.0, **kw)
     assert_matches(M, exact.M)
     if n == NS[-1]:  # steady state: THEORY's D = C_n u is exact too
-        u = reference.lion_direction(theta, g, weight_decay=wd, smoothing=smoothing, ema_weight=lw.w)
-        assert_matches(M, reference.lion(theta, g, torch.zeros_like(g), H @ u, age_weight=lw.c, **kw).M)
+        u = ops.lion.lion_direction(theta, g, weight_decay=wd, smoothing=smoothing, ema_weight=lw.w)
+        assert_matches(M, ops.lion.lion(theta, g, torch.zeros_like(g), H @ u, age_weight=lw.c, **kw).M)
 
 
 # ---------------------------------------------------------------- the definition, for every shipped rule
@@ -215,7 +215,7 @@ def adabelief_step(betas, eps, wd):
 def inside_adamw_step(betas, eps, wd):
     def step(n, p, g, st):
         a1, a2 = replay(EMAAge(betas[0]), n), replay(EMAAge(betas[1]), n)
-        out = reference.adamw(p, g, st.get("m", 0 * g), st.get("v", 0 * g), None, lr=1.0, beta1=betas[0],
+        out = ops.adamw.adamw(p, g, st.get("m", 0 * g), st.get("v", 0 * g), None, lr=1.0, beta1=betas[0],
                               beta2=betas[1], eps=eps, weight_decay=wd, bias_correction1=a1.bias_correction,
                               bias_correction2=a2.bias_correction, mean_age1=0.0, mean_age2=0.0, correction=0.0,
                               correction_limit=math.inf, decoupled=True, eps_inside_sqrt=True, memoryless=False)
@@ -226,7 +226,7 @@ def inside_adamw_step(betas, eps, wd):
 
 def smooth_lion_step(betas, wd, smoothing):
     def step(n, p, g, st):
-        out = reference.lion(p, g, st.get("m", 0 * g), None, lr=1.0, beta1=betas[0], beta2=betas[1],
+        out = ops.lion.lion(p, g, st.get("m", 0 * g), None, lr=1.0, beta1=betas[0], beta2=betas[1],
                              weight_decay=wd, smoothing=smoothing, ema_weight=1.0, age_weight=0.0,
                              correction=0.0, correction_limit=math.inf, memoryless=False)
         st["m"], = out.states

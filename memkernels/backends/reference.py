@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .. import reference
-from ..spec import SPECS, OpSpec
+from ..ops import SPECS, OpSpec
 from . import register
 
 

@@ -6,10 +6,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import EMAAge, ema_age_at
-from ..spec import ADAMW
+from ..ops import SPECS
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -25,7 +24,7 @@ class AdamW(MemoryOptimizer):
     """
 
     op = "adamw"
-    state_keys = ADAMW.state_keys
+    state_keys = SPECS["adamw"].state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
@@ -68,8 +67,8 @@ class AdamW(MemoryOptimizer):
                     mean_age1=mean_age1, mean_age2=mean_age2)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
-        return reference.adamw_direction(p, g, eps=kwargs["eps"], weight_decay=kwargs["weight_decay"],
-                                         decoupled=kwargs["decoupled"], eps_inside_sqrt=kwargs["eps_inside_sqrt"])
+        return SPECS["adamw"].direction(p, g, eps=kwargs["eps"], weight_decay=kwargs["weight_decay"],
+                                        decoupled=kwargs["decoupled"], eps_inside_sqrt=kwargs["eps_inside_sqrt"])
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
         """R = h (A_n - B_n) Psi_eps(g): negative when beta1 < beta2 (anti-regularization)."""

@@ -6,10 +6,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import LionWeights, lion_weights_at
-from ..spec import LION
+from ..ops import SPECS
 from ._base import MemoryOptimizer, check_betas
 
 
@@ -25,7 +24,7 @@ class Lion(MemoryOptimizer):
     """
 
     op = "lion"
-    state_keys = LION.state_keys
+    state_keys = SPECS["lion"].state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
@@ -61,8 +60,8 @@ class Lion(MemoryOptimizer):
         return dict(ema_weight=ema_weight, age_weight=age_weight)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
-        return reference.lion_direction(p, g, weight_decay=kwargs["weight_decay"], smoothing=kwargs["smoothing"],
-                                        ema_weight=kwargs["ema_weight"])
+        return SPECS["lion"].direction(p, g, weight_decay=kwargs["weight_decay"], smoothing=kwargs["smoothing"],
+                                       ema_weight=kwargs["ema_weight"])
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
         """R = h (C_n / W_n^2) sum sqrt((W_n g)^2 + eps) for the smooth sign; 0 for sign (M = 0).

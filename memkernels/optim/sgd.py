@@ -6,10 +6,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
 from ..coefficients import HeavyBall, heavy_ball_at
-from ..spec import SGD
+from ..ops import SPECS
 from ._base import MemoryOptimizer
 
 
@@ -18,8 +17,8 @@ class SGD(MemoryOptimizer):
     MemoryOptimizer)."""
 
     op = "sgd"
-    state_keys = SGD.state_keys
-    optional_state_keys = SGD.optional_state_keys
+    state_keys = SPECS["sgd"].state_keys
+    optional_state_keys = SPECS["sgd"].optional_state_keys
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0,
@@ -60,7 +59,7 @@ class SGD(MemoryOptimizer):
         return dict(update_scale=update_scale, memory_coef=memory_coef)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
-        return reference.sgd_direction(p, g, weight_decay=kwargs["weight_decay"])
+        return SPECS["sgd"].direction(p, g, weight_decay=kwargs["weight_decay"])
 
     def trajectory_ratio(self, group: dict, gi: int, n: int) -> float:
         """The previous update was ~ S_{n-1} g~ (heavy ball) or S_n g~ (Nesterov)."""

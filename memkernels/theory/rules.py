@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import ops, reference
 from .engine import Rule
 
 
@@ -115,7 +115,7 @@ def lion(betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
     beta1, beta2 = betas
 
     def update(n: int, theta: Tensor, grads: Tensor) -> Tensor:
-        step = reference.smooth_sign(weighted(grads, _lion_weights(beta1, beta2, len(grads))), smoothing)
+        step = ops.lion.smooth_sign(weighted(grads, _lion_weights(beta1, beta2, len(grads))), smoothing)
         return step + weight_decay * theta if weight_decay else step
 
     name = f"lion(betas={betas}, wd={weight_decay}, smoothing={smoothing})"

@@ -1,10 +1,8 @@
-"""One frozen spec per op: what every layer needs to know about an op, written once (docs/DESIGN.md, "One
-spec per op").
+"""The record every op fills in once: its states, scalars and reference math (docs/DESIGN.md, "One spec per op").
 
 The torch op schemas and argument checks (_ops.py), the optimizers' state keys, the step-scalar layout that
 the device paths read, the reference backend's kernel and the host wrappers' derived scalars are all
-generated from these records. An op is its reference math (reference.py: a step, a memoryless direction and
-a `derive` of the scalars that its kernels take precomputed) plus one spec here.
+generated from these records.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import reference
+from .. import reference
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class OpSpec:
     name: str
     states: tuple[State, ...]
     scalars: tuple[Scalar, ...]
-    step: Callable[..., reference.Step]  # reference.py's element math
+    step: Callable[..., reference.Step]  # the element math, in plain torch
     direction: Callable[..., Any]  # the memoryless direction d whose H d the correction needs
     derive: Callable[..., dict[str, float]]  # the scalars a kernel takes precomputed, from the op's scalars
 
@@ -104,42 +102,3 @@ class OpSpec:
 # Scalars every op takes (_ops._COMMON) that have bounds.
 COMMON_BOUNDS = {"correction": FINITE, "correction_limit": Bounds(0.0, math.inf, low_open=True, high_open=False),
                  "hvp_scale": NONNEGATIVE, "probe_tau": NONNEGATIVE}
-
-ADAMW = OpSpec(
-    "adamw", (State("exp_avg"), State("exp_avg_sq")),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("beta1", BETA), Scalar("beta2", BETA),
-     Scalar("eps", POSITIVE), Scalar("weight_decay", NONNEGATIVE),
-     Scalar("bias_correction1", FRACTION, per_step=True), Scalar("bias_correction2", FRACTION, per_step=True),
-     Scalar("mean_age1", NONNEGATIVE, per_step=True), Scalar("mean_age2", NONNEGATIVE, per_step=True),
-     Scalar("decoupled", default=True), Scalar("eps_inside_sqrt", default=False)),
-    reference.adamw, reference.adamw_direction, reference.adamw_derived)
-
-LION = OpSpec(
-    "lion", (State("exp_avg"),),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("beta1", BETA), Scalar("beta2", BETA),
-     Scalar("weight_decay", NONNEGATIVE), Scalar("smoothing", NONNEGATIVE),
-     Scalar("ema_weight", FRACTION, per_step=True), Scalar("age_weight", NONNEGATIVE, per_step=True)),
-    reference.lion, reference.lion_direction, reference.lion_derived)
-
-SGD = OpSpec(
-    "sgd", (State("momentum_buffer", absent_when_zero="momentum"),),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("momentum", BETA), Scalar("weight_decay", NONNEGATIVE),
-     Scalar("nesterov"), Scalar("update_scale", POSITIVE, per_step=True),
-     Scalar("memory_coef", NONNEGATIVE, per_step=True)),
-    reference.sgd, reference.sgd_direction, reference.sgd_derived)
-
-SPECS: dict[str, OpSpec] = {s.name: s for s in (ADAMW, LION, SGD)}
-
-
-
-def _bounds() -> dict[str, Bounds]:
-    """Every scalar's bounds by name; ops that share a name share its bounds."""
-    bounds = dict(COMMON_BOUNDS)
-    for spec in SPECS.values():
-        for s in spec.scalars:
-            if s.bounds is not None and bounds.setdefault(s.name, s.bounds) != s.bounds:
-                raise ValueError(f"{spec.name}'s {s.name} has other bounds than another op's {s.name}")
-    return bounds
-
-
-BOUNDS = _bounds()
