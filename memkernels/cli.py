@@ -49,7 +49,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="the default: all three suites in about 4 minutes on 2 CPU cores")
+                      help="the default: all three suites, at small sizes on the CPU (4M parameters, GPT-2 shapes / 4)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="64M (CPU) or 256M (GPU) parameters, the real GPT-2-small shapes, more repeats and steps")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     info_parser = sub.add_parser("info", help="versions, devices, backends and why the others are unavailable")
     info_parser.add_argument("--warm", action="store_true",
                              help="first build the numba kernels of the usual training modes into the disk cache "
-                                  "(about a minute once; a first step then waits for none of them)")
+                                  "(once; a first step then waits for none of them)")
     add_bench(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
