@@ -6,7 +6,8 @@ engine's M equals the closed forms of docs/THEORY.md sections 2-4 (reference.py)
 heavy ball and Nesterov are torch.optim.SGD (coupled decay, dampening 0),
 AdamW is torch.optim.AdamW (bias correction, decoupled decay; eps outside the
 square root, or inside as in the paper), Lion is lion-pytorch's with the
-smooth sign of Lion-K as an option. RMSprop with momentum and AdaBelief have no
+smooth sign of Lion-K as an option, AdEMAMix is pytorch-optimizer's with decoupled
+decay (docs/THEORY.md section 10). RMSprop with momentum and AdaBelief have no
 closed form in docs/THEORY.md: the engine is the only way to get their correction.
 
 History sums are written as weights against the stacked history (one matmul
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
+from ..coefficients import ademamix_alpha, ademamix_beta3
 from .engine import Rule
 
 
@@ -175,3 +177,39 @@ def adabelief(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-16, wei
 
     name = f"adabelief(betas={betas}, eps={eps}, wd={weight_decay}, decoupled={decoupled})"
     return Rule(name, update, decay=max(beta1, beta2), l2=0.0 if decoupled else weight_decay)
+
+
+def ademamix(betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0, eps: float = 1e-8,
+             weight_decay: float = 0.0, *, alpha_warmup: float | None = None,
+             beta3_warmup: float | None = None) -> Rule:
+    """AdEMAMix: F = (m1 / (1 - beta1^(n+1)) + alpha_n m2) / (sqrt(v^) + eps) + lambda theta, m2 the slow EMA
+    (beta3_n, not bias corrected); alpha_n and beta3_n from the paper's warm-up schedulers (None: constant).
+
+    A warm-up makes F^(n)(theta, ..., theta) depend on n until it ends, not only through terms that fade
+    like decay^n: evaluate at steps n < depth(tol), or with warm-ups shorter than the depth.
+    """
+    beta1, beta2, beta3 = betas
+
+    def update(n: int, theta: Tensor, grads: Tensor) -> Tensor:
+        m1 = ema(grads, beta1) / (1.0 - beta1 ** (n + 1))
+        v = ema(grads * grads, beta2) / (1.0 - beta2 ** (n + 1))
+        m2 = weighted(grads, _slow_weights(beta1, beta3, beta3_warmup, n, len(grads)))
+        step = (m1 + ademamix_alpha(n, alpha, alpha_warmup) * m2) / (safe_sqrt(v) + eps)
+        return step + weight_decay * theta if weight_decay else step
+
+    name = (f"ademamix(betas={betas}, alpha={alpha}, eps={eps}, wd={weight_decay}, "
+            f"warmups=({alpha_warmup}, {beta3_warmup}))")
+    return Rule(name, update, decay=max(betas))
+
+
+@functools.lru_cache(maxsize=1024)
+def _slow_weights(beta1: float, beta3: float, warmup: float | None, n: int, length: int) -> Tensor:
+    """The slow EMA's weight on g_{n-k}: (1 - beta3_{n-k}) prod_{j=n-k+1..n} beta3_j, with the scheduled betas."""
+    if warmup is None:
+        return (1.0 - beta3) * powers(beta3, length)
+    weights, kept = [], 1.0
+    for k in range(length):
+        b = ademamix_beta3(n - k, beta1, beta3, warmup)
+        weights.append((1.0 - b) * kept)
+        kept *= b
+    return torch.tensor(weights, dtype=torch.float64)
