@@ -73,10 +73,13 @@ def adamw_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, de
 
 
 SPEC = OpSpec(
-    "adamw", (State("exp_avg"), State("exp_avg_sq")),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("beta1", BETA), Scalar("beta2", BETA),
-     Scalar("eps", POSITIVE), Scalar("weight_decay", NONNEGATIVE),
-     Scalar("bias_correction1", FRACTION, per_step=True), Scalar("bias_correction2", FRACTION, per_step=True),
-     Scalar("mean_age1", NONNEGATIVE, per_step=True), Scalar("mean_age2", NONNEGATIVE, per_step=True),
-     Scalar("decoupled", default=True), Scalar("eps_inside_sqrt", default=False)),
+    "adamw", (State("exp_avg"), State("exp_avg_sq", squares=True)),
+    (Scalar("lr", NONNEGATIVE, per_step=True, example=1e-2), Scalar("beta1", BETA, example=0.9),
+     Scalar("beta2", BETA, example=0.999), Scalar("eps", POSITIVE, example=1e-8),
+     Scalar("weight_decay", NONNEGATIVE, example=0.1),
+     Scalar("bias_correction1", FRACTION, per_step=True, example=0.271),
+     Scalar("bias_correction2", FRACTION, per_step=True, example=0.003),
+     Scalar("mean_age1", NONNEGATIVE, per_step=True, example=0.63),
+     Scalar("mean_age2", NONNEGATIVE, per_step=True, example=1.2),
+     Scalar("decoupled", default=True, example=True), Scalar("eps_inside_sqrt", default=False)),
     adamw, adamw_direction, adamw_derived)

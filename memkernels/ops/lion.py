@@ -60,7 +60,9 @@ def lion_direction(p: Tensor, g: Tensor, *, weight_decay: float, smoothing: floa
 
 SPEC = OpSpec(
     "lion", (State("exp_avg"),),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("beta1", BETA), Scalar("beta2", BETA),
-     Scalar("weight_decay", NONNEGATIVE), Scalar("smoothing", NONNEGATIVE),
-     Scalar("ema_weight", FRACTION, per_step=True), Scalar("age_weight", NONNEGATIVE, per_step=True)),
+    (Scalar("lr", NONNEGATIVE, per_step=True, example=1e-3), Scalar("beta1", BETA, example=0.9),
+     Scalar("beta2", BETA, example=0.99), Scalar("weight_decay", NONNEGATIVE, example=0.1),
+     Scalar("smoothing", NONNEGATIVE, example=0.0, variants=(0.01,)),
+     Scalar("ema_weight", FRACTION, per_step=True, example=0.95),
+     Scalar("age_weight", NONNEGATIVE, per_step=True, example=2.0)),
     lion, lion_direction, lion_derived)

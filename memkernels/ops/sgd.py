@@ -45,7 +45,8 @@ def sgd_direction(p: Tensor, g: Tensor, *, weight_decay: float, **_: object) -> 
 
 SPEC = OpSpec(
     "sgd", (State("momentum_buffer", absent_when_zero="momentum"),),
-    (Scalar("lr", NONNEGATIVE, per_step=True), Scalar("momentum", BETA), Scalar("weight_decay", NONNEGATIVE),
-     Scalar("nesterov"), Scalar("update_scale", POSITIVE, per_step=True),
-     Scalar("memory_coef", NONNEGATIVE, per_step=True)),
+    (Scalar("lr", NONNEGATIVE, per_step=True, example=1e-2), Scalar("momentum", BETA, example=0.9, variants=(0.0,)),
+     Scalar("weight_decay", NONNEGATIVE, example=0.05), Scalar("nesterov"),
+     Scalar("update_scale", POSITIVE, per_step=True, example=2.7),
+     Scalar("memory_coef", NONNEGATIVE, per_step=True, example=3.1)),
     sgd, sgd_direction, sgd_derived)

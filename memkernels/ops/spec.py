@@ -40,12 +40,15 @@ FINITE = Bounds(-math.inf, math.inf, low_open=True)
 @dataclass(frozen=True)
 class Scalar:
     """A scalar argument of the op. per_step: it moves from step to step (lr and the memory coefficients), so
-    a device-mode step passes it in the step_scalars tensor."""
+    a device-mode step passes it in the step_scalars tensor. example: a typical value, and variants: values
+    that take another code path (a flag's other value is implied), for the tests generated from the specs."""
 
     name: str
     bounds: Bounds | None = None  # None: a flag (bool)
     default: float | bool | None = None
     per_step: bool = False
+    example: float | bool = False
+    variants: tuple[float, ...] = ()
 
     def schema(self) -> str:
         kind = "bool" if self.bounds is None else "float"
@@ -59,6 +62,7 @@ class State:
 
     key: str
     absent_when_zero: str | None = None
+    squares: bool = False  # an EMA of squared gradients: never negative
 
     @property
     def list_name(self) -> str:
@@ -94,6 +98,10 @@ class OpSpec:
     @property
     def static_scalars(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.scalars if not s.per_step)
+
+    @property
+    def examples(self) -> dict[str, float | bool]:
+        return {s.name: s.example for s in self.scalars}
 
     def scalar_schema(self) -> str:
         return ", ".join(s.schema() for s in self.scalars)
