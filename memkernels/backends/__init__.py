@@ -11,11 +11,12 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import sys
 import threading
 import time
 import warnings
 from typing import Callable, Iterator
+
+import torch
 
 PREFERENCE = {"cpu": ("numba", "reference"), "cuda": ("cuda", "triton", "reference")}
 BACKENDS = ("reference", "numba", "triton", "cuda")
@@ -24,6 +25,7 @@ _kernels: dict[tuple[str, str, str], Callable] = {}
 _status: dict[str, str] = {}  # backend -> "available (...)" or the reason it is not
 _warned: set[str] = set()
 _preparing = threading.local()
+_count_adder: Callable[[list], bool] | None = None  # register_count_adder
 
 
 class BackendUnavailable(RuntimeError):
@@ -103,11 +105,18 @@ def requested(backend: str) -> str:
     return backend
 
 
-def add_one(counts: list) -> bool:
-    """+1 on step counts through the numba backend if it is loaded and they are CPU float32 scalars;
-    False: nothing was done, the caller adds."""
-    module = sys.modules.get(f"{__name__}.numba")
-    return module is not None and module.add_one(counts)
+def register_count_adder(add: Callable[[list], bool]) -> None:
+    """A backend's one-call +1 on the optimizers' step counts: it adds to the counts it can take (numba's: CPU
+    float32 scalars, where torch's foreach add dispatches once per tensor) and returns True, or changes
+    nothing and returns False."""
+    global _count_adder
+    _count_adder = add
+
+
+def add_one(counts: list) -> None:
+    """+1 on step counts: through the registered count adder where it takes them, else torch's foreach add."""
+    if _count_adder is None or not _count_adder(counts):
+        torch._foreach_add_(counts, 1.0)
 
 
 def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import NDIAG
-from . import is_preparing, register, unavailable
+from . import is_preparing, register, register_count_adder, unavailable
 
 try:
     import numba
@@ -275,3 +275,4 @@ if numba is not None:
     register("numba", "adamw", ("cpu",), prepares=True)(adamw)
     register("numba", "lion", ("cpu",), prepares=True)(lion)
     register("numba", "sgd", ("cpu",), prepares=True)(sgd)
+    register_count_adder(add_one)

@@ -19,12 +19,13 @@ through `.data`, which torch itself does not version either.
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ._warn import warn
 
 Mode = Literal["copy", "keep", "fresh", "lost"]
 
@@ -94,7 +95,7 @@ class PrevGrads:
             self.kept.pop(id(p), None)
         if mode == "lost" and not self.buffers_only:
             self.buffers_only = True
-            warnings.warn(_LOST, RuntimeWarning, stacklevel=5)
+            warn(_LOST, RuntimeWarning)
         if keepable:
             seen = self.seen.get(id(p))
             if seen is None or seen() is not grad:

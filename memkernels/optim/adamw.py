@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
-from ..coefficients import EMAAge, ema_age_at
 from ..ops import SPECS
 from ._base import MemoryOptimizer, check_betas
+from ._schedule import AdamWSchedule
 
 
 class AdamW(MemoryOptimizer):
@@ -61,6 +61,7 @@ class AdamW(MemoryOptimizer):
 
     op = "adamw"
     state_keys = SPECS["adamw"].state_keys
+    schedule = AdamWSchedule
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, eps_inside_sqrt: bool = False,
@@ -88,19 +89,6 @@ class AdamW(MemoryOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                     decoupled=bool(group["decoupled_weight_decay"]), eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
-
-    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        first = self.track(gi, ("exp_avg", beta1), lambda: EMAAge(beta1), n)
-        second = self.track(gi, ("exp_avg_sq", beta2), lambda: EMAAge(beta2), n)
-        return dict(bias_correction1=first.bias_correction, bias_correction2=second.bias_correction,
-                    mean_age1=first.mean_age, mean_age2=second.mean_age)
-
-    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
-        (bias_correction1, mean_age1), (bias_correction2, mean_age2) = (
-            ema_age_at(float(b), n) for b in group["betas"])
-        return dict(bias_correction1=bias_correction1, bias_correction2=bias_correction2,
-                    mean_age1=mean_age1, mean_age2=mean_age2)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return SPECS["adamw"].direction(p, g, eps=kwargs["eps"], weight_decay=kwargs["weight_decay"],

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
-from ..coefficients import LionWeights, lion_weights_at
 from ..ops import SPECS
 from ._base import MemoryOptimizer, check_betas
+from ._schedule import LionSchedule
 
 
 class Lion(MemoryOptimizer):
@@ -60,6 +60,7 @@ class Lion(MemoryOptimizer):
 
     op = "lion"
     state_keys = SPECS["lion"].state_keys
+    schedule = LionSchedule
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
@@ -84,15 +85,6 @@ class Lion(MemoryOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return dict(beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
                     smoothing=float(group["smoothing"]))
-
-    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        weights = self.track(gi, ("lion", beta1, beta2), lambda: LionWeights(beta1, beta2), n)
-        return dict(ema_weight=weights.w, age_weight=weights.c)
-
-    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
-        ema_weight, age_weight = lion_weights_at(*(float(b) for b in group["betas"]), n)
-        return dict(ema_weight=ema_weight, age_weight=age_weight)
 
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return SPECS["lion"].direction(p, g, weight_decay=kwargs["weight_decay"], smoothing=kwargs["smoothing"],

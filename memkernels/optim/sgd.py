@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from .._ops import CORRECTION_LIMIT, check_hyperparameters
-from ..coefficients import HeavyBall, heavy_ball_at
 from ..ops import SPECS
 from ._base import MemoryOptimizer
+from ._schedule import SGDSchedule
 
 
 class SGD(MemoryOptimizer):
@@ -58,6 +58,7 @@ class SGD(MemoryOptimizer):
     op = "sgd"
     state_keys = SPECS["sgd"].state_keys
     optional_state_keys = SPECS["sgd"].optional_state_keys
+    schedule = SGDSchedule
 
     def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, *, memory_correction: float = 0.0,
@@ -81,32 +82,12 @@ class SGD(MemoryOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _heavy_ball(self, group: dict, gi: int, n: int) -> HeavyBall:
-        momentum, nesterov = float(group["momentum"]), bool(group["nesterov"])
-        return self.track(gi, ("sgd", momentum, nesterov), lambda: HeavyBall(momentum, nesterov), n)
-
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         return dict(momentum=float(group["momentum"]), weight_decay=float(group["weight_decay"]),
                     nesterov=bool(group["nesterov"]))
 
-    def coefficients(self, group: dict, gi: int, n: int) -> dict[str, float]:
-        hb = self._heavy_ball(group, gi, n)
-        return dict(update_scale=hb.update_scale, memory_coef=hb.c)
-
-    def coefficients_at(self, group: dict, n: Tensor) -> dict[str, Tensor]:
-        update_scale, memory_coef, _ = heavy_ball_at(float(group["momentum"]), bool(group["nesterov"]), n)
-        return dict(update_scale=update_scale, memory_coef=memory_coef)
-
     def direction(self, kwargs: dict[str, Any], p: Tensor, g: Tensor) -> Tensor:
         return SPECS["sgd"].direction(p, g, weight_decay=kwargs["weight_decay"])
-
-    def trajectory_ratio(self, group: dict, gi: int, n: int) -> float:
-        """The previous update was ~ S_{n-1} g~ (heavy ball) or S_n g~ (Nesterov)."""
-        hb = self._heavy_ball(group, gi, n)
-        return hb.s if hb.nesterov else hb.s_prev
-
-    def trajectory_ratio_at(self, group: dict, n: Tensor) -> Tensor:
-        return heavy_ball_at(float(group["momentum"]), bool(group["nesterov"]), n)[2]
 
     def penalty_prefactor(self, group: dict, kwargs: dict[str, Any]) -> float:
         return kwargs["lr"] * kwargs["memory_coef"] / kwargs["update_scale"]
