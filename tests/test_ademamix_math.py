@@ -16,7 +16,8 @@ import pytorch_optimizer
 import torch
 
 from memkernels.ops import ademamix as ademamix_math
-from memkernels.coefficients import AdEMAMixAges, ademamix_ages_at, ademamix_alpha, ademamix_beta3, replay
+from memkernels.coefficients import replay
+from memkernels.ops.ademamix import AdEMAMixAges, ademamix_ages_at, ademamix_alpha, ademamix_beta3
 from memkernels.theory import correction, logistic, rules, trajectory, with_memory
 from memkernels.theory.order import order_of_accuracy
 

@@ -21,8 +21,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import ops, reference
-from ..coefficients import ademamix_alpha, ademamix_beta3
+from .. import ops
+from ..ops.ademamix import ademamix_alpha, ademamix_beta3
 from .engine import Rule
 
 
