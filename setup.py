@@ -2,15 +2,16 @@
 
 Without nvcc the install is pure Python (the cuda backend then builds the library
 on first use if nvcc appears later, or reports itself unavailable). The build
-logic lives in memkernels/backends/_cuda_build.py, loaded here by path because
+logic lives in memkernels/backends/cuda/_build.py, loaded here by path because
 importing the package needs torch. Environment:
   MEMKERNELS_CUDA_ARCHS   architectures, default "sm_80;sm_90+PTX"
   MEMKERNELS_CUDA_BUILD=0 skip the nvcc build even when nvcc is there
 """
-import importlib.util
+import importlib
 import os
 import shutil
 import sys
+import types
 from pathlib import Path
 
 from setuptools import Distribution, setup
@@ -20,12 +21,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _load_build_module():
-    spec = importlib.util.spec_from_file_location("_memkernels_cuda_build",
-                                                  ROOT / "memkernels" / "backends" / "_cuda_build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """memkernels/backends/cuda/_build.py: its folder is registered as a package of its own, without running the
+    folder's __init__.py (the backend, which needs torch), so that _build imports only what it names beside it."""
+    package = types.ModuleType("_memkernels_cuda")
+    package.__path__ = [str(ROOT / "memkernels" / "backends" / "cuda")]
+    sys.modules[package.__name__] = package
+    return importlib.import_module(f"{package.__name__}._build")
 
 
 cuda_build = _load_build_module()

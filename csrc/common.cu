@@ -5,26 +5,25 @@
 #include "memkernels/multi_tensor.cuh"
 
 #ifndef MK_SOURCE_HASH
-#error "build with -DMK_SOURCE_HASH=\"...\" (memkernels/backends/_cuda_build.py does)"
+#error "build with -DMK_SOURCE_HASH=\"...\" (memkernels/backends/cuda/_build.py does)"
 #endif
 #ifndef MK_ARCHS
-#error "build with -DMK_ARCHS=\"...\" (memkernels/backends/_cuda_build.py does)"
+#error "build with -DMK_ARCHS=\"...\" (memkernels/backends/cuda/_build.py does)"
 #endif
 
-// The hash sits behind a marker so that _cuda_build.embedded_hash() can read it from the file.
+// The hash sits behind a marker so that _cache.embedded_hash() can read it from the file.
 static const char kSourceHash[] = "memkernels-source-hash:" MK_SOURCE_HASH;
 static const char kHashMarker[] = "memkernels-source-hash:";
 
 extern "C" {
 
 MK_API int64_t mk_struct_size(int64_t which) {
-  switch (which) {
-    case 0: return sizeof(mk_launch);
-    case 1: return sizeof(mk_adamw_args);
-    case 2: return sizeof(mk_lion_args);
-    case 3: return sizeof(mk_sgd_args);
-    default: return -1;
-  }
+  if (which == 0) return sizeof(mk_launch);
+#define MK_ARGS_SIZE(k, op) \
+  if (which == k) return sizeof(mk_##op##_args);
+  MK_FOR_EACH_OP(MK_ARGS_SIZE)
+#undef MK_ARGS_SIZE
+  return -1;
 }
 
 MK_API int64_t mk_abi_version(void) { return MK_ABI_VERSION; }
@@ -34,6 +33,8 @@ MK_API int64_t mk_chunk_elems(void) { return memkernels::kChunkElems; }
 MK_API const char* mk_source_hash(void) { return kSourceHash + sizeof(kHashMarker) - 1; }
 
 MK_API const char* mk_archs(void) { return MK_ARCHS; }
+
+MK_API const char* mk_layout(void) { return MK_LAYOUT; }
 
 MK_API const char* mk_error_string(int code) {
   switch (code) {

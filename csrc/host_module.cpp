@@ -177,8 +177,8 @@ template <typename T>
 py::dict sgd_t(const Inputs& in, std::optional<py::array> buf_in, const Common& c, double lr, double momentum,
                double weight_decay, bool nesterov, double update_scale, double memory_coef, double correction,
                double correction_limit, double hvp_scale, bool memoryless) {
-  auto s = mk::make_sgd_scalars<T>(lr, momentum, weight_decay, nesterov, update_scale, memory_coef,
-                                   correction, correction_limit, hvp_scale, memoryless);
+  auto s = mk::make_sgd_scalars<T>(lr, momentum, weight_decay, update_scale, memory_coef, correction,
+                                   correction_limit, hvp_scale, nesterov, memoryless);
   if (c.probe) return run_probe<T>(in, c, [&](T p, T g) { return mk::sgd_direction(p, g, s); });
   std::optional<Array<T>> ba;
   const T* buf = optional_data(buf_in, ba, py::array(in.p).size(), "momentum_buffer");

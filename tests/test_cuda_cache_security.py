@@ -12,10 +12,11 @@ from typing import Callable
 
 import pytest
 
-from memkernels.backends import _cuda_build
+from memkernels.backends import _user_cache
+from memkernels.backends.cuda import _build, _cache
 
-SRC = _cuda_build.source_dir()
-HASH = _cuda_build.source_hash(SRC)
+SRC = _build.source_dir()
+HASH = _build.source_hash(SRC)
 FAKE_LIBRARY = b"\x7fELF fake\0memkernels-source-hash:" + HASH.encode() + b"\0"
 
 
@@ -23,10 +24,10 @@ FAKE_LIBRARY = b"\x7fELF fake\0memkernels-source-hash:" + HASH.encode() + b"\0"
 def library(tmp_path, monkeypatch) -> Path:
     """Where locate() looks for the cached library: under a fresh XDG_CACHE_HOME, nothing else to load."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv(_cuda_build.LIB_ENV, raising=False)
-    monkeypatch.setattr(_cuda_build, "packaged_library", lambda: tmp_path / "no-package" / _cuda_build.LIB_NAME)
-    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: None)
-    return _cuda_build.cached_library(SRC, _cuda_build.requested_archs())
+    monkeypatch.delenv(_cache.LIB_ENV, raising=False)
+    monkeypatch.setattr(_cache, "packaged_library", lambda: tmp_path / "no-package" / _build.LIB_NAME)
+    monkeypatch.setattr(_cache, "find_nvcc", lambda: None)
+    return _cache.cached_library(SRC, _build.requested_archs())
 
 
 def _plant(library: Path, dir_mode: int = 0o700, file_mode: int = 0o755) -> None:
@@ -43,8 +44,8 @@ def _mode(path: Path) -> int:
 
 def _no_build(monkeypatch) -> None:
     """nvcc is there, but building must not happen."""
-    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: "/fake/nvcc")
-    monkeypatch.setattr(_cuda_build, "build", lambda *a, **kw: pytest.fail("built over a refused cache"))
+    monkeypatch.setattr(_cache, "find_nvcc", lambda: "/fake/nvcc")
+    monkeypatch.setattr(_cache, "build", lambda *a, **kw: pytest.fail("built over a refused cache"))
 
 
 @pytest.mark.parametrize("dir_mode, file_mode", [(0o700, 0o600), (0o700, 0o755), (0o755, 0o755)])
@@ -52,7 +53,7 @@ def test_own_private_cached_library_is_found(library, dir_mode, file_mode):
     """The positive control: a library of the user's own, in directories only they can write, loads
     (0755 directories too: caches written before the directories were made 0700)."""
     _plant(library, dir_mode, file_mode)
-    assert _cuda_build.locate(build_if_missing=False) == (library, f"cached {library}")
+    assert _cache.locate(build_if_missing=False) == (library, f"cached {library}")
 
 
 def _symlink_to_moved(path: Path) -> None:
@@ -98,8 +99,8 @@ def test_spoiled_cache_is_refused_and_not_built_over(library, monkeypatch, case)
     _no_build(monkeypatch)
     expected = (f"refusing the cached CUDA library {library}: {problem(library)}; the cache directories and "
                 f"the library must be owned by you (uid {os.geteuid()}), not symlinks, and writable only by you")
-    assert _cuda_build.locate(build_if_missing=False) == (None, expected)
-    assert _cuda_build.locate() == (None, expected)
+    assert _cache.locate(build_if_missing=False) == (None, expected)
+    assert _cache.locate() == (None, expected)
 
 
 @pytest.mark.parametrize("owned_by_other", ["cache dir", "hash dir", "file"])
@@ -114,10 +115,10 @@ def test_cache_of_another_user_is_refused(library, monkeypatch, owned_by_other):
         owner, me = 65534, 0
     else:
         me = os.geteuid() + 1
-        monkeypatch.setattr(_cuda_build, "_my_uid", lambda: me)
+        monkeypatch.setattr(_user_cache, "my_uid", lambda: me)
         path, owner = library.parent.parent, os.geteuid()
     kind = "file" if path == library else "directory"
-    path_, why = _cuda_build.locate()
+    path_, why = _cache.locate()
     assert path_ is None
     assert why.startswith(f"refusing the cached CUDA library {library}: {kind} {path} is owned by uid {owner};")
     assert f"owned by you (uid {me})" in why
@@ -134,11 +135,11 @@ def test_symlinked_lock_touches_nothing(library, tmp_path, monkeypatch, victim_e
     lock = library.parent.parent / ".lock"
     lock.symlink_to(victim)
     with pytest.raises(OSError, match=f"the build lock {lock} is a symlink"):
-        with _cuda_build._lock(lock.parent):
+        with _cache._lock(lock.parent):
             pytest.fail("locked through a symlink")
     _no_build(monkeypatch)
-    assert _cuda_build.locate() == (None, f"cannot build the CUDA library into {library.parent}: "
-                                          f"the build lock {lock} is a symlink")
+    assert _cache.locate() == (None, f"cannot build the CUDA library into {library.parent}: "
+                                     f"the build lock {lock} is a symlink")
     assert (victim.read_text() == "precious\n") if victim_exists else not victim.exists()
 
 
@@ -150,13 +151,13 @@ def test_built_cache_is_private(library, tmp_path, monkeypatch):
     nvcc = tmp_path / "nvcc"
     nvcc.write_text(f"#!/bin/sh\nfor out; do :; done\nprintf 'memkernels-source-hash:{HASH}' > \"$out\"\n")
     nvcc.chmod(0o755)
-    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: str(nvcc))
+    monkeypatch.setattr(_cache, "find_nvcc", lambda: str(nvcc))
     umask = os.umask(0o002)  # the usual umask of user-private groups: without modes, directories come out 0775
     try:
-        assert _cuda_build.locate() == (library, f"built {library}")
+        assert _cache.locate() == (library, f"built {library}")
     finally:
         os.umask(umask)
     assert (_mode(xdg), _mode(library.parent.parent), _mode(library.parent)) == (0o755, 0o700, 0o700)
     assert (_mode(library), _mode(library.parent.parent / ".lock")) == (0o755, 0o600)
-    assert sorted(p.name for p in library.parent.iterdir()) == [_cuda_build.LIB_NAME]  # no staged copies left
-    assert _cuda_build.locate(build_if_missing=False) == (library, f"cached {library}")
+    assert sorted(p.name for p in library.parent.iterdir()) == [_build.LIB_NAME]  # no staged copies left
+    assert _cache.locate(build_if_missing=False) == (library, f"cached {library}")

@@ -173,8 +173,8 @@ def test_a_cache_directory_others_could_write_is_not_used(tmp_path, monkeypatch,
         shutil.rmtree(root / "numba")
         (root / "numba").symlink_to(tmp_path / "elsewhere")
     else:
-        from memkernels.backends import _cuda_build
-        monkeypatch.setattr(_cuda_build, "_my_uid", lambda: os.geteuid() + 1)
+        from memkernels.backends import _user_cache
+        monkeypatch.setattr(_user_cache, "my_uid", lambda: os.geteuid() + 1)
     _reset(monkeypatch, tmp_path)
     with pytest.warns(RuntimeWarning, match="the numba kernel cache is off"):
         root_in_use, why = _numba_cache.state()

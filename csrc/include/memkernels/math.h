@@ -11,6 +11,11 @@
 // (multi_tensor.cuh, and backends/reference.py's _run) forms hvp with estimate_hvp
 // or reads a kept one, and runs probe() on the op's *_direction in the probe pass.
 //
+// Each op <op> of memkernels/spec.py has here make_<op>_scalars (its Args fields in their order: the op's
+// floats, correction, correction_limit, hvp_scale, the op's flags, memoryless), <op> (p, g, each state, an
+// optional one followed by whether it is present, hvp, has_hvp, the scalars) and <op>_direction (p, g, the
+// scalars): the build binds them to the op's Args (memkernels/backends/cuda/_layout.py).
+//
 // T is the compute type: float for fp16/bf16/fp32 parameters, double for fp64.
 #pragma once
 
@@ -282,9 +287,9 @@ struct SGDScalars {
 };
 
 template <typename T>
-MK_HD SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, bool nesterov,
-                                      double update_scale, double memory_coef, double correction,
-                                      double correction_limit, double hvp_scale, bool memoryless) {
+MK_HD SGDScalars<T> make_sgd_scalars(double lr, double momentum, double weight_decay, double update_scale,
+                                      double memory_coef, double correction, double correction_limit,
+                                      double hvp_scale, bool nesterov, bool memoryless) {
   return {T(lr), T(momentum), T(weight_decay), T(update_scale), T(memory_coef), T(hvp_scale),
           T(correction * lr * lr), T(correction_limit * lr), correction != 0.0, nesterov, memoryless};
 }

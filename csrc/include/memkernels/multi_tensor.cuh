@@ -1,4 +1,5 @@
-// One launch updates every tensor of an op call.
+// One launch updates every tensor of an op call. Op is the op's trait (memkernels::ops::<op>, generated from its
+// spec into memkernels/op_traits.cuh): its Args, its number of states, set_step and the calls of math.h.
 //
 // A persistent grid walks the chunks of a device-side table (api.h): each block
 // takes chunks blockIdx.x, blockIdx.x + gridDim.x, ..., finds the chunk's row by
@@ -7,7 +8,7 @@
 // otherwise and for the tail). Diagnostics are summed per thread in double,
 // reduced per block and added with atomicAdd once per block: no second pass.
 // With mk_launch.step_scalars the per-step values are read by every thread and
-// the op's scalars derived from them on the device (math.h's make_*_scalars), so
+// the op's scalars derived from them on the device (Op::scalars: math.h's make_<op>_scalars), so
 // a captured CUDA graph replays with whatever values the tensor holds then.
 // The probe pass (theta kept in the origin column, theta + tau d into params,
 // theta^2 and d^2 reduced like the diagnostics) and the step that reads theta
@@ -21,6 +22,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "memkernels/api.h"
 #include "memkernels/math.h"
@@ -144,6 +146,10 @@ __device__ __forceinline__ double read_scalar(const void* ptr, int dtype) {
 
 // -------------------------------------------------------------------- the kernel
 
+// The op's scalars as math.h's make_<op>_scalars derives them in compute type C.
+template <typename C, class Op>
+using ScalarsOf = decltype(Op::template scalars<C>(std::declval<const typename Op::Args&>()));
+
 // What a kernel runs: the step; the step with origins, kept HVP estimates or probe_tau (runtime choices
 // read only in this instantiation); the probe pass.
 enum class Pass { kStep, kStepKept, kProbe };
@@ -153,8 +159,8 @@ struct KernelParams {
   const int64_t* table;
   int n_tensors;
   int64_t n_chunks;
-  int state_dtype[2];
-  bool state_present[2];
+  int state_dtype[Op::kStates];
+  bool state_present[Op::kStates];
   int ref_dtype;
   bool read_ref;   // M is needed (correction != 0 or diagnostics) and grad_refs exist
   bool write_ref;  // trajectory mode: store the processed g into grad_refs
@@ -164,7 +170,7 @@ struct KernelParams {
   const void* found_inf;
   int found_inf_dtype;
   double* diagnostics;
-  typename Op::template Scalars<C> s;  // derived on the host (unused with step_scalars)
+  ScalarsOf<C, Op> s;  // derived on the host (unused with step_scalars)
 };
 
 // With step_scalars the kernel derives the scalars from args, whose per-step fields it replaces by the
@@ -197,46 +203,57 @@ template <typename C, class Op, bool STEP, Pass PASS>
 using KernelParamsOf = std::conditional_t<PASS == Pass::kStep, StepOrHost<C, Op, STEP>,
                                           WithPass<StepOrHost<C, Op, STEP>>>;
 
-// The plain step reads the columns up to grad_ref, the other passes up to hvp.
-template <Pass PASS>
-constexpr int kRowPointers = PASS == Pass::kStep ? MK_COL_GRAD_REF + 1 : MK_COL_HVP + 1;
+// The table's columns for an op of NS states (api.h): param, grad, the states, then the tail.
+template <int NS>
+struct Cols {
+  static constexpr int kGradRef = MK_COL_STATE0 + NS + MK_TAIL_GRAD_REF;
+  static constexpr int kOrigin = MK_COL_STATE0 + NS + MK_TAIL_ORIGIN;
+  static constexpr int kHvp = MK_COL_STATE0 + NS + MK_TAIL_HVP;
+  static constexpr int kNumel = MK_COL_STATE0 + NS + MK_TAIL_NUMEL;
+  static constexpr int kChunkBegin = MK_COL_STATE0 + NS + MK_TAIL_CHUNK_BEGIN;
+  static constexpr int kVecOk = MK_COL_STATE0 + NS + MK_TAIL_VEC_OK;
+  static constexpr int kWidth = MK_TABLE_COLS(NS);
+};
+
+// The plain step reads the pointers up to grad_ref, the other passes up to hvp.
+template <Pass PASS, int NS>
+constexpr int kRowPointers = PASS == Pass::kStep ? Cols<NS>::kGradRef + 1 : Cols<NS>::kHvp + 1;
 
 template <int NPTR>
 struct Row {
-  void* ptr[NPTR];  // param, grad, state0, state1, grad_ref[, origin, hvp]
+  void* ptr[NPTR];  // by column: param, grad, the states, grad_ref[, origin, hvp]
   int64_t numel, chunk_begin;
   bool vec_ok;
 };
 
-template <int NPTR>
+template <int NPTR, int NS>
 __device__ __forceinline__ Row<NPTR> load_row(const int64_t* table, int t) {
-  const int64_t* r = table + int64_t(t) * MK_TABLE_COLS;
+  const int64_t* r = table + int64_t(t) * Cols<NS>::kWidth;
   Row<NPTR> row;
 #pragma unroll
   for (int k = 0; k < NPTR; ++k) row.ptr[k] = reinterpret_cast<void*>(__ldg(r + k));
-  row.numel = __ldg(r + MK_COL_NUMEL);
-  row.chunk_begin = __ldg(r + MK_COL_CHUNK_BEGIN);
-  row.vec_ok = __ldg(r + MK_COL_VEC_OK) != 0;
+  row.numel = __ldg(r + Cols<NS>::kNumel);
+  row.chunk_begin = __ldg(r + Cols<NS>::kChunkBegin);
+  row.vec_ok = __ldg(r + Cols<NS>::kVecOk) != 0;
   return row;
 }
 
+template <int NS>
 __device__ __forceinline__ int64_t chunk_begin_of(const int64_t* table, int t) {
-  return __ldg(table + int64_t(t) * MK_TABLE_COLS + MK_COL_CHUNK_BEGIN);
+  return __ldg(table + int64_t(t) * Cols<NS>::kWidth + Cols<NS>::kChunkBegin);
 }
 
 // The last row in [lo, n) whose chunk_begin <= chunk.
+template <int NS>
 __device__ __forceinline__ int find_row(const int64_t* table, int lo, int n, int64_t chunk) {
   int hi = n - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) / 2;
-    if (chunk_begin_of(table, mid) <= chunk) lo = mid;
+    if (chunk_begin_of<NS>(table, mid) <= chunk) lo = mid;
     else hi = mid - 1;
   }
   return lo;
 }
-
-template <typename C, class Op>
-using ScalarsOf = typename Op::template Scalars<C>;
 
 // N consecutive elements starting at i of one row: load, step, store (backends/reference.py's _run).
 template <int N, class Op, typename P, bool DIAG, Pass PASS, class K, int NPTR, typename C>
@@ -244,11 +261,12 @@ __device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, c
                                               const ScalarsOf<C, Op>& scalars, const GradArgs<C>& grad_args,
                                               C hvp_scale, double (&acc)[NDIAG]) {
   constexpr bool KEPT = PASS == Pass::kStepKept;
-  constexpr int NS = Op::NSTATE;
+  constexpr int NS = Op::kStates;
+  using Col = Cols<NS>;
   C p[N], grad[N], ref[N], st[NS][N], hvp[N];
   const void* theta = row.ptr[MK_COL_PARAM];
   if constexpr (KEPT) {
-    if (k.pass.has_origins) theta = row.ptr[MK_COL_ORIGIN];
+    if (k.pass.has_origins) theta = row.ptr[Col::kOrigin];
   }
   load_pack<P>(theta, i, p);
   load_pack<P>(row.ptr[MK_COL_GRAD], i, grad);
@@ -257,11 +275,11 @@ __device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, c
     if (k.state_present[s]) load_any<P>(row.ptr[MK_COL_STATE0 + s], k.state_dtype[s], i, st[s]);
     else for (int j = 0; j < N; ++j) st[s][j] = C(0);
   }
-  if (k.read_ref) load_any<P>(row.ptr[MK_COL_GRAD_REF], k.ref_dtype, i, ref);
+  if (k.read_ref) load_any<P>(row.ptr[Col::kGradRef], k.ref_dtype, i, ref);
   bool has_hvp = k.read_ref;
   if constexpr (KEPT) {  // the estimates first, stored before the step: they need no registers through it
     if (k.pass.read_hvp) {
-      load_any<P>(row.ptr[MK_COL_HVP], k.pass.hvp_dtype, i, hvp);
+      load_any<P>(row.ptr[Col::kHvp], k.pass.hvp_dtype, i, hvp);
     } else {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -269,7 +287,7 @@ __device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, c
         hvp[j] = k.read_ref ? estimate_hvp(load_ref(ref[j], grad_args), g, hvp_scale) : C(0);
       }
     }
-    if (k.pass.write_hvp) store_any<P>(row.ptr[MK_COL_HVP], k.pass.hvp_dtype, i, hvp);
+    if (k.pass.write_hvp) store_any<P>(row.ptr[Col::kHvp], k.pass.hvp_dtype, i, hvp);
     has_hvp = has_hvp || k.pass.read_hvp;  // grad_refs are empty when hvps are read
   }
 #pragma unroll
@@ -281,7 +299,7 @@ __device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, c
     C states[NS];
 #pragma unroll
     for (int s = 0; s < NS; ++s) states[s] = st[s][j];
-    Step<C, NS> out = Op::step(p[j], g, states, k.state_present[0], hvp_j, has_hvp, scalars);
+    Step<C, NS> out = Op::step(p[j], g, states, k.state_present, hvp_j, has_hvp, scalars);
     p[j] = out.p;
 #pragma unroll
     for (int s = 0; s < NS; ++s) st[s][j] = out.states[s];
@@ -296,7 +314,7 @@ __device__ __forceinline__ void step_elements(const Row<NPTR>& row, int64_t i, c
   for (int s = 0; s < NS; ++s) {
     if (k.state_present[s]) store_any<P>(row.ptr[MK_COL_STATE0 + s], k.state_dtype[s], i, st[s]);
   }
-  if (k.write_ref) store_any<P>(row.ptr[MK_COL_GRAD_REF], k.ref_dtype, i, ref);
+  if (k.write_ref) store_any<P>(row.ptr[Col::kGradRef], k.ref_dtype, i, ref);
 }
 
 // The probe pass on N consecutive elements: origin = theta (its words: an exact copy), param = theta + tau d.
@@ -304,7 +322,7 @@ template <int N, class Op, typename P, bool NORMS, int NPTR, typename C>
 __device__ __forceinline__ void probe_elements(const Row<NPTR>& row, int64_t i, const ScalarsOf<C, Op>& scalars,
                                                const GradArgs<C>& grad_args, C tau, double (&acc)[2]) {
   const Pack<P, N> theta = load_words<P, N>(row.ptr[MK_COL_PARAM], i);
-  store_words(row.ptr[MK_COL_ORIGIN], i, theta);
+  store_words(row.ptr[Cols<Op::kStates>::kOrigin], i, theta);
   C p[N], grad[N];
   unpack(theta, p);
   load_pack<P>(row.ptr[MK_COL_GRAD], i, grad);
@@ -347,15 +365,17 @@ template <int N>
 using Width = std::integral_constant<int, N>;
 
 // Calls elements(Width<N>(), row, i) for this block's chunks, N = VEC consecutive elements at a time
-// where the row is aligned (1 otherwise and for the tail).
-template <int VEC, int NPTR, class F>
+// where the row is aligned (1 otherwise and for the tail). NS: the op's states (the table's width).
+template <int VEC, int NPTR, int NS, class F>
 __device__ __forceinline__ void for_each_chunk(const int64_t* table, int n_tensors, int64_t n_chunks, F&& elements) {
   int t = 0;  // the row of the previous chunk: chunks only grow, so a large tensor's row is searched once
   for (int64_t chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
-    if (t + 1 < n_tensors && chunk_begin_of(table, t + 1) <= chunk) t = find_row(table, t + 1, n_tensors, chunk);
+    if (t + 1 < n_tensors && chunk_begin_of<NS>(table, t + 1) <= chunk) {
+      t = find_row<NS>(table, t + 1, n_tensors, chunk);
+    }
     // Re-read per chunk (cache hits) rather than kept: no row state lives through the element loops, where
     // ptxas would spill it to reach an occupancy step.
-    const Row<NPTR> row = load_row<NPTR>(table, t);
+    const Row<NPTR> row = load_row<NPTR, NS>(table, t);
     const int64_t begin = (chunk - row.chunk_begin) * kChunkElems;
     const int n = int(min(kChunkElems, row.numel - begin));  // offsets in a chunk fit an int
     const int vectors = row.vec_ok ? n / VEC : 0;
@@ -384,7 +404,8 @@ __global__ void __launch_bounds__(kBlock)
 multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP, PASS> k) {
   using C = typename ComputeOf<P>::type;
   constexpr int VEC = 16 / sizeof(P);
-  constexpr int NPTR = kRowPointers<PASS>;
+  constexpr int NS = Op::kStates;
+  constexpr int NPTR = kRowPointers<PASS, NS>;
   if (k.found_inf != nullptr && read_scalar(k.found_inf, k.found_inf_dtype) != 0.0) return;
   double inv_scale = 1.0;
   if (k.grad_scale != nullptr) inv_scale = 1.0 / read_scalar(k.grad_scale, k.grad_scale_dtype);
@@ -399,14 +420,14 @@ multi_tensor_step(const KernelParamsOf<typename ComputeOf<P>::type, Op, STEP, PA
   if constexpr (PASS == Pass::kProbe) {
     const C tau = C(*k.pass.probe_tau);
     double acc[2] = {};
-    for_each_chunk<VEC, NPTR>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
+    for_each_chunk<VEC, NPTR, NS>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
       probe_elements<decltype(n)::value, Op, P, DIAG>(row, i, scalars, grad_args, tau, acc);
     });
     if (DIAG) block_add(acc, k.pass.probe_norms);
   } else {
     const C hvp_scale = step_hvp_scale<PASS>(k, scalars.hvp_scale);
     double acc[NDIAG] = {};
-    for_each_chunk<VEC, NPTR>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
+    for_each_chunk<VEC, NPTR, NS>(k.table, k.n_tensors, k.n_chunks, [&](auto n, const Row<NPTR>& row, int64_t i) {
       step_elements<decltype(n)::value, Op, P, DIAG, PASS>(row, i, k, scalars, grad_args, hvp_scale, acc);
     });
     if (DIAG) block_add(acc, k.diagnostics);
@@ -442,9 +463,9 @@ int launch_typed(const mk_launch& L, const typename Op::Args& args) {
   k.table = L.table;
   k.n_tensors = int(L.n_tensors);
   k.n_chunks = L.n_chunks;
-  for (int s = 0; s < 2; ++s) {
+  for (int s = 0; s < Op::kStates; ++s) {
     k.state_dtype[s] = int(L.state_dtype[s]);
-    k.state_present[s] = s < Op::NSTATE && L.state_present[s] != 0;
+    k.state_present[s] = L.state_present[s] != 0;
   }
   k.ref_dtype = int(L.ref_dtype);
   const bool need_hvp = args.correction != 0.0 || DIAG;
@@ -501,7 +522,7 @@ bool state_dtype_ok(int64_t d) { return d == DtypeCode<P>::value || d == MK_F32 
 
 template <class Op, typename P>
 int launch_dtype(const mk_launch& L, const typename Op::Args& args) {
-  for (int s = 0; s < Op::NSTATE; ++s) {
+  for (int s = 0; s < Op::kStates; ++s) {
     if (L.state_present[s] && !state_dtype_ok<P>(L.state_dtype[s])) return MK_ERR_STATE_DTYPE;
   }
   if (L.has_grad_refs && !state_dtype_ok<P>(L.ref_dtype)) return MK_ERR_STATE_DTYPE;
@@ -515,6 +536,7 @@ int launch_dtype(const mk_launch& L, const typename Op::Args& args) {
 // The body of every extern "C" entry point: check, then dispatch on the params' dtype.
 template <class Op>
 int launch(const mk_launch* L, const typename Op::Args* args) {
+  static_assert(Op::kStates >= 1 && Op::kStates <= MK_MAX_STATES, "mk_launch carries 1 to MK_MAX_STATES states");
   if (L == nullptr || args == nullptr || L->n_tensors < 0 || L->n_chunks < 0 || L->n_tensors > INT32_MAX ||
       (L->n_chunks > 0 && (L->table == nullptr || L->n_tensors == 0))) {
     return MK_ERR_ARGUMENT;

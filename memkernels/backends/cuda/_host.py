@@ -1,35 +1,34 @@
-"""The CUDA C++ backend: libmemkernels_cuda.so (csrc/) through ctypes, one launch per op call.
+"""The cuda backend's host side of an op call: the device-side pointer table and one launch.
 
-The library is found or built by _cuda_build (packaged at install, or built once
-into ~/.cache/memkernels when nvcc is there) and loaded by _cuda_abi. Each call
-passes a device-side table of the tensors' pointers and sizes; tables are cached
-while the data pointers stay the same, so a training loop uploads them once.
-With a `step_scalars` tensor the kernel reads the per-step values on the device:
-once its table is cached a call neither syncs nor allocates, so it can be
-captured in a CUDA graph (a table that a capture reads is kept for good).
+Each call passes a device-side table of the tensors' pointers and sizes (api.h: param, grad, the op's states,
+then grad_ref, origin, hvp, numel, chunk_begin, vec_ok); tables are cached while the data pointers stay the
+same, so a training loop uploads them once. With a `step_scalars` tensor the kernel reads the per-step values
+on the device: once its table is cached a call neither syncs nor allocates, so it can be captured in a CUDA
+graph (a table that a capture reads is kept for good).
 """
 from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _cuda_abi, _cuda_build, register, unavailable
+from ...spec import OpSpec
+from . import _abi
 
-_DTYPE_CODES = {getattr(torch, name): code for name, code in _cuda_abi.DTYPE_CODES.items()}
+_DTYPE_CODES = {getattr(torch, name): code for name, code in _abi.DTYPE_CODES.items()}
 
 
 class _Table(NamedTuple):
-    rows: Tensor | None  # int64 [n_tensors, TABLE_COLS] on the device; None when every tensor is empty
+    rows: Tensor | None  # int64 [n_tensors, table_cols(n_states)] on the device; None when every tensor is empty
     n_tensors: int
     n_chunks: int
     streams: set[int]  # streams it was used on (record_stream keeps it alive for them)
 
 
-class _TableCache:
+class TableCache:
     """Pointer tables keyed by every data pointer and size they hold, least recently used first out."""
 
     def __init__(self, chunk_elems: int, capacity: int = 64) -> None:
@@ -38,7 +37,7 @@ class _TableCache:
         self._graph_held: dict[tuple, _Table] = {}  # tables read by captured CUDA graphs: never freed
 
     def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]], stream: torch.cuda.Stream) -> _Table:
-        """columns: params, grads, state0, state1, grad_refs, origins, hvps (an absent list is empty)."""
+        """columns: params, grads, the op's state lists, grad_refs, origins, hvps (an absent list is empty)."""
         n = len(columns[0])
         pointers = [[t.data_ptr() for t in col] if col else [0] * n for col in columns]
         sizes = [p.numel() for p in columns[0]]
@@ -87,17 +86,16 @@ def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | 
     return t.data_ptr(), _DTYPE_CODES[t.dtype], t
 
 
-def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequence[list[Tensor]],
-         grad_refs: list[Tensor], diagnostics: Tensor | None, *, maximize: bool, update_grad_refs: bool,
-         grad_scale: Tensor | None, found_inf: Tensor | None, origins: list[Tensor], hvps: list[Tensor],
-         reuse_hvp: bool, probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None,
-         step_scalars: Tensor | None = None, **scalars) -> None:
-    """step_scalars: the op's STEP_SCALARS on the device, read by the kernel in place of those floats;
+def _run(lib: _abi.Library, tables: TableCache, op: str, params: list[Tensor], grads: list[Tensor],
+         state_lists: Sequence[list[Tensor]], grad_refs: list[Tensor], diagnostics: Tensor | None, *,
+         maximize: bool, update_grad_refs: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+         origins: list[Tensor], hvps: list[Tensor], reuse_hvp: bool, probe: bool, probe_tau: Tensor | None,
+         probe_norms: Tensor | None, step_scalars: Tensor | None = None, **scalars) -> None:
+    """step_scalars: the op's spec.step_scalars on the device, read by the kernel in place of those floats;
     probe_tau (float64, on the device) is read there too: the probe's tau, or a step's hvp_scale = 1 / tau."""
     device = params[0].device
     stream = torch.cuda.current_stream(device)
-    states = [*state_lists, *([[]] * (2 - len(state_lists)))]
-    table = _TABLES.get(device, [params, grads, *states, grad_refs, origins, hvps], stream)
+    table = tables.get(device, [params, grads, *state_lists, grad_refs, origins, hvps], stream)
     if table.n_chunks == 0:
         return  # only empty tensors: nothing changes and the diagnostics sums gain nothing
     scale_ptr, scale_dtype, _scale = _scalar(grad_scale, device)
@@ -105,11 +103,12 @@ def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequen
     param_dtype = _DTYPE_CODES[params[0].dtype]
     if step_scalars is not None and not step_scalars.is_contiguous():
         step_scalars = step_scalars.contiguous()  # the kernel reads consecutive doubles
-    launch = _cuda_abi.Launch(
+    states = _abi.MAX_STATES * ctypes.c_int64
+    launch = _abi.Launch(
         table=table.rows.data_ptr(), n_tensors=table.n_tensors, n_chunks=table.n_chunks, device=device.index,
         stream=stream.cuda_stream, param_dtype=param_dtype,
-        state_dtype=(ctypes.c_int64 * 2)(*(_DTYPE_CODES[s[0].dtype] if s else param_dtype for s in states)),
-        state_present=(ctypes.c_int64 * 2)(*(int(bool(s)) for s in states)),
+        state_dtype=states(*(_DTYPE_CODES[s[0].dtype] if s else param_dtype for s in state_lists)),
+        state_present=states(*(int(bool(s)) for s in state_lists)),
         ref_dtype=_DTYPE_CODES[grad_refs[0].dtype] if grad_refs else param_dtype,
         has_grad_refs=int(bool(grad_refs)), update_grad_refs=int(update_grad_refs), maximize=int(maximize),
         grad_scale=scale_ptr, grad_scale_dtype=scale_dtype, found_inf=inf_ptr, found_inf_dtype=inf_dtype,
@@ -119,40 +118,16 @@ def _run(op: str, params: list[Tensor], grads: list[Tensor], state_lists: Sequen
         hvp_dtype=_DTYPE_CODES[hvps[0].dtype] if hvps else param_dtype, reuse_hvp=int(reuse_hvp), probe=int(probe),
         probe_tau=probe_tau.data_ptr() if probe_tau is not None else 0,
         probe_norms=probe_norms.data_ptr() if probe_norms is not None else 0)
-    args_type = _cuda_abi.ARGS[op]
+    args_type = _abi.ARGS[op]
     args = args_type(**{name: scalars[name] for name, _ in args_type._fields_})
-    _LIB.call(op, launch, args)
+    lib.call(op, launch, args)
 
 
-def adamw(params, grads, exp_avgs, exp_avg_sqs, grad_refs, diagnostics, **kw) -> None:
-    _run("adamw", params, grads, (exp_avgs, exp_avg_sqs), grad_refs, diagnostics, **kw)
+def kernel(spec: OpSpec, lib: _abi.Library, tables: TableCache) -> Callable[..., None]:
+    """The op's kernel, called as memkernels._ops calls every backend's: (params, grads, each state list,
+    grad_refs, diagnostics, **scalars and modes)."""
+    n = len(spec.states)
 
-
-def lion(params, grads, exp_avgs, grad_refs, diagnostics, **kw) -> None:
-    _run("lion", params, grads, (exp_avgs,), grad_refs, diagnostics, **kw)
-
-
-def sgd(params, grads, momentum_buffers, grad_refs, diagnostics, **kw) -> None:
-    _run("sgd", params, grads, (momentum_buffers,), grad_refs, diagnostics, **kw)
-
-
-def _load() -> tuple[_cuda_abi.Library | None, str]:
-    """The library, or None and why the backend cannot run here."""
-    if not torch.cuda.is_available():
-        return None, "torch sees no CUDA device (torch.cuda.is_available() is False)"
-    path, how = _cuda_build.locate()
-    if path is None:
-        return None, how
-    try:
-        return _cuda_abi.Library(path), how
-    except (OSError, _cuda_abi.AbiMismatch) as exc:
-        return None, f"cannot load {path}: {exc}"
-
-
-_LIB, LIBRARY_ORIGIN = _load()
-if _LIB is None:
-    unavailable("cuda", LIBRARY_ORIGIN)
-else:
-    _TABLES = _TableCache(_LIB.chunk_elems)
-    for _op, _kernel in (("adamw", adamw), ("lion", lion), ("sgd", sgd)):
-        register("cuda", _op, ("cuda",), device_step_scalars=True)(_kernel)
+    def run(params, grads, *lists_and_diagnostics, **kw) -> None:
+        _run(lib, tables, spec.name, params, grads, lists_and_diagnostics[:n], *lists_and_diagnostics[n:], **kw)
+    return run

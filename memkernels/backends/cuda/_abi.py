@@ -1,26 +1,36 @@
-"""ctypes view of libmemkernels_cuda.so: the structs of csrc/include/memkernels/api.h and a loader.
+"""ctypes view of libmemkernels_cuda.so: api.h's mk_launch, each op's Args struct built from its spec by the rule
+the build generates the C side with (_layout), and a loader that refuses a library built otherwise.
 
-Needs no GPU and no torch: loading the library and reading its build identity work on
-any Linux machine (CUDA is initialised only by an op call).
+Needs no GPU: loading the library and reading its build identity work on any Linux machine (CUDA is
+initialised only by an op call).
 """
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
 
-ABI_VERSION = 3
+from ...spec import SPECS, OpSpec
+from . import _layout
+
+ABI_VERSION = 4
+MAX_STATES = 4  # MK_MAX_STATES: mk_launch's state arrays
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
-TABLE_COLS = 10  # param, grad, state0, state1, grad_ref, origin, hvp, numel, chunk_begin, vec_ok
+TAIL_COLS = 6  # after the states: grad_ref, origin, hvp, numel, chunk_begin, vec_ok
 
 _i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+def table_cols(n_states: int) -> int:
+    """MK_TABLE_COLS: a pointer table row holds param, grad, the op's states, then the tail."""
+    return 2 + n_states + TAIL_COLS
 
 
 class Launch(ctypes.Structure):
     """mk_launch: what every op call passes besides its hyperparameters."""
 
     _fields_ = [("table", _ptr), ("n_tensors", _i64), ("n_chunks", _i64), ("device", _i64),
-                ("stream", _ptr), ("param_dtype", _i64), ("state_dtype", _i64 * 2),
-                ("state_present", _i64 * 2), ("ref_dtype", _i64), ("has_grad_refs", _i64),
+                ("stream", _ptr), ("param_dtype", _i64), ("state_dtype", _i64 * MAX_STATES),
+                ("state_present", _i64 * MAX_STATES), ("ref_dtype", _i64), ("has_grad_refs", _i64),
                 ("update_grad_refs", _i64), ("maximize", _i64), ("grad_scale", _ptr),
                 ("grad_scale_dtype", _i64), ("found_inf", _ptr), ("found_inf_dtype", _i64),
                 ("diagnostics", _ptr), ("step_scalars", _ptr), ("has_origins", _i64), ("has_hvps", _i64),
@@ -28,31 +38,23 @@ class Launch(ctypes.Structure):
                 ("probe_norms", _ptr)]
 
 
-class AdamWArgs(ctypes.Structure):
-    _fields_ = [(name, _f64) for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_correction1",
-                                          "bias_correction2", "mean_age1", "mean_age2", "correction",
-                                          "correction_limit", "hvp_scale")] + \
-               [(name, _i64) for name in ("decoupled", "eps_inside_sqrt", "memoryless")]
+_CTYPES = {_layout.DOUBLE: _f64, _layout.INT64: _i64}
 
 
-class LionArgs(ctypes.Structure):
-    _fields_ = [(name, _f64) for name in ("lr", "beta1", "beta2", "weight_decay", "smoothing", "ema_weight",
-                                          "age_weight", "correction", "correction_limit", "hvp_scale")] + \
-               [("memoryless", _i64)]
+def args_struct(spec: OpSpec) -> type[ctypes.Structure]:
+    """mk_<op>_args of the op's spec; an op with more states than mk_launch carries is refused here."""
+    if not 1 <= len(spec.states) <= MAX_STATES:
+        raise ValueError(f"the cuda backend runs ops of 1 to {MAX_STATES} states (MK_MAX_STATES); "
+                         f"{spec.name} has {len(spec.states)}")
+    fields = [(name, _CTYPES[ctype]) for name, ctype in _layout.args_fields(spec)]
+    return type(f"mk_{spec.name}_args", (ctypes.Structure,), {"_fields_": fields})
 
 
-class SGDArgs(ctypes.Structure):
-    _fields_ = [(name, _f64) for name in ("lr", "momentum", "weight_decay", "update_scale", "memory_coef",
-                                          "correction", "correction_limit", "hvp_scale")] + \
-               [(name, _i64) for name in ("nesterov", "memoryless")]
-
-
-ARGS = {"adamw": AdamWArgs, "lion": LionArgs, "sgd": SGDArgs}
-_STRUCT_IDS = {Launch: 0, AdamWArgs: 1, LionArgs: 2, SGDArgs: 3}
+ARGS = {name: args_struct(spec) for name, spec in SPECS.items()}
 
 
 class AbiMismatch(RuntimeError):
-    """The library was built from other headers than this Python side mirrors."""
+    """The library was built from other headers or another spec than this Python side mirrors."""
 
 
 class Library:
@@ -67,21 +69,26 @@ class Library:
         for name in ("mk_source_hash", "mk_archs", "mk_error_string"):
             getattr(lib, name).restype = ctypes.c_char_p
         lib.mk_error_string.argtypes = [ctypes.c_int]
+        self._lib = lib
+        version = lib.mk_abi_version()
+        if version != ABI_VERSION:
+            raise AbiMismatch(f"{self.path}: ABI version {version}, this memkernels expects {ABI_VERSION}")
+        lib.mk_layout.restype = ctypes.c_char_p
+        difference = _layout.layout_difference(lib.mk_layout().decode(), SPECS)
+        if difference:
+            raise AbiMismatch(f"{self.path} was built from another memkernels/spec.py ({difference}); rebuild it "
+                              "(python -m memkernels.backends.cuda --out PATH) or remove it")
+        for which, struct in enumerate((Launch, *ARGS.values())):
+            size = lib.mk_struct_size(which)
+            if size != ctypes.sizeof(struct):
+                raise AbiMismatch(f"{self.path}: {struct.__name__} is {size} bytes there, "
+                                  f"{ctypes.sizeof(struct)} here")
         self._entry = {}
         for op, args in ARGS.items():
             fn = getattr(lib, f"mk_{op}")
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.POINTER(Launch), ctypes.POINTER(args)]
             self._entry[op] = fn
-        self._lib = lib
-        version = lib.mk_abi_version()
-        if version != ABI_VERSION:
-            raise AbiMismatch(f"{self.path}: ABI version {version}, this memkernels expects {ABI_VERSION}")
-        for struct, which in _STRUCT_IDS.items():
-            size = lib.mk_struct_size(which)
-            if size != ctypes.sizeof(struct):
-                raise AbiMismatch(f"{self.path}: {struct.__name__} is {size} bytes there, "
-                                  f"{ctypes.sizeof(struct)} here")
         self.chunk_elems = int(lib.mk_chunk_elems())
         self.source_hash = lib.mk_source_hash().decode()
         self.archs = lib.mk_archs().decode()
