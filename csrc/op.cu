@@ -1,4 +1,4 @@
-// The entry point mk_<op> of one op: the build compiles this file once per op of memkernels/spec.py, with
+// The entry point mk_<op> of one op: the build compiles this file once per op of memkernels/ops/, with
 // -DMK_OP=<op>. The op's trait, memkernels::ops::<op>, is generated from its spec (memkernels/op_traits.cuh).
 #include "memkernels/multi_tensor.cuh"
 #include "memkernels/op_traits.cuh"

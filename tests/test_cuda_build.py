@@ -17,7 +17,7 @@ import torch
 
 from memkernels import backends
 from memkernels.backends.cuda import _abi, _build, _cache, _layout
-from memkernels.spec import SPECS
+from memkernels.ops import SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = _build.find_nvcc()

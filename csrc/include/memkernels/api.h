@@ -4,7 +4,7 @@
  * Every struct field is 8 bytes wide so the ctypes mirror has no padding to get
  * wrong; mk_struct_size() lets the loader check the layout it mirrors.
  * Each op's part (its Args struct and entry point mk_<op>) is generated from
- * memkernels/spec.py into memkernels/op_args.h, in the build's include directory
+ * memkernels/ops/ into memkernels/op_args.h, in the build's include directory
  * (memkernels/backends/cuda/_layout.py says how); mk_layout() reports it.
  * Entry points return 0 or an error code; mk_error_string() says what it means.
  */

@@ -11,7 +11,7 @@
 // (multi_tensor.cuh, and backends/reference.py's _run) forms hvp with estimate_hvp
 // or reads a kept one, and runs probe() on the op's *_direction in the probe pass.
 //
-// Each op <op> of memkernels/spec.py has here make_<op>_scalars (its Args fields in their order: the op's
+// Each op <op> of memkernels/ops/ has here make_<op>_scalars (its Args fields in their order: the op's
 // floats, correction, correction_limit, hvp_scale, the op's flags, memoryless), <op> (p, g, each state, an
 // optional one followed by whether it is present, hvp, has_hvp, the scalars) and <op>_direction (p, g, the
 // scalars): the build binds them to the op's Args (memkernels/backends/cuda/_layout.py).

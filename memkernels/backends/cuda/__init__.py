@@ -1,7 +1,7 @@
 """The CUDA C++ backend: libmemkernels_cuda.so (csrc/) through ctypes, one launch per op call.
 
 Importing it decides whether it can run here and, if it can, registers a kernel for every op of
-memkernels/spec.py. The library is found, or built once when nvcc is there, by _cache (with _build, which
+memkernels/ops/. The library is found, or built once when nvcc is there, by _cache (with _build, which
 generates each op's part of the C ABI from its spec), loaded by _abi (which refuses one built from other
 headers or another spec) and called by _host.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...spec import SPECS
+from ...ops import SPECS
 from .. import register, unavailable
 from . import _abi, _cache, _host
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from ...spec import SPECS, OpSpec
+from ...ops import SPECS, OpSpec
 from . import _layout
 
 ABI_VERSION = 4
@@ -76,7 +76,7 @@ class Library:
         lib.mk_layout.restype = ctypes.c_char_p
         difference = _layout.layout_difference(lib.mk_layout().decode(), SPECS)
         if difference:
-            raise AbiMismatch(f"{self.path} was built from another memkernels/spec.py ({difference}); rebuild it "
+            raise AbiMismatch(f"{self.path} was built from another memkernels/ops/ ({difference}); rebuild it "
                               "(python -m memkernels.backends.cuda --out PATH) or remove it")
         for which, struct in enumerate((Launch, *ARGS.values())):
             size = lib.mk_struct_size(which)

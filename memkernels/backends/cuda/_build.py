@@ -1,9 +1,9 @@
-"""Building libmemkernels_cuda.so from csrc/ and memkernels/spec.py with nvcc.
+"""Building libmemkernels_cuda.so from csrc/ and the op specs (memkernels/ops/) with nvcc.
 
 Used by setup.py (at install, when nvcc is there), by _cache (a first-use build into the per-user cache)
 and by `python -m memkernels.backends.cuda` (a build to carry elsewhere). Standard library only: setup.py
 loads it and _layout without importing memkernels (which needs torch), and it reads the op specs from
-spec.py the same way (op_specs).
+memkernels/ops/ the same way (op_specs).
 
 Each op's part of the ABI is generated from its spec (_layout) into the build's include directory, and
 csrc/op.cu is compiled once per op. The library embeds a hash of the sources it was built from, the
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import _layout
 
-if TYPE_CHECKING:  # not imported: spec.py needs torch (op_specs reads it without)
-    from ...spec import OpSpec
+if TYPE_CHECKING:  # not imported: the op modules need torch (op_specs reads them without)
+    from ...ops.spec import OpSpec
 
 LIB_NAME = "libmemkernels_cuda.so"
 COMMON_SOURCE, OP_SOURCE = "common.cu", "op.cu"  # op.cu: compiled once per op, with -DMK_OP=<op>
@@ -88,20 +88,30 @@ def _stand_in(module: str) -> types.ModuleType:
     return stand_in
 
 
+_ROOT = "_memkernels_build"  # the package name the op modules are read under
+
+
 @functools.lru_cache(maxsize=None)
 def op_specs() -> Mapping[str, OpSpec]:
-    """memkernels.spec.SPECS of the spec.py in this package, read without importing memkernels. spec.py takes
-    from reference.py (which needs torch) only each op's reference functions, which the build does not call:
-    a stand-in module takes reference.py's place."""
-    package = types.ModuleType("_memkernels_spec")
-    package.__path__ = []
-    package.reference = _stand_in(f"{package.__name__}.reference")
-    sys.modules[package.__name__] = package
-    sys.modules[package.reference.__name__] = package.reference
-    spec = importlib.util.spec_from_file_location(f"{package.__name__}.spec", PACKAGE_DIR / "spec.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    """memkernels.ops.SPECS, read from this package's files without importing memkernels (setup.py runs
+    without torch). At import the op modules only take names from reference.py, coefficients.py and torch
+    (their math runs when called, never here), so stand-in modules take those places (torch's only where
+    torch is missing, and only while the modules load)."""
+    stand_ins = {name: _stand_in(name) for name in (f"{_ROOT}.reference", f"{_ROOT}.coefficients")}
+    if importlib.util.find_spec("torch") is None:
+        stand_ins["torch"] = _stand_in("torch")
+    root = types.ModuleType(_ROOT)
+    root.__path__ = []
+    sys.modules.update({_ROOT: root, **stand_ins})
+    try:
+        spec = importlib.util.spec_from_file_location(f"{_ROOT}.ops", PACKAGE_DIR / "ops" / "__init__.py",
+                                                      submodule_search_locations=[str(PACKAGE_DIR / "ops")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and relative imports look their modules up there
+        spec.loader.exec_module(module)
+    finally:
+        if "torch" in stand_ins:
+            del sys.modules["torch"]
     return module.SPECS
 
 

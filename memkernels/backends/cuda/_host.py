@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ...spec import OpSpec
+from ...ops.spec import OpSpec
 from . import _abi
 
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _abi.DTYPE_CODES.items()}

@@ -1,4 +1,4 @@
-"""Each op's part of libmemkernels_cuda.so's C ABI, from its spec (memkernels/spec.py): one rule that the
+"""Each op's part of libmemkernels_cuda.so's C ABI, from its spec (memkernels/ops/): one rule that the
 build renders as C headers and _abi as ctypes structs, so that no per-op fact is written by hand twice.
 
 An op's Args struct holds, in this order: its float scalars in spec order, then the common floats correction,
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-if TYPE_CHECKING:  # not imported: spec.py needs torch, and setup.py runs this without it
-    from ...spec import OpSpec
+if TYPE_CHECKING:  # not imported: the op modules need torch, and setup.py runs this without it
+    from ...ops.spec import OpSpec
 
 COMMON_FLOATS = ("correction", "correction_limit", "hvp_scale")
 COMMON_FLAGS = ("memoryless",)
@@ -27,7 +27,7 @@ DOUBLE, INT64 = "double", "int64_t"
 
 ARGS_HEADER = "memkernels/op_args.h"
 TRAITS_HEADER = "memkernels/op_traits.cuh"
-_BANNER = "Generated from memkernels/spec.py by memkernels/backends/cuda/_layout.py when the library is built"
+_BANNER = "Generated from memkernels/ops/ by memkernels/backends/cuda/_layout.py when the library is built"
 
 
 def args_fields(spec: OpSpec) -> list[tuple[str, str]]:
