@@ -286,15 +286,15 @@ def lion_pytorch_row(workload: str, t: Tensors) -> Row:
 def triton_tile_rows(workload: str, t: Tensors) -> list[Row]:
     """The Triton backend's AdamW rows at other (BLOCK, num_warps) than its default."""
     try:
-        from memkernels.backends import _triton_ops
+        from memkernels.backends.triton import host
     except Exception as exc:  # triton missing or broken: the backend rows already say why
         return [Row(workload, "triton tile sweep", "adamw", t.numel, skip=f"skipped: {exc}")]
     rows = []
     for block, warps in TRITON_TILES:
-        if (block, warps) == (_triton_ops.BLOCK, _triton_ops.NUM_WARPS):
+        if (block, warps) == (host.BLOCK, host.NUM_WARPS):
             continue
         for row in op_rows(workload, t, "triton", f"triton B{block}/w{warps}")[:2]:
-            row.fn = _with_tile(_triton_ops, block, warps, row.fn)
+            row.fn = _with_tile(host, block, warps, row.fn)
             rows.append(row)
     return rows
 

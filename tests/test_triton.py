@@ -33,9 +33,9 @@ STATUS = backends.load("triton")
 if not STATUS.startswith("available"):
     pytest.fail(f"triton imports but the backend is {STATUS}", pytrace=False)
 
-from memkernels.backends import _triton_kernels, _triton_ops, _triton_table  # noqa: E402
+from memkernels.backends.triton import _table, host, kernels  # noqa: E402
 
-BLOCK = _triton_ops.BLOCK
+BLOCK = host.BLOCK
 # One tensor of several full tiles plus a tail, an empty one, one element, odd sizes, a 2-D one.
 SHAPES = [(2 * BLOCK + 37,), (0,), (1,), (5, 7), (129,)]
 
@@ -506,8 +506,7 @@ class Counting:
 def grids(monkeypatch) -> list:
     """The grids of the triton launches the test makes."""
     recorded = []
-    for name in ("adamw_kernel", "lion_kernel", "sgd_kernel"):
-        monkeypatch.setattr(_triton_kernels, name, Counting(getattr(_triton_kernels, name), recorded))
+    monkeypatch.setattr(kernels, "multi_tensor_kernel", Counting(kernels.multi_tensor_kernel, recorded))
     return recorded
 
 
@@ -554,17 +553,33 @@ def test_transposed_dense_tensors():
     check("lion", case, **TRAJECTORY, correction=-1.0, smoothing=1e-3)
 
 
+# ------------------------------------------------------------------ the ops' parts
+
+@pytest.mark.parametrize("op", ["adamw", "lion", "sgd"])
+def test_device_derivation_takes_the_spec_order(op):
+    """The device derivation reads the step_scalars tensor by position: one whose parameters are not the
+    spec's step scalars in order is refused, naming both orders."""
+    from memkernels.backends.triton import elements
+    from memkernels.spec import SPECS
+
+    host._check_order(SPECS[op], elements.OPS[op])
+    other = {"adamw": "lion", "lion": "sgd", "sgd": "adamw"}[op]
+    wrong = elements.OPS[op]._replace(derived=elements.OPS[other].derived)
+    with pytest.raises(RuntimeError, match=f"{other}_derived takes .* step scalars are"):
+        host._check_order(SPECS[op], wrong)
+
+
 # ------------------------------------------------------------------ pointer tables
 
 def test_pointer_table_cache_hit_and_invalidation():
     """Same tensors: the cached table is reused. A replaced tensor: a new table, and the new tensor moves."""
-    _triton_table.clear()
+    _table.clear()
     case = make_case("sgd", shapes=[(50,), (70,)], refs=False, seed=13)
     lists = [[t.clone() for t in lst] for lst in case]
     _ops.sgd_(*lists, None, backend="triton", **SGD)
-    assert len(_triton_table._tables) == 1
+    assert len(_table._tables) == 1
     _ops.sgd_(*lists, None, backend="triton", **SGD)
-    assert len(_triton_table._tables) == 1  # hit
+    assert len(_table._tables) == 1  # hit
 
     old = lists[0][1]
     old_value = old.clone()
@@ -572,14 +587,14 @@ def test_pointer_table_cache_hit_and_invalidation():
     expected = [[t.clone() for t in lst] for lst in lists]
     _ops.sgd_(*expected, None, backend="reference", **SGD)
     _ops.sgd_(*lists, None, backend="triton", **SGD)
-    assert len(_triton_table._tables) == 2
+    assert len(_table._tables) == 2
     assert torch.equal(old, old_value), "the stale tensor was written"
     assert_same(lists, expected)
 
 
 def test_block_map_layout():
     numels = [0, 3, 2 * BLOCK, BLOCK + 1]
-    blocks = _triton_table.block_map(numels, BLOCK, torch.device("cpu")).view(-1, 2).tolist()
+    blocks = _table.block_map(numels, BLOCK, torch.device("cpu")).view(-1, 2).tolist()
     assert blocks == [[1, 0], [2, 0], [2, BLOCK], [3, 0], [3, BLOCK]]
 
 
@@ -620,8 +635,10 @@ _COMPILE = textwrap.dedent('''
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from memkernels.backends import _triton_kernels as K, _triton_ops
+    from triton.runtime.jit import mangle_type
+    from memkernels.backends.triton import host, kernels as K
     from memkernels.reference import NDIAG
+    from memkernels.spec import SPECS
 
     TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.bfloat16: "bf16",
              torch.float16: "fp16"}
@@ -634,10 +651,9 @@ _COMPILE = textwrap.dedent('''
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((self.fn, args, kw))
 
-    for name in ("adamw_kernel", "lion_kernel", "sgd_kernel"):
-        setattr(K, name, Recorder(getattr(K, name)))
+    K.multi_tensor_kernel = Recorder(K.multi_tensor_kernel)
     def tensors(dt):
-        return [torch.ones(1 + 2 * _triton_ops.BLOCK, dtype=getattr(torch, dt))] if dt else []
+        return [torch.ones(1 + 2 * host.BLOCK, dtype=getattr(torch, dt))] if dt else []
 
     for op, dtypes, kw in json.loads(sys.argv[1]):
         lists = [tensors(dt) for dt in dtypes]
@@ -649,7 +665,7 @@ _COMPILE = textwrap.dedent('''
                 kw[name] = torch.tensor(kw[name], dtype=torch.float64)
         kw["probe_norms"] = torch.zeros(2, dtype=torch.float64) if kw["probe_norms"] else None
         diag = torch.zeros(NDIAG, dtype=torch.float64) if kw.pop("diag") else None
-        getattr(_triton_ops, op)(*lists, diag, **kw)
+        host.launch(SPECS[op], *lists, diag, **kw)
 
     results = []
     for fn, args, kw in launches:
@@ -658,17 +674,17 @@ _COMPILE = textwrap.dedent('''
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(fn.arg_names):
             value = values[name]
-            if isinstance(value, torch.Tensor):
-                signature[name] = "*" + TYPES[value.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(value, float):
-                signature[name] = fn.params[i].annotation_type or "fp32"  # fp64 where annotated
-            else:
+            if fn.params[i].is_constexpr:
                 signature[name] = "constexpr"
                 constexprs[(i,)] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + TYPES[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:  # floats (fp64 where annotated) and namedtuples of them, as a launch types them
+                signature[name] = fn.params[i].annotation_type or mangle_type(value)
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-        results.append({"kernel": fn.__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
+        results.append({"op": kw["STEP"].__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
                         "device_scalars": kw["DEVICE_SCALARS"], "fmas": len(re.findall(r"\\bfma\\.", ptx)),
                         "ieee_f64": sorted(set(re.findall(r"(?:sqrt|div)\\.rn\\.f64", ptx)))})
     print(json.dumps(results))
@@ -723,11 +739,11 @@ def test_kernels_compile_for_sm90():
         assert result["v4_loads"] > 0, result
     # What a step does not use is dropped: AdamW's penalty (a log, libdevice's FMAs: the kernels contract none)
     # is computed for the diagnostics only.
-    assert [(r["kernel"], r["fmas"] > 0) for r in (results[0], results[3])] == [("adamw_kernel", False),
-                                                                               ("adamw_kernel", True)], results
+    assert [(r["op"], r["fmas"] > 0) for r in (results[0], results[3])] == [("adamw", False), ("adamw", True)], \
+        results
     # The device derives bias_correction2 ** 0.5 and lr / bias_correction1 with IEEE double sqrt and division,
     # as Python does on the host (not the approximations Triton may pick for `/` and tl.sqrt).
-    adamw_step = [r for r in results if r["kernel"] == "adamw_kernel" and r["device_scalars"]]
+    adamw_step = [r for r in results if r["op"] == "adamw" and r["device_scalars"]]
     assert adamw_step and all(r["ieee_f64"] == ["div.rn.f64", "sqrt.rn.f64"] for r in adamw_step), adamw_step
 
 

@@ -1,8 +1,8 @@
 """The Triton backend: fused multi-tensor kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 
-This module only decides whether the backend can run here; the host wrappers
-that register the kernels live in _triton_ops.py, the kernels in
-_triton_kernels.py and the pointer tables in _triton_table.py.
+This module only decides whether the backend can run here and, if it can, registers the kernels:
+host.py launches one multi-tensor kernel (kernels.py) for every op of memkernels.spec, with the op's
+per-element math from elements.py; _table.py keeps the pointer tables the kernel walks.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import unavailable
+from .. import unavailable
 
 
 def interpreting() -> bool:
@@ -30,6 +30,6 @@ def _why_not() -> str | None:
 
 _reason = _why_not()
 if _reason is None:
-    from . import _triton_ops  # noqa: F401  (registers the kernels)
+    from . import host  # noqa: F401  (registers the kernels)
 else:
     unavailable("triton", _reason)
