@@ -122,7 +122,7 @@ def _reference_step(op: str, x: dict[str, np.ndarray], states: list, has_ref: bo
         g_ref = t["grad_ref"] if update else reference.load_grad(t["grad_ref"], inv_scale, maximize)
         hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
     state_values = [t[name] if name else None for name in states]
-    return getattr(reference, op)(theta, g, *state_values, hvp, **kw), hvp
+    return SPECS[op].step(theta, g, *state_values, hvp, **kw), hvp
 
 
 def _host(host, op: str, x: dict[str, np.ndarray], states: list[str], has_ref: bool, kw: dict, reuse: bool = False,

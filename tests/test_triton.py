@@ -560,7 +560,7 @@ def test_device_derivation_takes_the_spec_order(op):
     """The device derivation reads the step_scalars tensor by position: one whose parameters are not the
     spec's step scalars in order is refused, naming both orders."""
     from memkernels.backends.triton import elements
-    from memkernels.spec import SPECS
+    from memkernels.ops import SPECS
 
     host._check_order(SPECS[op], elements.OPS[op])
     other = {"adamw": "lion", "lion": "sgd", "sgd": "adamw"}[op]
@@ -638,7 +638,7 @@ _COMPILE = textwrap.dedent('''
     from triton.runtime.jit import mangle_type
     from memkernels.backends.triton import host, kernels as K
     from memkernels.reference import NDIAG
-    from memkernels.spec import SPECS
+    from memkernels.ops import SPECS
 
     TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.bfloat16: "bf16",
              torch.float16: "fp16"}

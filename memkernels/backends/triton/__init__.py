@@ -1,7 +1,7 @@
 """The Triton backend: fused multi-tensor kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 
 This module only decides whether the backend can run here and, if it can, registers the kernels:
-host.py launches one multi-tensor kernel (kernels.py) for every op of memkernels.spec, with the op's
+host.py launches one multi-tensor kernel (kernels.py) for every op of memkernels.ops, with the op's
 per-element math from elements.py; _table.py keeps the pointer tables the kernel walks.
 """
 from __future__ import annotations

@@ -3,14 +3,14 @@
 The kernel (kernels.py) loads a tile and calls the op's functions here, chosen at compile time; an
 op's parts, in OPS:
 
-- step: reference.<op>. It takes the tile's p and g, the op's states present in the call as a tuple
-  (SGD without momentum has none), hvp (None where the step needs no M), `s` (the op's static
+- step: <op> of memkernels/ops/<op>.py. It takes the tile's p and g, the op's states present in the
+  call as a tuple (SGD without momentum has none), hvp (None where the step needs no M), `s` (the op's static
   scalars with those derive() computes from them alone), `n` (this step's scalars with those
   derived from them) and FLAGS (the op's constexpr flags), and returns p, the new states, the
   gradient kept as the next reference, and the diagnostic terms.
-- direction: reference.<op>_direction, the memoryless direction d of the probe pass.
-- derived: reference.<op>_derived's per-step values, computed on the device from the step_scalars
-  tensor: the step scalars (parameters in memkernels.spec's step_scalars order, read in float64),
+- direction: the op module's <op>_direction, the memoryless direction d of the probe pass.
+- derived: the per-step values of the op module's <op>_derived, computed on the device from the step_scalars
+  tensor: the step scalars (parameters in memkernels.ops's step_scalars order, read in float64),
   the static scalars that the derivation combines with them in float64, FLAGS and MEMORYLESS. Each
   value is derived in float64 in the host's order and rounded once to fp32, as the launch rounds the
   float that the host derives, so both give the same bits.
@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import triton
 import triton.language as tl
 
-from ...spec import ADAMW, LION, SGD
+from ...ops import SPECS
 
 
 # ------------------------------------------------------------------ shared math
@@ -107,7 +107,7 @@ def _sign(x):
 
 # ------------------------------------------------------------------ adamw
 
-AdamWStep = namedtuple("AdamWStep", (*ADAMW.step_scalars, "bias_correction2_sqrt", "shrink", "step_size",
+AdamWStep = namedtuple("AdamWStep", (*SPECS["adamw"].step_scalars, "bias_correction2_sqrt", "shrink", "step_size",
                                      "correction_lr2", "kappa_lr"))
 
 
@@ -188,7 +188,7 @@ def adamw_direction(p, g, s, n, FLAGS: tl.constexpr):
 
 # ------------------------------------------------------------------ lion
 
-LionStep = namedtuple("LionStep", (*LION.step_scalars, "shrink", "step_size", "correction_lr2", "kappa_lr"))
+LionStep = namedtuple("LionStep", (*SPECS["lion"].step_scalars, "shrink", "step_size", "correction_lr2", "kappa_lr"))
 
 
 @triton.jit
@@ -259,7 +259,7 @@ def lion_flags(*, smoothing: float, **_: Any) -> dict[str, bool]:
 
 # ------------------------------------------------------------------ sgd
 
-SGDStep = namedtuple("SGDStep", (*SGD.step_scalars, "step_size", "correction_lr2", "kappa_lr"))
+SGDStep = namedtuple("SGDStep", (*SPECS["sgd"].step_scalars, "step_size", "correction_lr2", "kappa_lr"))
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Host side of the Triton backend: one wrapper for every op of memkernels.spec, one launch per op call.
+"""Host side of the Triton backend: one wrapper for every op of memkernels.ops, one launch per op call.
 
 The kernel takes the op's fp32 scalars as two namedtuples (elements.py): `s`, the static ones, and `n`,
 this step's. The scalars that reference.py derives in Python (1 - beta1, lr / bias_correction1,
@@ -23,7 +23,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ...spec import SPECS, OpSpec
+from ...ops import SPECS, OpSpec
 from .. import register
 from . import elements, interpreting, kernels
 from ._table import block_map, pointer_table
@@ -136,6 +136,6 @@ def _check_order(spec: OpSpec, op: elements.Op) -> None:
 
 for _spec in SPECS.values():
     if _spec.name not in elements.OPS:
-        raise RuntimeError(f"the op {_spec.name!r} of memkernels.spec has no Triton element functions (elements.OPS)")
+        raise RuntimeError(f"the op {_spec.name!r} of memkernels.ops has no Triton element functions (elements.OPS)")
     _check_order(_spec, elements.OPS[_spec.name])
     register("triton", _spec.name, DEVICE_TYPES, device_step_scalars=True)(functools.partial(launch, _spec))

@@ -26,7 +26,7 @@ which moves theta to theta + tau d and keeps theta in the origins, read back by
 the step that follows (HAS_ORIGIN). tau arrives as a float64 tensor
 (probe_tau): in a step it replaces hvp_scale by 1 / tau.
 
-The scalars that change from step to step (memkernels.spec's step_scalars)
+The scalars that change from step to step (memkernels.ops's step_scalars)
 arrive either in `n`, derived on the host, or (DEVICE_SCALARS) in a float64
 tensor that each program reads: the op's DERIVED then derives the rest itself,
 in float64 and in the host's order. Both give the same bits; only the second
@@ -201,7 +201,7 @@ def _inverse_tau(probe_tau):
 
 @triton.jit
 def _read_step_scalars(step_scalars, N: tl.constexpr):
-    """The N float64 values of the step_scalars tensor, in memkernels.spec's step_scalars order."""
+    """The N float64 values of the step_scalars tensor, in memkernels.ops's step_scalars order."""
     values = ()
     for k in tl.static_range(N):
         values = values + (tl.load(step_scalars + k),)
