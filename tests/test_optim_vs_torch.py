@@ -2,6 +2,7 @@
 import pytest
 import torch
 from lion_pytorch import Lion as LionPytorch
+from pytorch_optimizer import AdEMAMix
 
 import memkernels as mk
 from _training import batches, flat, max_rel, mlp, run
@@ -57,3 +58,16 @@ def test_param_groups_and_scheduler_match_torch():
         return flat(model)
 
     assert max_rel(trained(mk.AdamW), trained(torch.optim.AdamW, fused=True)) < TOL
+
+
+@pytest.mark.parametrize("hp,theirs", [
+    (dict(lr=1e-3), {}),
+    (dict(lr=2e-3, betas=(0.8, 0.99, 0.999), alpha=8.0, eps=1e-6, weight_decay=0.1),
+     dict(weight_decouple=True)),
+    (dict(lr=1e-3, alpha_warmup=120, beta3_warmup=120), dict(t_alpha_beta3=120)),
+])
+def test_ademamix_equals_pytorch_optimizer(hp, theirs):
+    """pytorch-optimizer's AdEMAMix (decoupled decay: weight_decouple=True; one warm-up length for both)."""
+    mine = run(lambda p: mk.AdEMAMix(p, **hp))
+    other = {k: v for k, v in hp.items() if k not in ("alpha_warmup", "beta3_warmup")}
+    assert max_rel(mine, run(lambda p: AdEMAMix(p, **other, **theirs))) < TOL

@@ -104,7 +104,7 @@ def run(op: str, backend: str, inputs: dict, kwargs: dict, diagnostics: bool) ->
     diag = torch.zeros(NDIAG, dtype=torch.float64) if diagnostics else None
     norms = torch.zeros(2, dtype=torch.float64) if kwargs.get("probe") else None
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()
-               if k in ("grad_scale", "probe_tau")}
+               if k in ("grad_scale", "probe_tau") and not isinstance(v, torch.Tensor)}
     getattr(_ops, op + "_")(params, clone(inputs["grads"]), *states, grad_refs, diag, backend=backend,
                             origins=origins, hvps=hvps, probe_norms=norms,
                             **{**SPECS[op].examples, **kwargs, **tensors})
@@ -201,3 +201,19 @@ def test_probe_pass_then_step_from_origins(backend, op):
 def test_every_op_runs_on_every_backend_here():
     """The checks above are generated for the backends that run every op here: numba always runs on CPU."""
     assert "numba" in BACKENDS, backends.load("numba")
+
+
+@pytest.mark.parametrize("backend,op", [(b, op) for b in BACKENDS for op in SPECS
+                                        if backends.resolve(op, b, "cpu")[1].device_step_scalars])
+def test_step_scalars_on_the_device_equal_the_floats(backend, op):
+    """A device-mode call reads the per-step scalars from the step_scalars tensor (the floats are placeholders):
+    the same bits as the floats give."""
+    kwargs = dict(TRAJECTORY, correction=0.5)
+    inputs = make_inputs(op, kwargs, torch.float32, torch.float32, refs=True, seed=9)
+    values = {**SPECS[op].examples, **kwargs}
+    tensor = torch.tensor([values[name] for name in SPECS[op].step_scalars], dtype=torch.float64)
+    placeholders = dict.fromkeys(SPECS[op].step_scalars, 0.5)
+    floats = run(op, backend, inputs, kwargs, True)
+    device = run(op, backend, inputs, dict(kwargs, **placeholders, step_scalars=tensor), True)
+    for key in floats:
+        assert all(torch.equal(a, b) for a, b in zip(device[key], floats[key])), key

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..coefficients import geometric
 from ..reference import Step, correction_scalars, decay_term, descend, diagnostics
+from .spec import BETA, FRACTION, NONNEGATIVE, POSITIVE, OpSpec, Scalar, State
 
 
 def ademamix(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_slow: Tensor, exp_avg_sq: Tensor, hvp: Tensor | None, *,
@@ -30,8 +31,10 @@ def ademamix(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_slow: Tensor, exp_av
              slow_age: float, correction: float, correction_limit: float, memoryless: bool) -> Step:
     """F = (m1 / Z1 + alpha m2) / (sqrt(v / Z2) + eps) + lambda theta, u = c g / a + lambda theta with
     c = 1 + alpha S_n and a = |g| + eps, M = (A1 + alpha Y3 - c B |g| / a) / a * H u."""
-    s = ademamix_derived(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, weight_decay=weight_decay,
-                         bias_correction2=bias_correction2, correction=correction, correction_limit=correction_limit)
+    s = ademamix_derived(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, weight_decay=weight_decay,
+                         bias_correction2=bias_correction2, slow_sum=slow_sum, mean_age1=mean_age1,
+                         mean_age2=mean_age2, slow_age=slow_age, correction=correction,
+                         correction_limit=correction_limit)
     exp_avg = exp_avg + s["one_minus_beta1"] * (g - exp_avg)
     exp_avg_slow = exp_avg_slow + s["one_minus_beta3"] * (g - exp_avg_slow)
     exp_avg_sq = beta2 * exp_avg_sq + s["one_minus_beta2"] * g * g
@@ -40,15 +43,14 @@ def ademamix(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_slow: Tensor, exp_av
     step = (exp_avg / bias_correction1 + alpha * exp_avg_slow) / denom
     a = torch.abs(g) + eps
     g_over_a = g / a
-    scale = 1.0 + alpha * slow_sum  # c_n: m1^ -> g, m2 -> S_n g, v^ -> g^2
-    memoryless_step = scale * g_over_a
+    memoryless_step = s["update_scale"] * g_over_a  # c_n: m1^ -> g, m2 -> S_n g, v^ -> g^2
     F = step + decay
     u = memoryless_step + decay
     if hvp is None:
         M = torch.zeros_like(p)
     else:
         # (A1 + alpha Y3) / a - c B |g| / a^2, without a^2 to overflow (as reference.adamw)
-        M = (mean_age1 + alpha * slow_age - scale * mean_age2 * torch.abs(g_over_a)) / a * hvp
+        M = (s["age_sum"] - s["scaled_age2"] * torch.abs(g_over_a)) / a * hvp
     # H u = c grad Psi_eps: psi_eps(g) = |g| - eps log(1 + |g| / eps) is AdamW's potential (section 10)
     penalty = torch.abs(g) - eps * torch.log1p(torch.abs(g) / eps)
     p, limited = descend(p, memoryless_step if memoryless else step, M, u if memoryless else F, s,
@@ -57,17 +59,21 @@ def ademamix(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_slow: Tensor, exp_av
     return Step(p, (exp_avg, exp_avg_slow, exp_avg_sq), g, M, diag)
 
 
-def ademamix_derived(*, lr: float, beta1: float, beta2: float, beta3: float, weight_decay: float,
-                     bias_correction2: float, correction: float, correction_limit: float, **_: object
-                     ) -> dict[str, float]:
+def ademamix_derived(*, lr: float, beta1: float, beta2: float, beta3: float, alpha: float, weight_decay: float,
+                     bias_correction2: float, slow_sum: float, mean_age1: float, mean_age2: float, slow_age: float,
+                     correction: float, correction_limit: float, **_: object) -> dict[str, float]:
+    """update_scale c_n = 1 + alpha S_n; M's numerator A1 + alpha Y3 - c_n B |g| / a as age_sum and
+    scaled_age2 = c_n B (Python floats: float64, rounded once to the compute dtype)."""
+    update_scale = 1.0 + alpha * slow_sum
     return dict(one_minus_beta1=1 - beta1, one_minus_beta2=1 - beta2, one_minus_beta3=1 - beta3,
                 bias_correction2_sqrt=bias_correction2 ** 0.5, shrink=1 - lr * weight_decay, step_size=lr,
-                **correction_scalars(lr, correction, correction_limit))
+                update_scale=update_scale, age_sum=mean_age1 + alpha * slow_age,
+                scaled_age2=update_scale * mean_age2, **correction_scalars(lr, correction, correction_limit))
 
 
 def ademamix_direction(p: Tensor, g: Tensor, *, eps: float, weight_decay: float, alpha: float, slow_sum: float,
                        **_: object) -> Tensor:
-    """u = c g / (|g| + eps) + lambda theta, c = 1 + alpha S_n; in place on a (see reference.adamw_direction)."""
+    """u = c g / (|g| + eps) + lambda theta, c = 1 + alpha S_n; in place on a (see ops/adamw.py's adamw_direction)."""
     a = torch.abs(g).add_(eps)
     u = torch.div(g, a, out=a).mul_(1.0 + alpha * slow_sum)
     return u.add_(decay_term(weight_decay, p))
@@ -257,3 +263,18 @@ def ademamix_ages_at(beta1: float, beta2: float, beta3: float, alpha: float,
     c = 1.0 + alpha * s
     x1, x2, x3 = ((1.0 + alpha) * _ema_age_sum(b, n) - alpha * _slow_shift(b, beta3, n) for b in (beta1, beta2, beta3))
     return z1, z2, s, x1 / (z1 * c), x2 / (z2 * c), x3 / c
+
+
+SPEC = OpSpec(
+    "ademamix", (State("exp_avg"), State("exp_avg_slow"), State("exp_avg_sq", squares=True)),
+    (Scalar("lr", NONNEGATIVE, per_step=True, example=1e-2), Scalar("beta1", BETA, example=0.9),
+     Scalar("beta2", BETA, example=0.999), Scalar("beta3", BETA, per_step=True, example=0.9999),
+     Scalar("alpha", NONNEGATIVE, per_step=True, example=5.0), Scalar("eps", POSITIVE, example=1e-8),
+     Scalar("weight_decay", NONNEGATIVE, example=0.1),
+     Scalar("bias_correction1", FRACTION, per_step=True, example=0.271),
+     Scalar("bias_correction2", FRACTION, per_step=True, example=0.003),
+     Scalar("slow_sum", FRACTION, per_step=True, example=0.05),
+     Scalar("mean_age1", NONNEGATIVE, per_step=True, example=0.63),
+     Scalar("mean_age2", NONNEGATIVE, per_step=True, example=1.2),
+     Scalar("slow_age", NONNEGATIVE, per_step=True, example=3.0)),
+    ademamix, ademamix_direction, ademamix_derived)

@@ -345,4 +345,64 @@ MK_HD T sgd_direction(T p, T g, const SGDScalars<T>& s) {
   return g + decay_term(s.weight_decay, p);
 }
 
+// --------------------------------------------------------------------- ademamix
+
+template <typename T>
+struct AdEMAMixScalars {
+  T lr, beta2, one_minus_beta1, one_minus_beta2, one_minus_beta3, alpha, eps, weight_decay;
+  T bias_correction1, bias_correction2_sqrt, update_scale, age_sum, scaled_age2, hvp_scale;
+  T shrink, step_size, correction_lr2, kappa_lr;
+  bool shrink_on, correction_on, memoryless;
+};
+
+// ops/ademamix.py's ademamix_derived: update_scale c_n = 1 + alpha S_n, age_sum A1 + alpha Y3, scaled_age2 c_n B.
+template <typename T>
+MK_HD AdEMAMixScalars<T> make_ademamix_scalars(double lr, double beta1, double beta2, double beta3, double alpha,
+                                                double eps, double weight_decay, double bias_correction1,
+                                                double bias_correction2, double slow_sum, double mean_age1,
+                                                double mean_age2, double slow_age, double correction,
+                                                double correction_limit, double hvp_scale, bool memoryless) {
+  double shrink = 1 - lr * weight_decay;
+  double update_scale = 1.0 + alpha * slow_sum;
+  return {T(lr), T(beta2), T(1 - beta1), T(1 - beta2), T(1 - beta3), T(alpha), T(eps), T(weight_decay),
+          T(bias_correction1), T(pow_half(bias_correction2)), T(update_scale), T(mean_age1 + alpha * slow_age),
+          T(update_scale * mean_age2), T(hvp_scale), T(shrink), T(lr), T(correction * lr * lr),
+          T(correction_limit * lr), shrink != 1.0, correction != 0.0, memoryless};
+}
+
+// ops/ademamix.py's ademamix; has_hvp false stands for hvp is None (M = 0).
+template <typename T>
+MK_HD Step<T, 3> ademamix(T p, T g, T exp_avg, T exp_avg_slow, T exp_avg_sq, T hvp, bool has_hvp,
+                          const AdEMAMixScalars<T>& s) {
+  exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg);
+  exp_avg_slow = exp_avg_slow + s.one_minus_beta3 * (g - exp_avg_slow);
+  exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g;
+  T decay = decay_term(s.weight_decay, p);
+  T denom = mk_sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+  T step = (exp_avg / s.bias_correction1 + s.alpha * exp_avg_slow) / denom;
+  T a = mk_abs(g) + s.eps;
+  T g_over_a = g / a;
+  T memoryless_step = s.update_scale * g_over_a;
+  T F = step + decay;
+  T u = memoryless_step + decay;
+  T M = has_hvp ? (s.age_sum - s.scaled_age2 * mk_abs(g_over_a)) / a * hvp : T(0);
+  T penalty = mk_abs(g) - s.eps * mk_log1p(mk_abs(g) / s.eps);
+  bool limited;
+  if (s.memoryless) {
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, memoryless_step, M, s.correction_lr2, s.correction_on, u,
+                s.kappa_lr, limited);
+  } else {
+    p = descend(p, s.shrink, s.shrink_on, s.step_size, step, M, s.correction_lr2, s.correction_on, F, s.kappa_lr,
+                limited);
+  }
+  Diag<T> diag = diagnostics(F, u, M, s.lr, penalty, T(0), limited);
+  return {p, {exp_avg, exp_avg_slow, exp_avg_sq}, g, M, diag};
+}
+
+// ops/ademamix.py's ademamix_direction: u = c_n g / a + decay.
+template <typename T>
+MK_HD T ademamix_direction(T p, T g, const AdEMAMixScalars<T>& s) {
+  return g / (mk_abs(g) + s.eps) * s.update_scale + decay_term(s.weight_decay, p);
+}
+
 }  // namespace memkernels

@@ -307,6 +307,66 @@ def sgd_direction(p, g, s, n, FLAGS: tl.constexpr):
     return g + decay_term(s.weight_decay, p)
 
 
+# ------------------------------------------------------------------ ademamix
+
+AdEMAMixStep = namedtuple("AdEMAMixStep", (*SPECS["ademamix"].step_scalars, "one_minus_beta3", "bias_correction2_sqrt",
+                                           "shrink", "step_size", "update_scale", "age_sum", "scaled_age2",
+                                           "correction_lr2", "kappa_lr"))
+
+
+@triton.jit
+def ademamix(p, g, states, hvp, s, n, FLAGS: tl.constexpr, MEMORYLESS: tl.constexpr, CORRECT: tl.constexpr):
+    exp_avg, exp_avg_slow, exp_avg_sq = states
+    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg_slow = exp_avg_slow + n.one_minus_beta3 * (g - exp_avg_slow)
+    exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * g * g
+    decay = decay_term(s.weight_decay, p)
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), n.bias_correction2_sqrt) + s.eps
+    step = tl.div_rn(tl.div_rn(exp_avg, n.bias_correction1) + n.alpha * exp_avg_slow, denom)
+    a = tl.abs(g) + s.eps
+    g_over_a = tl.div_rn(g, a)
+    memoryless_step = n.update_scale * g_over_a
+    F = step + decay
+    u = memoryless_step + decay
+    if hvp is None:
+        M = tl.zeros_like(p)
+    else:
+        M = tl.div_rn(n.age_sum - n.scaled_age2 * tl.abs(g_over_a), a) * hvp
+    penalty = tl.abs(g) - s.eps * _log1p(tl.div_rn(tl.abs(g), s.eps))
+    if MEMORYLESS:
+        p, limited = descend(p, memoryless_step, M, u, n, True, CORRECT)
+    else:
+        p, limited = descend(p, step, M, F, n, True, CORRECT)
+    diag = diagnostics(F, u, M, n.lr, penalty, 0.0, limited)
+    return p, (exp_avg, exp_avg_slow, exp_avg_sq), g, diag
+
+
+@triton.jit
+def ademamix_derived(lr, beta3, alpha, bias_correction1, bias_correction2, slow_sum, mean_age1, mean_age2, slow_age,
+                     hvp_scale, weight_decay, correction, correction_limit, FLAGS: tl.constexpr,
+                     MEMORYLESS: tl.constexpr):
+    update_scale = 1.0 + alpha * slow_sum
+    correction_lr2, kappa_lr = correction_scalars(lr, correction, correction_limit)
+    return AdEMAMixStep(lr=lr.to(tl.float32), beta3=beta3.to(tl.float32), alpha=alpha.to(tl.float32),
+                        bias_correction1=bias_correction1.to(tl.float32),
+                        bias_correction2=bias_correction2.to(tl.float32), slow_sum=slow_sum.to(tl.float32),
+                        mean_age1=mean_age1.to(tl.float32), mean_age2=mean_age2.to(tl.float32),
+                        slow_age=slow_age.to(tl.float32), hvp_scale=hvp_scale.to(tl.float32),
+                        one_minus_beta3=(1 - beta3).to(tl.float32),
+                        bias_correction2_sqrt=tl.sqrt(bias_correction2).to(tl.float32),
+                        shrink=(1 - lr * weight_decay).to(tl.float32), step_size=lr.to(tl.float32),
+                        update_scale=update_scale.to(tl.float32),
+                        age_sum=(mean_age1 + alpha * slow_age).to(tl.float32),
+                        scaled_age2=(update_scale * mean_age2).to(tl.float32),
+                        correction_lr2=correction_lr2.to(tl.float32), kappa_lr=kappa_lr.to(tl.float32))
+
+
+@triton.jit
+def ademamix_direction(p, g, s, n, FLAGS: tl.constexpr):
+    """The step's u, by the same operations."""
+    return n.update_scale * tl.div_rn(g, tl.abs(g) + s.eps) + decay_term(s.weight_decay, p)
+
+
 # ------------------------------------------------------------------ the ops
 
 class Op(NamedTuple):
@@ -321,4 +381,5 @@ class Op(NamedTuple):
 
 OPS = {"adamw": Op(adamw, adamw_direction, adamw_derived, AdamWStep),
        "lion": Op(lion, lion_direction, lion_derived, LionStep, lion_flags),
-       "sgd": Op(sgd, sgd_direction, sgd_derived, SGDStep)}
+       "sgd": Op(sgd, sgd_direction, sgd_derived, SGDStep),
+       "ademamix": Op(ademamix, ademamix_direction, ademamix_derived, AdEMAMixStep)}
