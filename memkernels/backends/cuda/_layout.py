@@ -12,7 +12,9 @@ The build generates two headers from it:
 - memkernels/op_traits.cuh (C++): each op's trait for multi_tensor.cuh, memkernels::ops::<op>: its Args, its
   number of states, set_step (the step_scalars tensor's values, in spec.step_scalars order, into Args) and the
   calls of math.h's make_<op>_scalars (the Args fields in their order, flags as bool), <op> (p, g, each state
-  (an optional one followed by whether it is present), hvp, has_hvp, scalars) and <op>_direction.
+  (an optional one followed by whether it is present), hvp, has_hvp, scalars) and <op>_direction; and, for a
+  host that fills Args from named values (csrc/host_module.cpp), for_each_field (each field by its name) and
+  the states' keys and which of them may be absent.
 """
 from __future__ import annotations
 
@@ -91,10 +93,15 @@ def _trait(spec: OpSpec) -> str:
         states += [f"st[{i}]", f"present[{i}]"] if state.absent_when_zero else [f"st[{i}]"]
     present = "present" if any(state.absent_when_zero for state in spec.states) else ""
     set_step = "".join(f"    a.{name} = v[{i}];\n" for i, name in enumerate(spec.step_scalars))
+    fields = "".join(f'    f("{name}", a.{name});\n' for name, _ in args_fields(spec))
+    keys = ", ".join(f'"{key}"' for key in spec.state_keys)
+    optional = ", ".join("true" if state.absent_when_zero else "false" for state in spec.states)
     return f"""// {spec.name}: states {", ".join(spec.state_keys)}
 struct {spec.name} {{
   using Args = mk_{spec.name}_args;
   static constexpr int kStates = {n};
+  static constexpr const char* kStateKeys[{n}] = {{{keys}}};
+  static constexpr bool kOptional[{n}] = {{{optional}}};  // may be absent (the step takes whether it is present)
 
   template <typename T>
   MK_HD static auto scalars(const Args& a) {{
@@ -103,6 +110,11 @@ struct {spec.name} {{
 
   MK_HD static void set_step(Args& a, const double* v) {{
 {set_step}  }}
+
+  // f(name, field) for every Args field, in order (host only).
+  template <class F>
+  static void for_each_field(Args& a, F&& f) {{
+{fields}  }}
 
   template <typename T, class S>
   MK_HD static Step<T, {n}> step(T p, T g, const T (&st)[{n}], const bool (&{present})[{n}], T hvp,
