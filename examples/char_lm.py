@@ -6,6 +6,7 @@ by the probe (one extra gradient on the same minibatch), the estimate that is so
     python examples/char_lm.py                         # AdamW, alpha = 0 and -1, a table at the end
     python examples/char_lm.py --opt lion sgd --steps 600 --seeds 0 1 2
     python examples/char_lm.py --alpha -1 --correction-limit inf       # the correction without its limit
+    python examples/char_lm.py --tiny                  # seconds: a small model, few steps, little text
 
 Data: the .py files of the running interpreter's standard library, as bytes (memkernels.bench.lm:
 every tenth file held out whole). No download.
@@ -37,7 +38,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 def train(name: str, alpha: float, seed: int, args: argparse.Namespace, data) -> dict:
     train_data, held_out = data
     torch.manual_seed(seed)
-    model = TinyGPT(args.context)
+    model = TinyGPT(args.context, width=args.width)
     opt = OPTIMIZERS[name](model.parameters(), memory_correction=alpha, correction_limit=args.correction_limit,
                            hvp_every=args.hvp_every, backend=args.backend)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -49,20 +50,22 @@ def train(name: str, alpha: float, seed: int, args: argparse.Namespace, data) ->
         loss.backward()
         return loss
 
-    limited, finite, start = [], True, time.perf_counter()
+    limited, losses, start = [], [], time.perf_counter()
     for _ in range(args.steps):
         x, y = batch(train_data, args.batch, args.context, gen)  # the closure reads this minibatch
-        loss = opt.step(closure)
-        finite = finite and math.isfinite(loss.item())
+        losses.append(opt.step(closure).item())
         if alpha != 0.0:
             limited.append(statistics.fmean(s["limited_fraction"] for s in opt.memory_stats()))
     seconds = (time.perf_counter() - start) / args.steps
     with torch.no_grad():
         eval_gen = torch.Generator().manual_seed(7)
-        losses = [F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).item()
-                  for xb, yb in (batch(held_out, 64, args.context, eval_gen) for _ in range(args.eval_batches))]
-    return {"opt": name, "alpha": alpha, "seed": seed, "finite": finite, "held_out": statistics.fmean(losses),
-            "limited": statistics.fmean(limited) if limited else 0.0, "ms_per_step": 1e3 * seconds}
+        held_out_loss = statistics.fmean(F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).item()
+                                         for xb, yb in (batch(held_out, 64, args.context, eval_gen)
+                                                        for _ in range(args.eval_batches)))
+    return {"opt": name, "alpha": alpha, "seed": seed, "finite": all(map(math.isfinite, losses)),
+            "held_out": held_out_loss,
+            "first": losses[0], "last": losses[-1], "limited": statistics.fmean(limited) if limited else 0.0,
+            "ms_per_step": 1e3 * seconds}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -77,8 +80,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--correction-limit", type=float, default=0.5, help="kappa; inf: no limit")
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--text-bytes", type=int, default=8_000_000)
+    parser.add_argument("--width", type=int, default=128, help="the model's embedding width")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: small model, few steps, little text")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.steps, args.batch, args.context, args.width, args.eval_batches, args.text_bytes = 30, 8, 32, 32, 2, 300_000
     data = stdlib_text(args.text_bytes)
     print(f"text: {len(data[0]):,} training bytes, {len(data[1]):,} held out")
     rows = []
@@ -90,8 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append(train(name, alpha, seed, args, data))
                     r = rows[-1]
                     print(f"{name:6} alpha={alpha:+.1f} seed={seed}: held-out loss {r['held_out']:.4f}, "
-                          f"finite {r['finite']}, limited {r['limited']:.0%}, {r['ms_per_step']:.0f} ms/step",
-                          flush=True)
+                          f"finite {r['finite']}, limited {r['limited']:.0%}, {r['ms_per_step']:.0f} ms/step\n"
+                          f"loss {r['first']:.6f} -> {r['last']:.6f}", flush=True)  # first and last minibatch
     print("\n| optimizer | alpha | held-out loss (mean over seeds) | vs alpha = 0 | limited | finite |")
     print("|---|---|---|---|---|---|")
     for name in args.opt:
