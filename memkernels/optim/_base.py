@@ -352,7 +352,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _run_call(self, bucket: Bucket, found_inf: Tensor | None) -> None:
         """One op call, then its step counts and diagnostics."""
-        steps = [state["step"] for state in bucket.states]
+        steps = bucket.counts
         device = bucket.params[0].device
         if bucket.n is None:
             call_scalars = scalars(self.op, bucket.kwargs)

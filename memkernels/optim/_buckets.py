@@ -50,6 +50,7 @@ class Bucket:
     params: list[Tensor] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     states: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    counts: list[Tensor] = dataclasses.field(default_factory=list)  # the states' step counts
     grad_refs: list[Tensor] = dataclasses.field(default_factory=list)
     prev_grad_modes: list[tuple[Tensor, Tensor, dict, Mode]] = dataclasses.field(default_factory=list)
     hvps: list[Tensor] = dataclasses.field(default_factory=list)
@@ -116,6 +117,7 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
         bucket.params.append(bucket.local(p))
         bucket.grads.append(bucket.local(grad))
         bucket.states.append(state)
+        bucket.counts.append(state["step"])
         if trajectory:
             bucket.grad_refs.append(bucket.local(state["prev_grad"]))
             bucket.prev_grad_modes.append((p, grad, state, mode))

@@ -128,11 +128,12 @@ def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) 
             return None
     except KeyError:
         return None
-    counts = set(map(Tensor.item, checked.tensors[::checked.keys]))
-    if len(counts) != 1:
+    counts = checked.tensors[::checked.keys]
+    values = set(map(Tensor.item, counts))
+    if len(values) != 1:
         return None
-    return dataclasses.replace(template, n=int(counts.pop()), grads=grads, grad_refs=[], prev_grad_modes=[],
-                               kwargs={}, checked=True)
+    return dataclasses.replace(template, n=int(values.pop()), grads=grads, counts=counts, grad_refs=[],
+                               prev_grad_modes=[], kwargs={}, checked=True)
 
 
 def _previous_gradients(bucket: Bucket, template: Bucket, same_grads: bool, prev_grads: PrevGrads) -> bool:
