@@ -1,9 +1,10 @@
 """What mk.AdamW, mk.Lion and mk.SGD share: stepping a fused op over buckets of parameters.
 
 A step plans, checks, then runs. It groups the parameters into op calls and makes any new state without
-storing it (_buckets.py); checks every hyperparameter, tensor and op argument and builds every kernel; and
-only then makes the probe or exact estimates of H d (_estimates.py), stores the new state and moves the
-parameters. So a step that raises leaves parameters and state as they were (docs/DESIGN.md).
+storing it (_buckets.py; a group's plan is reused while nothing it was made from changes, _reuse.py);
+checks every hyperparameter, tensor and op argument and builds every kernel; and only then makes the probe
+or exact estimates of H d (_estimates.py), stores the new state and moves the parameters. So a step that
+raises leaves parameters and state as they were (docs/DESIGN.md).
 
 Two ways to feed a step's scalars to the op. Host mode (the default) reads the
 step count and lr as Python numbers and advances the coefficient recursions of
@@ -257,7 +258,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return plan
 
     def _call(self, bucket: Bucket, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The bucket's op arguments: its scalars (kwargs) and state lists."""
+        """The bucket's op scalars (kwargs): this step's lr and coefficients, and the group's hyperparameters."""
         group = bucket.group
         if bucket.n is None:  # device mode: these floats are placeholders for the step_scalars tensor
             kwargs = {**dict.fromkeys(_ops.STEP_SCALARS[self.op], 0.0), **self.static_kwargs(group)}
