@@ -1,9 +1,10 @@
 """What mk.AdamW, mk.Lion and mk.SGD share: stepping a fused op over buckets of parameters.
 
 A step plans, checks, then runs. It groups the parameters into op calls and makes any new state without
-storing it (_buckets.py); checks every hyperparameter, tensor and op argument and builds every kernel; and
-only then makes the probe or exact estimates of H d (_estimates.py), stores the new state and moves the
-parameters. So a step that raises leaves parameters and state as they were (docs/DESIGN.md).
+storing it (_buckets.py; a group's plan is reused while nothing it was made from changes, _reuse.py);
+checks every hyperparameter, tensor and op argument and builds every kernel; and only then makes the probe
+or exact estimates of H d (_estimates.py), stores the new state and moves the parameters. So a step that
+raises leaves parameters and state as they were (docs/DESIGN.md).
 
 Two ways to feed a step's scalars to the op. Host mode (the default) reads the
 step count and lr as Python numbers and advances the coefficient recursions of
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .. import _ops, backends
 from .._ops import check_hyperparameters, real
-from . import _checkpoint, _hvp
+from . import _checkpoint, _hvp, _reuse
 from ._buckets import Bucket, op_function, plan_group, scalars
 from ._diagnostics import Diagnostics
 from ._estimates import HVP_MODES, estimate, hvp_scale, hvp_scale_at, on, probe_pass, resolve_auto
@@ -37,12 +38,14 @@ from ._warn import warn
 
 
 class _Plan(NamedTuple):
-    """A step's op calls, the states they make (stored once the step is sure to happen) and its AMP tensors."""
+    """A step's op calls, the states they make (stored once the step is sure to happen) and its AMP tensors;
+    per group, the flags it was planned with, the kept plan it reused (_reuse.py) and its buckets."""
 
     buckets: list[Bucket]
     created: dict[Tensor, dict]
     grad_scale: Tensor | None
     found_inf: Tensor | None
+    groups: list[tuple[int, tuple, _reuse.Kept | None, list[Bucket]]]
 
 
 class MemoryOptimizer(torch.optim.Optimizer):
@@ -107,6 +110,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """What the optimizer keeps besides its state_dict: caches, buffers, the last diagnostics."""
         self._schedule = self.schedule()
         self._prepared: set[tuple] = set()  # kinds of kernel call built ahead of a step (_prepare)
+        self._kept: dict[int, _reuse.Kept] = {}  # per group, the plan the next step may reuse
         self._diagnostics = Diagnostics()
         self._prev_grads = PrevGrads()
         self._probes = _hvp.Probes()
@@ -171,6 +175,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return None
         return resolve_auto(group["hvp"], closure, self._warned)
 
+    @property
+    def _keys(self) -> tuple[str, ...]:
+        """A state's step count and the op's state tensors."""
+        return ("step", *self.state_keys)
+
     @staticmethod
     def device_mode(group: dict) -> bool:
         return bool(group["capturable"]) or torch.compiler.is_compiling()
@@ -229,18 +238,27 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 and found_inf.item() != 0.0)
 
     def _plan(self, modes: list[str | None]) -> _Plan:
-        """Every group's buckets with their op calls; new states are made, not stored."""
-        plan = _Plan([], {}, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        """Every group's buckets with their op calls, reused from the last step where nothing they were planned
+        from changed; new states are made, not stored."""
+        plan = _Plan([], {}, getattr(self, "grad_scale", None), getattr(self, "found_inf", None), [])
         for gi, group in enumerate(self.param_groups):
-            buckets, created = plan_group(self, gi, group, modes[gi], plan.grad_scale is not None)
+            flags = _reuse.flags(group, modes[gi], plan.grad_scale is not None)
+            kept = self._kept.get(gi)
+            buckets = None
+            if kept is not None and not self.device_mode(group):
+                buckets = _reuse.reuse(kept, group, flags, self.state, self._prev_grads)
+            if buckets is None:
+                kept = None
+                buckets, created = plan_group(self, gi, group, modes[gi], plan.grad_scale is not None)
+                plan.created.update(created)
             plan.buckets.extend(buckets)
-            plan.created.update(created)
+            plan.groups.append((gi, flags, kept, buckets))
         for bucket in plan.buckets:
             self._call(bucket, plan.grad_scale, plan.found_inf)
         return plan
 
     def _call(self, bucket: Bucket, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The bucket's op arguments: its scalars (kwargs) and state lists."""
+        """The bucket's op scalars (kwargs): this step's lr and coefficients, and the group's hyperparameters."""
         group = bucket.group
         if bucket.n is None:  # device mode: these floats are placeholders for the step_scalars tensor
             kwargs = {**dict.fromkeys(_ops.STEP_SCALARS[self.op], 0.0), **self.static_kwargs(group)}
@@ -255,7 +273,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if bucket.n is None:
             kwargs.update(step_scalars=self._step_scalars(bucket), found_inf=found_inf)
         bucket.kwargs = kwargs
-        bucket.lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in self.state_keys]
 
     def _step_scalars(self, bucket: Bucket) -> Tensor:
         """The op's STEP_SCALARS for this bucket as a float64 tensor on its device, with no host read."""
@@ -272,6 +289,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """Every op call's tensors and scalars, then every kernel built: nothing has changed yet."""
         compiling = torch.compiler.is_compiling()
         for bucket in plan.buckets:
+            if bucket.checked:  # a kept plan's tensors: only this step's AMP tensors are new (checked with one param)
+                if plan.grad_scale is not None or plan.found_inf is not None:
+                    _ops.check_tensors(self.op, bucket.params[:1], bucket.grads[:1], {}, [], None, plan.grad_scale,
+                                       plan.found_inf)
+                _ops.check_scalars(self.op, bucket.kwargs)
+                continue
             _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], bucket.lists)),
                                bucket.grad_refs, None, plan.grad_scale, plan.found_inf, hvps=bucket.hvps)
             if not compiling:  # the op checks and resolves again as it runs, outside the graph
@@ -307,7 +330,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self._prepared.add(kind)
 
     def _run(self, plan: _Plan, closure: Callable | None) -> None:
-        """The estimates (a probe that fails puts theta back), then the new states stored and every op call."""
+        """The estimates (a probe that fails puts theta back), then the new states stored and every op call; the
+        plans kept for the next step once every call ran."""
+        for gi, _, _, _ in plan.groups:
+            self._kept.pop(gi, None)
         estimate(self.op, plan.buckets, closure, self.direction, self._probes)
         for p, state in plan.created.items():  # everything checked, every kernel built, the estimates made
             self.state[p] = state
@@ -317,12 +343,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._diagnostics.all_reduce()
         for group in self.param_groups:
             self._remember_lr(group)
+        for gi, flags, kept, buckets in plan.groups:
+            group = self.param_groups[gi]
+            kept = None if self.device_mode(group) else _reuse.keep(group, flags, buckets, self._keys, kept)
+            if kept is not None:
+                self._kept[gi] = kept
         self._steps += 1
         self._diagnostics.check_regime(self.param_groups, self._steps, self._warned)
 
     def _run_call(self, bucket: Bucket, found_inf: Tensor | None) -> None:
         """One op call, then its step counts and diagnostics."""
-        steps = [state["step"] for state in bucket.states]
+        steps = bucket.counts
         device = bucket.params[0].device
         if bucket.n is None:
             call_scalars = scalars(self.op, bucket.kwargs)

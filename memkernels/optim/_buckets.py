@@ -30,8 +30,9 @@ class Bucket:
     estimate this step); keep_refs: the trajectory's previous gradients are kept gradients, read and not
     written; keepable: this bucket's gradients may be kept (see _prev_grads.py). ref: the probe or exact
     mode's reference gradients and their hvp_scale, once computed; origins and tau: the probe pass's.
-    kwargs and lists: the op call's arguments (_base.py); ratio: the trajectory ratio at this step; skip:
-    device mode's mask of a skipped trajectory estimate (_estimates.py).
+    lists: the op's state lists; kwargs: its scalars (_base.py); ratio: the trajectory ratio at this step;
+    skip: device mode's mask of a skipped trajectory estimate (_estimates.py); checked: the tensors are those
+    of a kept plan, checked when it was made (_reuse.py).
     """
 
     gi: int
@@ -49,6 +50,7 @@ class Bucket:
     params: list[Tensor] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     states: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    counts: list[Tensor] = dataclasses.field(default_factory=list)  # the states' step counts
     grad_refs: list[Tensor] = dataclasses.field(default_factory=list)
     prev_grad_modes: list[tuple[Tensor, Tensor, dict, Mode]] = dataclasses.field(default_factory=list)
     hvps: list[Tensor] = dataclasses.field(default_factory=list)
@@ -59,6 +61,7 @@ class Bucket:
     lists: list[list[Tensor]] = dataclasses.field(default_factory=list)
     ratio: float | Tensor = 1.0
     skip: Tensor | None = None
+    checked: bool = False
 
 
 def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
@@ -114,12 +117,15 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
         bucket.params.append(bucket.local(p))
         bucket.grads.append(bucket.local(grad))
         bucket.states.append(state)
+        bucket.counts.append(state["step"])
         if trajectory:
             bucket.grad_refs.append(bucket.local(state["prev_grad"]))
             bucket.prev_grad_modes.append((p, grad, state, mode))
     if group["hvp_every"] > 1 and hvp in ("probe", "exact"):
         for bucket in buckets.values():
             _plan_reuse(bucket, created)
+    for bucket in buckets.values():
+        bucket.lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in opt.state_keys]
     return list(buckets.values()), created
 
 

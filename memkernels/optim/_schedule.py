@@ -34,13 +34,14 @@ class Schedule:
     def track(self, gi: int, key: tuple, factory: Callable[[], Track], n: int) -> Track:
         """The recursion of group gi at step n: one step on from the last, O(log n) after a jump.
 
-        The two latest step counts are kept, so a parameter one step behind its group costs no replay.
+        Step n and the latest other count are kept, so a parameter one step behind its group costs no replay,
+        and a count set back (a state reset) is not evicted by the ones ahead of it.
         """
         tracks = self._tracks.setdefault((gi, key), {})
         if n not in tracks:
             base = max((t for t in tracks.values() if t.n <= n), key=lambda t: t.n, default=None)
             tracks[n] = replay(dataclasses.replace(base) if base is not None else factory(), n)
-            for old in sorted(tracks)[:-2]:
+            for old in sorted(t for t in tracks if t != n)[:-1]:
                 del tracks[old]
         return tracks[n]
 
