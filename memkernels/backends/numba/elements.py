@@ -13,12 +13,16 @@ correctly rounded, where np.sqrt here is IEEE, so AdamW and smooth-Lion
 parameters agree to about an ulp.
 
 The flags (decoupled, eps_inside_sqrt, memoryless, ...) are compile-time
-constants of each kernel (see _numba_kernels.py): after inlining, the branches
-on them vanish. The scalars arrive as one of the named tuples below, all in the
-compute dtype.
+constants of each kernel (see kernels.py): after inlining, the branches on them
+vanish. The scalars arrive as one of the named tuples below, all in the compute
+dtype. Every op's step has one signature, (p, g, states, hvp, c, flags) ->
+(p, states, g_raw, diag): its states a tuple in the order of the op's spec
+(memkernels/spec.py), its flags a tuple of the op's own, then correct and
+has_hvp. ELEMENTS tells the one driver kernel what else differs between the
+ops.
 
 Diagnostics (the kernels sum them per sub-block in the compute dtype, see
-_numba_kernels.py) leave the reference's order where that saves instructions,
+kernels.py) leave the reference's order where that saves instructions,
 since they are compared to 1e-6 and the diagnostics path is compute-bound:
 F, u and lr M arrive scaled by DIAG_SCALE = 2**-4 through the diag_* scalars
 (exact: a power of two), F and u as one multiply-add each, so that the
@@ -29,12 +33,12 @@ square is Inf.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
 
-# numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see _numba_kernels.py.
+# numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see kernels.py.
 _jit = njit(error_model="numpy", forceinline=True)
 
 
@@ -65,7 +69,7 @@ class AdamWScalars(NamedTuple):
     diag_lr: float
     diag_weight_decay: float
     diag_inv_bias_correction1: float
-    penalty_limit: float  # a quarter of the dtype's largest value (see _numba_penalty.py)
+    penalty_limit: float  # a quarter of the dtype's largest value (see _penalty.py)
 
 
 class LionScalars(NamedTuple):
@@ -196,8 +200,8 @@ def decay_term(weight_decay, p, zero):
 
 
 @_jit
-def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryless, correct, has_hvp):
-    """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
+def adamw(p, g, states, hvp, c, flags):
+    """reference.adamw; returns (p, (exp_avg, exp_avg_sq), g_raw, diag terms).
 
     The states follow the reference's operations. Divisions are the dearest
     instructions here (a 16-lane division holds Zen 4's divider for about 6 cycles, a
@@ -207,8 +211,10 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     bounds the correction term where the limit acts): p moves by about an ulp of the
     step; NaN and Inf land where the reference's do, which tests/test_numba.py checks.
     Where eps is outside the square root, the penalty term is |g|: the kernel turns
-    the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
+    the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _penalty.py).
     """
+    exp_avg, exp_avg_sq = states
+    decoupled, eps_inside_sqrt, memoryless, correct, has_hvp = flags
     g_raw = g
     if not decoupled:
         g = g + decay_term(c.weight_decay, p, c.zero)  # coupled L2: the EMAs see g~ = g + lambda theta
@@ -241,12 +247,14 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     p, limited = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2,
                          u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, c.zero, limited, c)
-    return p, exp_avg, exp_avg_sq, g_raw, diag
+    return p, (exp_avg, exp_avg_sq), g_raw, diag
 
 
 @_jit
-def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
-    """reference.lion; returns (p, exp_avg, g, diag terms)."""
+def lion(p, g, states, hvp, c, flags):
+    """reference.lion; returns (p, (exp_avg,), g, diag terms)."""
+    (exp_avg,) = states
+    smooth, memoryless, correct, has_hvp = flags
     cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
     wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
     decay = decay_term(c.diag_weight_decay, p, c.zero)
@@ -264,12 +272,15 @@ def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
     step = phi_wg if memoryless else phi_c
     p, limited = descend(p, c.shrink, c.lr, step, M, c.correction_lr2, u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, sign_flips, limited, c)
-    return p, exp_avg, g, diag
+    return p, (exp_avg,), g, diag
 
 
 @_jit
-def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, correct, has_hvp):
-    """reference.sgd; returns (p, momentum_buffer, g_raw, diag terms)."""
+def sgd(p, g, states, hvp, c, flags):
+    """reference.sgd; returns (p, (momentum_buffer,), g_raw, diag terms). Without momentum the buffer is
+    absent: the kernel loads it as zero and stores nothing."""
+    (momentum_buffer,) = states
+    has_momentum, nesterov, memoryless, correct, has_hvp = flags
     g_raw = g
     g = g + decay_term(c.weight_decay, p, c.zero)  # g~
     if has_momentum:
@@ -286,7 +297,7 @@ def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, corre
     update = u if memoryless else F
     p, limited = descend(p, c.one, c.lr, update, M, c.correction_lr2, update, c.kappa_lr, correct)
     diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.half * g * g, c.zero, limited, c)
-    return p, momentum_buffer, g_raw, diag
+    return p, (momentum_buffer,), g_raw, diag
 
 
 # The memoryless directions of reference.py, for the probe pass: the steps' u with exact divisions, since d
@@ -318,3 +329,31 @@ def sgd_direction(p, g, c):
 def probe(p, d, tau):
     """reference.probe: (theta + tau d, theta^2, d^2)."""
     return p + tau * d, p * p, d * d
+
+
+def adamw_log_penalty(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool) -> bool:
+    """Decoupled AdamW with eps outside the square root: the penalty term is |g| (the raw gradient's, which
+    _penalty.py can read again), summed as |g| - eps log1p(|g| / eps)."""
+    return decoupled and not eps_inside_sqrt
+
+
+def no_log_penalty(*flags: bool) -> bool:
+    return False
+
+
+class Element(NamedTuple):
+    """What the one driver kernel (kernels.step_kernel) takes from an op, beside its flags."""
+
+    step: Callable  # (p, g, states, hvp, c, (*flags, correct, has_hvp)) -> (p, states, g_raw, diag)
+    direction: Callable  # (p, g, c, *direction_flags) -> d, for the probe pass
+    sign_flips: bool  # the sign-flip term can be nonzero, so it is summed
+    log_penalty: Callable[..., bool]  # (*flags) -> the penalty term is |g|, summed by _penalty.py
+    narrow_vectors: bool  # the loop is built for 256-bit vectors (see kernels.prefer_256_bit_vectors)
+    # The loop loads the states before theta. No value depends on it, but LLVM's interleave count does, and
+    # with it the order in which the diagnostics are summed: each op keeps the order its results were made in.
+    states_first: bool
+
+
+ELEMENTS = {"adamw": Element(adamw, adamw_direction, False, adamw_log_penalty, False, False),
+            "lion": Element(lion, lion_direction, True, no_log_penalty, False, False),
+            "sgd": Element(sgd, sgd_direction, False, no_log_penalty, True, True)}
