@@ -1,10 +1,10 @@
 """`memkernels info --warm`: build the numba kernels of the usual training modes ahead of a run.
 
 A numba kernel compiles at its first call, a few seconds each, so the first step of each mode waits for
-its kernels; later processes load them from the disk cache (backends/_numba_cache.py) in well under a
+its kernels; later processes load them from the disk cache (backends/numba/_cache.py) in well under a
 second. This steps every optimizer through the usual modes in fp32 and bf16 on tiny tensors, which builds
 and caches those kernels before the run. Not covered: the streaming variants of calls of 16 MiB or more
-with the probe (numba.STREAM_MIN_BYTES), AMP's scaled gradients and fp16/fp64 params; they build at their
+with the probe (numba.host.STREAM_MIN_BYTES), AMP's scaled gradients and fp16/fp64 params; they build at their
 first step.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ from memkernels import backends
 pytest.importorskip("numba")
 if not backends.load("numba").startswith("available"):
     pytest.skip("the numba backend cannot load here", allow_module_level=True)
-from memkernels.backends import numba as numba_backend  # noqa: E402
+from memkernels.backends.numba import host as numba_backend  # noqa: E402
 
 
 def _model():

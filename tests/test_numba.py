@@ -38,10 +38,10 @@ from numba import njit  # noqa: E402
 from memkernels import _ops, backends  # noqa: E402
 from memkernels.reference import NDIAG  # noqa: E402
 from memkernels.backends import numba as nb  # noqa: E402
-from memkernels.backends._numba_dtypes import SCRATCH  # noqa: E402
-from memkernels.backends._numba_kernels import CHUNK, SUB_BLOCK  # noqa: E402
-from memkernels.backends._numba_log1p import log1p  # noqa: E402
-from memkernels.backends._numba_penalty import _split  # noqa: E402
+from memkernels.backends.numba._dtypes import SCRATCH  # noqa: E402
+from memkernels.backends.numba.kernels import CHUNK, SUB_BLOCK  # noqa: E402
+from memkernels.backends.numba._log1p import log1p  # noqa: E402
+from memkernels.backends.numba._penalty import _split  # noqa: E402
 
 if nb.numba is None:
     pytest.skip(backends.load("numba"), allow_module_level=True)
@@ -632,7 +632,7 @@ def test_diagnostic_sums_past_the_float32_range_stay_finite():
     assert diag[0].isfinite() and diag[0] > 3.4e38 and diag[4] > 3.4e38
 
 
-# ---------------------------------------------------------------- AdamW's penalty sum (_numba_penalty.py)
+# ---------------------------------------------------------------- AdamW's penalty sum (numba/_penalty.py)
 
 def adamw_penalty_inputs(grads: torch.Tensor, seed: int) -> dict:
     inputs = make_inputs("adamw", [tuple(grads.shape)], refs=True, seed=seed)
@@ -734,7 +734,8 @@ def test_only_the_sgd_kernel_is_built_for_256_bit_vectors(tmp_path):
     process with an empty cache: a kernel loaded from the cache has no IR to inspect)."""
     code = """
 import torch
-from memkernels.backends import numba as nb, _numba_kernels as K
+from memkernels.backends import numba as nb
+from memkernels.backends.numba import kernels as K
 x = [torch.ones(100)]
 common = dict(maximize=False, memoryless=False, update_grad_refs=False, grad_scale=None, found_inf=None,
               correction=0.0, correction_limit=0.5, hvp_scale=0.0, origins=[], hvps=[], reuse_hvp=False, probe=False,
@@ -743,7 +744,8 @@ nb.sgd(x, x, [torch.ones(100)], [], None, lr=0.1, momentum=0.9, weight_decay=0.0
        update_scale=1.0, memory_coef=0.0, **common)
 nb.lion(x, x, [torch.ones(100)], [], None, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, smoothing=0.0,
         ema_weight=0.1, age_weight=1.0, **common)
-for name, kernel in (("sgd", K.sgd_kernel(True, *[False] * 11)), ("lion", K.lion_kernel(*[False] * 11))):
+for name, kernel in (("sgd", K.step_kernel("sgd", (True, False, False), *[False] * 9)),
+                     ("lion", K.step_kernel("lion", (False, False), *[False] * 9))):
     print(name, '"prefer-vector-width"="256"' in kernel.inspect_llvm(kernel.signatures[0]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
@@ -753,7 +755,7 @@ for name, kernel in (("sgd", K.sgd_kernel(True, *[False] * 11)), ("lion", K.lion
 
 def test_an_llvmlite_without_the_hint_builds_the_kernel_and_warns(monkeypatch):
     """If llvmlite refuses the attribute, the function compiles at LLVM's default width, with a warning."""
-    from memkernels.backends import _numba_kernels as K
+    from memkernels.backends.numba import kernels as K
 
     class Refusing(K._FunctionAttributes):
         def add(self, name):

@@ -1,4 +1,4 @@
-"""The numba kernel cache (_numba_cache.py) and threads after fork (_numba_fork.py).
+"""The numba kernel cache (numba/_cache.py) and threads after fork (numba/_fork.py).
 
 Each case runs fresh processes on a cache directory of its own (XDG_CACHE_HOME), steps mk.AdamW on the numba
 backend in one variant of its kernel and checks the result against the reference backend, which shares no
@@ -27,7 +27,7 @@ if not backends.load("numba").startswith("available"):
     pytest.skip("the numba backend cannot load here", allow_module_level=True)
 
 import memkernels as mk  # noqa: E402
-from memkernels.backends import _numba_cache  # noqa: E402
+from memkernels.backends.numba import _cache as _numba_cache  # noqa: E402
 from memkernels.backends import numba as nb  # noqa: E402
 
 VARIANTS = {"plain": {}, "coupled": {"decoupled_weight_decay": False}, "eps_inside": {"eps_inside_sqrt": True}}
@@ -39,13 +39,14 @@ STEP = r"""
 import json, os, sys, time
 import torch
 import memkernels as mk
-from memkernels.backends import _numba_cache, numba as nb
+from memkernels.backends import numba as nb
+from memkernels.backends.numba import _cache as _numba_cache
 
 variant, kwargs, barrier, count = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 if barrier:
     save = _numba_cache.KernelCache.save_overload
     def save_together(self, sig, cres):
-        if self._variant.startswith("adamw_kernel"):
+        if self._variant.startswith("step_kernel('adamw'"):
             open(os.path.join(barrier, variant), "w").close()
             deadline = time.time() + 120
             while len(os.listdir(barrier)) < count and time.time() < deadline:

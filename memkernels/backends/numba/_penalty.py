@@ -4,7 +4,7 @@ With eps outside the square root, an element's penalty is
 |g| - eps log1p(|g| / eps), and its log1p costs as many instructions as the
 rest of the diagnostics together. The kernels need only the sum, and a sum of
 logs is the log of a product: with u = 1 + |g| / eps = 2**e m, m in
-[sqrt(1/2), sqrt(2)) (from u's bits, as _numba_log1p splits it),
+[sqrt(1/2), sqrt(2)) (from u's bits, as _log1p splits it),
 sum log1p(|g| / eps) = ln 2 sum e + log prod m. Per element that is one
 multiply-add for u, four integer operations and one multiply; per sub-block the
 exponents are summed as integers and the m multiplied in the compute dtype
@@ -38,9 +38,9 @@ from numba import njit, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from ._numba_dtypes import load
-from ._numba_log1p import log1p
-from ._numba_math import load_grad
+from ._dtypes import load
+from ._log1p import log1p
+from .elements import load_grad
 
 _jit = njit(error_model="numpy", forceinline=True)
 

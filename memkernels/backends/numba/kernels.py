@@ -1,9 +1,10 @@
 """The numba kernels: one parallel pass over every tensor of an op call and their states.
 
-A factory per op makes one kernel per combination of flags; the flags are
-closure constants, which numba freezes, so each kernel contains only the code
-its mode needs (the fast path reads no grad_refs and sums no diagnostics).
-Kernels are cached on disk (_numba_cache.py), so a second process loads them
+One driver, step_kernel, serves every op: it makes one kernel per op and
+combination of flags. The op's element functions (elements.ELEMENTS) and the
+flags are closure constants, which numba freezes, so each kernel contains only
+the code of its op and mode (the fast path reads no grad_refs and sums no
+diagnostics). Kernels are cached on disk (_cache.py), so a second process loads them
 instead of compiling, under their factory's name and flags and SOURCES, a digest
 of this file and the modules it inlines: an edit anywhere recompiles instead of
 loading stale code. The element functions are not cached on their own: a cached
@@ -15,7 +16,7 @@ grad_refs, origins, hvps; 0 for an absent list), and runs one prange over
 `work`, rows of (tensor, first element, element count) that cut every tensor
 into chunks of at most CHUNK elements: one call and one fork/join of the thread
 pool per op call, however many tensors, and small tensors share the threads. The arrays after
-`work` are empty and only carry each list's dtype (see _numba_dtypes.view).
+`work` are empty and only carry each list's dtype (see _dtypes.view).
 The inner loop runs over a chunk's views from index 0, which LLVM vectorizes (a
 loop from lo to hi does not: numba's negative-index handling hides that the
 index is non-negative), and the element math is force-inlined into it (a call
@@ -40,15 +41,15 @@ float32 terms in float64. A scaled value below 2**-126 is subnormal and may
 lose bits: it changes a sum only where the whole slot is that small. Inf and
 NaN terms propagate as in the reference (+Inf stays +Inf, NaN stays NaN).
 Decoupled AdamW's penalty with eps outside the square root is summed as a log
-of products (_numba_penalty.py); its term is |g|, summed unscaled: a sub-block
+of products (_penalty.py); its term is |g|, summed unscaled: a sub-block
 whose float32 sum of |g| overflows is summed again per element in float64 there.
 
 The probe pass (probe_kernel) writes theta + tau d and keeps theta: it sums its
 two norms' float32 terms straight into float64, per chunk (two terms an element,
 in a memory-bound pass, and no float32 partial to overflow).
 
-Streaming stores (_numba_dtypes.stream) write the two outputs that a pass only
-writes, in calls large enough for them (numba.py says when): origins in the
+Streaming stores (_dtypes.stream) write the two outputs that a pass only
+writes, in calls large enough for them (host.py says when): origins in the
 probe pass, and params in a step that reads theta from origins (stream_params:
 the loop stores p into scratch() per block of SCRATCH elements, copied out
 after it). Each chunk ends with fence(). Neither changes a value written, but
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -67,14 +69,15 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import _numba_dtypes, _numba_log1p, _numba_penalty
-from . import _numba_math as element
-from ._numba_cache import cached
-from ._numba_dtypes import SCRATCH, cast_like, fence, load, scratch, store, stream, view
-from ._numba_fork import threads_usable
+from ...ops import SPECS
+from . import _dtypes, _log1p, _penalty, elements
+from ._cache import cached
+from ._dtypes import SCRATCH, cast_like, fence, load, loads, scratch, store, stores, stream, view, views
+from ._fork import threads_usable
+from .elements import ELEMENTS
 
-SOURCES = hashlib.sha256(b"".join(Path(file).read_bytes() for file in (
-    __file__, element.__file__, _numba_dtypes.__file__, _numba_log1p.__file__, _numba_penalty.__file__))).hexdigest()
+SOURCES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (
+    sys.modules[__name__], elements, _dtypes, _log1p, _penalty))).hexdigest()
 
 CHUNK = 1 << 14  # 64 KiB of fp32 per array: a few arrays of a chunk fit in L2
 SUB_BLOCK = 256  # elements per partial sum of the diagnostics
@@ -127,8 +130,8 @@ def load_hvp(r_, h_, i, g, c, has_ref, processed, reuse_hvp):
     if not has_ref:
         return c.zero
     g_ref = load(r_, i, c.zero)
-    g_ref = g_ref if processed else element.load_grad(g_ref, c.ref_inv_scale, True)
-    return element.estimate_hvp(g_ref, g, c.hvp_scale)
+    g_ref = g_ref if processed else elements.load_grad(g_ref, c.ref_inv_scale, True)
+    return elements.estimate_hvp(g_ref, g, c.hvp_scale)
 
 
 @njit(fastmath={"reassoc", "contract"}, error_model="numpy", forceinline=True)
@@ -174,8 +177,8 @@ def add_norms(norms, theta_sq, d_sq):
 
 def kernels(*, parallel: bool):
     """A kernel factory's decorator: one kernel per arguments (made once), compiled with numba (in parallel
-    unless a forked child cannot start threads: _numba_fork.py) and kept in the disk cache under the
-    factory's name and arguments, with SOURCES (_numba_cache.py)."""
+    unless a forked child cannot start threads: _fork.py) and kept in the disk cache under the
+    factory's name and arguments, with SOURCES (_cache.py)."""
     def decorate(factory: Callable) -> Callable:
         @functools.cache
         def variant(*args, threads: bool):
@@ -193,15 +196,28 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @kernels(parallel=True)
-def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, correct: bool, has_origin: bool,
-                 has_ref: bool, write_ref: bool, reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool,
-                 stream_params: bool):
-    block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
-    log_penalty = diagnose and decoupled and not eps_inside_sqrt  # the penalty term is |g| (_numba_penalty.py)
+def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: bool, has_ref: bool, write_ref: bool,
+                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
+    """The step of op (its elements.ELEMENTS entry, which takes `flags`) on every tensor of the call.
 
-    def adamw(addresses, work, params, grads, exp_avgs, exp_avg_sqs, grad_refs, origins, hvps, sums, c):
+    The kernel takes the op's states as a tuple of dtype carriers, one per state of the op's spec in its
+    order (None for an absent one: SGD's buffer without momentum), and reaches them through columns 2, 3, ...
+    of addresses.
+    """
+    element = ELEMENTS[op]
+    refs = 2 + len(SPECS[op].states)  # the columns of addresses: params, grads, the states, grad_refs, origins, hvps
+    # One tuple constant, not *flags: its items keep their constant types (a star call passes plain bools), so
+    # numba compiles the step for these flags and drops their dead branches before LLVM sees them.
+    step, step_flags = element.step, (*flags, correct, has_ref or reuse_hvp)
+    flips, narrow_vectors, states_first = element.sign_flips, element.narrow_vectors, element.states_first
+    log_penalty = diagnose and element.log_penalty(*flags)  # the penalty term is |g| (_penalty.py)
+    block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
+
+    def kernel(addresses, work, params, grads, states, grad_refs, origins, hvps, sums, c):
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
+            if narrow_vectors:
+                prefer_256_bit_vectors()  # here: numba outlines the prange body into the function LLVM vectorizes
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
             totals = _ZEROS
             logs = (0.0, 1.0)  # the chunk's exponent sum and float64 mantissa product
@@ -209,142 +225,51 @@ def adamw_kernel(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool, corre
                 n = min(block, lo + count - start)
                 p_ = view(addresses[row, 0], start, n, params)
                 g_ = view(addresses[row, 1], start, n, grads)
-                m_ = view(addresses[row, 2], start, n, exp_avgs)
-                v_ = view(addresses[row, 3], start, n, exp_avg_sqs)
-                r_ = view(addresses[row, 4], start, n, grad_refs)
-                h_ = view(addresses[row, 6], start, n, hvps)
-                theta_ = view(addresses[row, 5], start, n, origins) if has_origin else p_
+                s_ = views(addresses, row, 2, start, n, states)
+                r_ = view(addresses[row, refs], start, n, grad_refs)
+                h_ = view(addresses[row, refs + 2], start, n, hvps)
+                theta_ = view(addresses[row, refs + 1], start, n, origins) if has_origin else p_
                 out_ = scratch(n, params) if stream_params else p_
                 partial = zeros_like(c.zero)
-                exponents, product = _numba_penalty.no_exponents(c.zero), c.one
+                exponents, product = _penalty.no_exponents(c.zero), c.one
                 for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
+                    g = elements.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
                     if store_hvp:
                         store(h_, i, hvp)
-                    p, exp_avg, exp_avg_sq, g_raw, diag = element.adamw(
-                        load(theta_, i, c.zero), g, load(m_, i, c.zero), load(v_, i, c.zero), hvp, c,
-                        decoupled, eps_inside_sqrt, memoryless, correct, has_ref or reuse_hvp)
+                    if states_first:
+                        states_in = loads(s_, i, c.zero)
+                        theta = load(theta_, i, c.zero)
+                    else:
+                        theta = load(theta_, i, c.zero)
+                        states_in = loads(s_, i, c.zero)
+                    p, new_states, g_raw, diag = step(theta, g, states_in, hvp, c, step_flags)
                     store(out_, i, p)
-                    store(m_, i, exp_avg)
-                    store(v_, i, exp_avg_sq)
+                    stores(s_, i, new_states)
                     if write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
-                        partial = add(partial, diag, scale, False, log_penalty, correct)
+                        partial = add(partial, diag, scale, flips, log_penalty, correct)
                     if log_penalty:
-                        exponents, product = _numba_penalty.add_logs(exponents, product, diag[4], c)
+                        exponents, product = _penalty.add_logs(exponents, product, diag[4], c)
                 if stream_params:
                     stream(p_, out_, n)
                 if diagnose:
                     sub = unscaled(partial, _UNSCALE)
                     if log_penalty:
-                        penalty, logs = _numba_penalty.sub_block(np.float64(partial[4]), exponents, product, n,
-                                                                 logs, g_, c)
+                        penalty, logs = _penalty.sub_block(np.float64(partial[4]), exponents, product, n, logs,
+                                                           g_, c)
                         sub = (sub[0], sub[1], sub[2], sub[3], penalty, sub[5], sub[6])
                     totals = accumulate(totals, sub)
             if log_penalty:
                 totals = (totals[0], totals[1], totals[2], totals[3],
-                          totals[4] - np.float64(c.eps) * _numba_penalty.log_sum(logs), totals[5], totals[6])
+                          totals[4] - np.float64(c.eps) * _penalty.log_sum(logs), totals[5], totals[6])
             if stream_params:
                 fence()
             if diagnose:
                 for k in range(len(totals)):
                     sums[chunk, k] = totals[k]
-    return adamw
-
-
-@kernels(parallel=True)
-def lion_kernel(smooth: bool, memoryless: bool, correct: bool, has_origin: bool, has_ref: bool, write_ref: bool,
-                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
-    block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
-
-    def lion(addresses, work, params, grads, exp_avgs, grad_refs, origins, hvps, sums, c):
-        scale = cast_like(_SCALE, c.zero)
-        for chunk in prange(work.shape[0]):
-            row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
-            totals = _ZEROS
-            for start in range(lo, lo + count, block):
-                n = min(block, lo + count - start)
-                p_ = view(addresses[row, 0], start, n, params)
-                g_ = view(addresses[row, 1], start, n, grads)
-                m_ = view(addresses[row, 2], start, n, exp_avgs)
-                r_ = view(addresses[row, 3], start, n, grad_refs)
-                h_ = view(addresses[row, 5], start, n, hvps)
-                theta_ = view(addresses[row, 4], start, n, origins) if has_origin else p_
-                out_ = scratch(n, params) if stream_params else p_
-                partial = zeros_like(c.zero)
-                for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
-                    if store_hvp:
-                        store(h_, i, hvp)
-                    p, exp_avg, g_out, diag = element.lion(load(theta_, i, c.zero), g, load(m_, i, c.zero), hvp, c,
-                                                           smooth, memoryless, correct, has_ref or reuse_hvp)
-                    store(out_, i, p)
-                    store(m_, i, exp_avg)
-                    if write_ref:
-                        store(r_, i, g_out)
-                    if diagnose:
-                        partial = add(partial, diag, scale, True, False, correct)
-                if stream_params:
-                    stream(p_, out_, n)
-                if diagnose:
-                    totals = accumulate(totals, unscaled(partial, _UNSCALE))
-            if stream_params:
-                fence()
-            if diagnose:
-                for k in range(len(totals)):
-                    sums[chunk, k] = totals[k]
-    return lion
-
-
-@kernels(parallel=True)
-def sgd_kernel(has_momentum: bool, nesterov: bool, memoryless: bool, correct: bool, has_origin: bool, has_ref: bool,
-               write_ref: bool, reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
-    block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
-
-    def sgd(addresses, work, params, grads, momentum_buffers, grad_refs, origins, hvps, sums, c):
-        scale = cast_like(_SCALE, c.zero)
-        for chunk in prange(work.shape[0]):
-            prefer_256_bit_vectors()  # here: numba outlines the prange body into the function LLVM vectorizes
-            row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
-            totals = _ZEROS
-            for start in range(lo, lo + count, block):
-                n = min(block, lo + count - start)
-                p_ = view(addresses[row, 0], start, n, params)
-                g_ = view(addresses[row, 1], start, n, grads)
-                b_ = view(addresses[row, 2], start, n, momentum_buffers)
-                r_ = view(addresses[row, 3], start, n, grad_refs)
-                h_ = view(addresses[row, 5], start, n, hvps)
-                theta_ = view(addresses[row, 4], start, n, origins) if has_origin else p_
-                out_ = scratch(n, params) if stream_params else p_
-                partial = zeros_like(c.zero)
-                for i in range(n):
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
-                    if store_hvp:
-                        store(h_, i, hvp)
-                    buf = load(b_, i, c.zero) if has_momentum else c.zero
-                    p, buf, g_raw, diag = element.sgd(load(theta_, i, c.zero), g, buf, hvp, c,
-                                                      has_momentum, nesterov, memoryless, correct, has_ref or reuse_hvp)
-                    store(out_, i, p)
-                    if has_momentum:
-                        store(b_, i, buf)
-                    if write_ref:
-                        store(r_, i, g_raw)
-                    if diagnose:
-                        partial = add(partial, diag, scale, False, False, correct)
-                if stream_params:
-                    stream(p_, out_, n)
-                if diagnose:
-                    totals = accumulate(totals, unscaled(partial, _UNSCALE))
-            if stream_params:
-                fence()
-            if diagnose:
-                for k in range(len(totals)):
-                    sums[chunk, k] = totals[k]
-    return sgd
+    return kernel
 
 
 @kernels(parallel=True)
@@ -357,6 +282,7 @@ def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, 
     5-14% slower than plain stores). The norms' reassociated float64 sums then group their terms otherwise:
     they may differ from the plain pass's in the last bits.
     """
+    direction = ELEMENTS[op].direction
     block = SCRATCH if stream_origins else CHUNK
 
     def probe(addresses, work, params, grads, origins, sums, c):
@@ -372,14 +298,9 @@ def probe_kernel(op: str, flags: tuple[bool, ...], scaled: bool, measure: bool, 
                     stream(o_, p_, n)
                 for i in range(n):
                     theta = load(p_, i, c.zero)
-                    g = element.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
-                    if op == "adamw":  # a constant: numba keeps one branch
-                        d = element.adamw_direction(theta, g, c, *flags)
-                    elif op == "lion":
-                        d = element.lion_direction(theta, g, c, *flags)
-                    else:
-                        d = element.sgd_direction(theta, g, c, *flags)
-                    p, theta_sq, d_sq = element.probe(theta, d, c.tau)
+                    g = elements.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
+                    d = direction(theta, g, c, *flags)
+                    p, theta_sq, d_sq = elements.probe(theta, d, c.tau)
                     if not stream_origins:
                         o_[i] = p_[i]  # theta's bits, whatever the dtype
                     store(p_, i, p)

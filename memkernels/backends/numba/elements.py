@@ -13,12 +13,16 @@ correctly rounded, where np.sqrt here is IEEE, so AdamW and smooth-Lion
 parameters agree to about an ulp.
 
 The flags (decoupled, eps_inside_sqrt, memoryless, ...) are compile-time
-constants of each kernel (see _numba_kernels.py): after inlining, the branches
-on them vanish. The scalars arrive as one of the named tuples below, all in the
-compute dtype.
+constants of each kernel (see kernels.py): after inlining, the branches on them
+vanish. The scalars arrive as one of the named tuples below, all in the compute
+dtype. Every op's step has one signature, (p, g, states, hvp, c, flags) ->
+(p, states, g_raw, diag): its states a tuple in the order of the op's spec
+(memkernels/ops/), its flags a tuple of the op's own, then correct and
+has_hvp. ELEMENTS tells the one driver kernel what else differs between the
+ops.
 
 Diagnostics (the kernels sum them per sub-block in the compute dtype, see
-_numba_kernels.py) leave the reference's order where that saves instructions,
+kernels.py) leave the reference's order where that saves instructions,
 since they are compared to 1e-6 and the diagnostics path is compute-bound:
 F, u and lr M arrive scaled by DIAG_SCALE = 2**-4 through the diag_* scalars
 (exact: a power of two), F and u as one multiply-add each, so that the
@@ -29,12 +33,15 @@ square is Inf.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
 
-# numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see _numba_kernels.py.
+from ._log1p import log1p
+
+# numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see kernels.py.
 _jit = njit(error_model="numpy", forceinline=True)
 
 
@@ -65,7 +72,7 @@ class AdamWScalars(NamedTuple):
     diag_lr: float
     diag_weight_decay: float
     diag_inv_bias_correction1: float
-    penalty_limit: float  # a quarter of the dtype's largest value (see _numba_penalty.py)
+    penalty_limit: float  # a quarter of the dtype's largest value (see _penalty.py)
 
 
 class LionScalars(NamedTuple):
@@ -196,8 +203,8 @@ def decay_term(weight_decay, p, zero):
 
 
 @_jit
-def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryless, correct, has_hvp):
-    """reference.adamw; returns (p, exp_avg, exp_avg_sq, g_raw, diag terms).
+def adamw(p, g, states, hvp, c, flags):
+    """ops/adamw.py's adamw; returns (p, (exp_avg, exp_avg_sq), g_raw, diag terms).
 
     The states follow the reference's operations. Divisions are the dearest
     instructions here (a 16-lane division holds Zen 4's divider for about 6 cycles, a
@@ -207,8 +214,10 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     bounds the correction term where the limit acts): p moves by about an ulp of the
     step; NaN and Inf land where the reference's do, which tests/test_numba.py checks.
     Where eps is outside the square root, the penalty term is |g|: the kernel turns
-    the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _numba_penalty.py).
+    the sum of |g| into the sum of |g| - eps log1p(|g| / eps) (see _penalty.py).
     """
+    exp_avg, exp_avg_sq = states
+    decoupled, eps_inside_sqrt, memoryless, correct, has_hvp = flags
     g_raw = g
     if not decoupled:
         g = g + decay_term(c.weight_decay, p, c.zero)  # coupled L2: the EMAs see g~ = g + lambda theta
@@ -241,12 +250,14 @@ def adamw(p, g, exp_avg, exp_avg_sq, hvp, c, decoupled, eps_inside_sqrt, memoryl
     p, limited = descend(p, c.shrink, c.step_size, g_over_a if memoryless else step, M, c.correction_lr2,
                          u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, c.zero, limited, c)
-    return p, exp_avg, exp_avg_sq, g_raw, diag
+    return p, (exp_avg, exp_avg_sq), g_raw, diag
 
 
 @_jit
-def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
-    """reference.lion; returns (p, exp_avg, g, diag terms)."""
+def lion(p, g, states, hvp, c, flags):
+    """ops/lion.py's lion; returns (p, (exp_avg,), g, diag terms)."""
+    (exp_avg,) = states
+    smooth, memoryless, correct, has_hvp = flags
     cm = c.beta1 * exp_avg + c.one_minus_beta1 * g  # reference.py's c (c here holds the scalars)
     wg = c.ema_weight * g  # W_n g: c_n with every past gradient replaced by the current one
     decay = decay_term(c.diag_weight_decay, p, c.zero)
@@ -264,12 +275,15 @@ def lion(p, g, exp_avg, hvp, c, smooth, memoryless, correct, has_hvp):
     step = phi_wg if memoryless else phi_c
     p, limited = descend(p, c.shrink, c.lr, step, M, c.correction_lr2, u if memoryless else F, c.kappa_lr, correct)
     diag = diagnostics(F, u, M, penalty, sign_flips, limited, c)
-    return p, exp_avg, g, diag
+    return p, (exp_avg,), g, diag
 
 
 @_jit
-def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, correct, has_hvp):
-    """reference.sgd; returns (p, momentum_buffer, g_raw, diag terms)."""
+def sgd(p, g, states, hvp, c, flags):
+    """ops/sgd.py's sgd; returns (p, (momentum_buffer,), g_raw, diag terms). Without momentum the buffer is
+    absent: the kernel loads it as zero and stores nothing."""
+    (momentum_buffer,) = states
+    has_momentum, nesterov, memoryless, correct, has_hvp = flags
     g_raw = g
     g = g + decay_term(c.weight_decay, p, c.zero)  # g~
     if has_momentum:
@@ -286,7 +300,7 @@ def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, corre
     update = u if memoryless else F
     p, limited = descend(p, c.one, c.lr, update, M, c.correction_lr2, update, c.kappa_lr, correct)
     diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, c.half * g * g, c.zero, limited, c)
-    return p, momentum_buffer, g_raw, diag
+    return p, (momentum_buffer,), g_raw, diag
 
 
 # The memoryless directions of reference.py, for the probe pass: the steps' u with exact divisions, since d
@@ -294,7 +308,7 @@ def sgd(p, g, momentum_buffer, hvp, c, has_momentum, nesterov, memoryless, corre
 
 @_jit
 def adamw_direction(p, g, c, decoupled, eps_inside_sqrt):
-    """reference.adamw_direction."""
+    """ops/adamw.py's adamw_direction."""
     if not decoupled:
         g = g + decay_term(c.weight_decay, p, c.zero)
     a = np.sqrt(g * g + c.eps) if eps_inside_sqrt else abs(g) + c.eps
@@ -304,17 +318,164 @@ def adamw_direction(p, g, c, decoupled, eps_inside_sqrt):
 
 @_jit
 def lion_direction(p, g, c, smooth):
-    """reference.lion_direction."""
+    """ops/lion.py's lion_direction."""
     return smooth_sign(c.ema_weight * g, c.smoothing, smooth, c.one, c.zero) + decay_term(c.weight_decay, p, c.zero)
 
 
 @_jit
 def sgd_direction(p, g, c):
-    """reference.sgd_direction: g~."""
+    """ops/sgd.py's sgd_direction: g~."""
     return g + decay_term(c.weight_decay, p, c.zero)
+
+
+class AdEMAMixScalars(NamedTuple):
+    zero: float
+    one: float
+    inv_scale: float
+    ref_inv_scale: float
+    lr: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    one_minus_beta3: float
+    alpha: float
+    eps: float
+    weight_decay: float
+    bias_correction1: float
+    bias_correction2_sqrt: float
+    update_scale: float  # c_n = 1 + alpha S_n
+    age_sum: float  # A1 + alpha Y3
+    scaled_age2: float  # c_n B
+    hvp_scale: float
+    shrink: float  # 1 - lr * weight_decay
+    correction_lr2: float
+    kappa_lr: float  # correction_limit * lr (F and u are not scaled)
+    tau: float
+    diag_scale: float
+    diag_lr: float
+
+
+@_jit
+def ademamix(p, g, states, hvp, c, flags):
+    """ops/ademamix.py's ademamix; returns (p, (exp_avg, exp_avg_slow, exp_avg_sq), g, diag terms)."""
+    exp_avg, exp_avg_slow, exp_avg_sq = states
+    memoryless, correct, has_hvp = flags
+    exp_avg = exp_avg + c.one_minus_beta1 * (g - exp_avg)
+    exp_avg_slow = exp_avg_slow + c.one_minus_beta3 * (g - exp_avg_slow)
+    exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * g * g
+    decay = decay_term(c.weight_decay, p, c.zero)
+    denom = np.sqrt(exp_avg_sq) / c.bias_correction2_sqrt + c.eps
+    step = (exp_avg / c.bias_correction1 + c.alpha * exp_avg_slow) / denom
+    a = abs(g) + c.eps
+    g_over_a = g / a
+    memoryless_step = c.update_scale * g_over_a
+    F = step + decay
+    u = memoryless_step + decay
+    M = (c.age_sum - c.scaled_age2 * abs(g_over_a)) / a * hvp if has_hvp else c.zero
+    penalty = abs(g) - c.eps * log1p(abs(g) / c.eps)
+    p, limited = descend(p, c.shrink, c.lr, memoryless_step if memoryless else step, M, c.correction_lr2,
+                         u if memoryless else F, c.kappa_lr, correct)
+    diag = diagnostics(F * c.diag_scale, u * c.diag_scale, M, penalty, c.zero, limited, c)
+    return p, (exp_avg, exp_avg_slow, exp_avg_sq), g, diag
+
+
+@_jit
+def ademamix_direction(p, g, c):
+    """ops/ademamix.py's ademamix_direction."""
+    return g / (abs(g) + c.eps) * c.update_scale + decay_term(c.weight_decay, p, c.zero)
 
 
 @_jit
 def probe(p, d, tau):
     """reference.probe: (theta + tau d, theta^2, d^2)."""
     return p + tau * d, p * p, d * d
+
+
+def adamw_log_penalty(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool) -> bool:
+    """Decoupled AdamW with eps outside the square root: the penalty term is |g| (the raw gradient's, which
+    _penalty.py can read again), summed as |g| - eps log1p(|g| / eps)."""
+    return decoupled and not eps_inside_sqrt
+
+
+def no_log_penalty(*flags: bool) -> bool:
+    return False
+
+
+class Element(NamedTuple):
+    """What the one driver kernel (kernels.step_kernel) takes from an op, beside its flags."""
+
+    step: Callable  # (p, g, states, hvp, c, (*flags, correct, has_hvp)) -> (p, states, g_raw, diag)
+    direction: Callable  # (p, g, c, *direction_flags) -> d, for the probe pass
+    sign_flips: bool  # the sign-flip term can be nonzero, so it is summed
+    log_penalty: Callable[..., bool]  # (*flags) -> the penalty term is |g|, summed by _penalty.py
+    narrow_vectors: bool  # the loop is built for 256-bit vectors (see kernels.prefer_256_bit_vectors)
+    # The loop loads the states before theta. No value depends on it, but LLVM's interleave count does, and
+    # with it the order in which the diagnostics are summed: each op keeps the order its results were made in.
+    states_first: bool
+
+
+ELEMENTS = {"adamw": Element(adamw, adamw_direction, False, adamw_log_penalty, False, False),
+            "lion": Element(lion, lion_direction, True, no_log_penalty, False, False),
+            "sgd": Element(sgd, sgd_direction, False, no_log_penalty, True, True),
+            "ademamix": Element(ademamix, ademamix_direction, False, no_log_penalty, False, False)}
+
+
+def reciprocal(x: float) -> float:
+    """1 / x, with 1 / 0 = inf signed like 0 (as the division it stands for gives in the kernel)."""
+    return 1.0 / x if x != 0.0 else math.copysign(math.inf, x)
+
+
+# ---------------------------------------------------------------- what differs between the ops
+# k: the call's scalars by name (the op's, correction, correction_limit, hvp_scale, memoryless, probe_tau);
+# d: the op's derived scalars (SPECS[op].derive); common: the fields every op's scalars record has.
+
+def _adamw_scalars(k: dict, d: dict, common: dict, dtype: type) -> AdamWScalars:
+    return AdamWScalars(
+        **common, one_minus_beta1=d["one_minus_beta1"], beta2=k["beta2"], one_minus_beta2=d["one_minus_beta2"],
+        eps=k["eps"], weight_decay=k["weight_decay"], bias_correction1=k["bias_correction1"],
+        inv_eps=reciprocal(k["eps"]), bias_correction2=k["bias_correction2"],
+        inv_sqrt_bias_correction2=reciprocal(d["bias_correction2_sqrt"]), mean_age1=k["mean_age1"],
+        mean_age2=k["mean_age2"], shrink=d["shrink"], step_size=d["step_size"], kappa_lr=d["kappa_lr"] / DIAG_SCALE,
+        diag_weight_decay=k["weight_decay"] * DIAG_SCALE,
+        diag_inv_bias_correction1=reciprocal(k["bias_correction1"]) * DIAG_SCALE,
+        penalty_limit=float(np.finfo(dtype).max) / 4)
+
+
+def _lion_scalars(k: dict, d: dict, common: dict, dtype: type) -> LionScalars:
+    return LionScalars(
+        **common, beta1=k["beta1"], one_minus_beta1=d["one_minus_beta1"], beta2=k["beta2"],
+        one_minus_beta2=d["one_minus_beta2"], weight_decay=k["weight_decay"], smoothing=k["smoothing"],
+        ema_weight=k["ema_weight"], age_weight=k["age_weight"], shrink=d["shrink"],
+        kappa_lr=d["kappa_lr"] / DIAG_SCALE, diag_weight_decay=k["weight_decay"] * DIAG_SCALE)
+
+
+def _sgd_scalars(k: dict, d: dict, common: dict, dtype: type) -> SGDScalars:
+    return SGDScalars(**common, half=0.5, momentum=k["momentum"], weight_decay=k["weight_decay"],
+                      update_scale=k["update_scale"], memory_coef=k["memory_coef"], kappa_lr=d["kappa_lr"])
+
+
+def _ademamix_scalars(k: dict, d: dict, common: dict, dtype: type) -> AdEMAMixScalars:
+    return AdEMAMixScalars(
+        **common, one_minus_beta1=d["one_minus_beta1"], beta2=k["beta2"], one_minus_beta2=d["one_minus_beta2"],
+        one_minus_beta3=d["one_minus_beta3"], alpha=k["alpha"], eps=k["eps"], weight_decay=k["weight_decay"],
+        bias_correction1=k["bias_correction1"], bias_correction2_sqrt=d["bias_correction2_sqrt"],
+        update_scale=d["update_scale"], age_sum=d["age_sum"], scaled_age2=d["scaled_age2"], shrink=d["shrink"],
+        kappa_lr=d["kappa_lr"])
+
+
+class HostOp(NamedTuple):
+    """The numba-only part of an op's host wrapper."""
+
+    scalars: Callable[[dict, dict, dict, type], NamedTuple]  # (k, d, common, compute dtype) -> the kernel's record
+    flags: Callable[[dict, tuple], tuple[tuple[bool, ...], tuple[bool, ...]]]  # (k, state lists) -> the
+    # step's flags (elements.ELEMENTS[op].step's) and the direction's, compile-time constants of the kernels
+
+
+HOST_OPS = {
+    "adamw": HostOp(_adamw_scalars, lambda k, states: ((k["decoupled"], k["eps_inside_sqrt"], k["memoryless"]),
+                                                       (k["decoupled"], k["eps_inside_sqrt"]))),
+    "lion": HostOp(_lion_scalars, lambda k, states: ((k["smoothing"] != 0.0, k["memoryless"]),
+                                                     (k["smoothing"] != 0.0,))),
+    "sgd": HostOp(_sgd_scalars, lambda k, states: ((bool(states[0]), k["nesterov"], k["memoryless"]), ())),
+    "ademamix": HostOp(_ademamix_scalars, lambda k, states: ((k["memoryless"],), ())),
+}

@@ -29,7 +29,7 @@ from numba.core.caching import _Cache
 from numba.core.compiler import CompileResult
 from numba.core.serialize import dumps
 
-from ._user_cache import cache_dir, private_dir, untrusted
+from .._user_cache import cache_dir, private_dir, untrusted
 
 SUFFIX = ".nbk"
 discarded: list[str] = []  # entries this process found unreadable and deleted, with the reason

@@ -15,7 +15,11 @@ with numba's cast (round to nearest even).
 
 view() makes such an array from a tensor's data address (torch's data_ptr()),
 so that one kernel call reaches every tensor of an op call through a table of
-addresses instead of one numpy array argument per tensor.
+addresses instead of one numpy array argument per tensor. views(), loads() and
+stores() do the same for a tuple of lists (an op's states, any number of them),
+one per list, where a list may be absent (None): it loads as zero and stores
+nothing. They are resolved per tuple type at compile time, so an absent list
+costs no instruction.
 
 stream() writes an output that a kernel only writes with non-temporal
 (streaming) stores: a plain store first reads the line it writes (x86's
@@ -240,3 +244,53 @@ def _cast_like(value, like):
     if like == types.float32:
         return lambda value, like: np.float32(value)
     return lambda value, like: np.float64(value)
+
+
+def views(addresses, row, column, start, count, likes):
+    """view() of each list of the tuple likes, at addresses[row, column], [row, column + 1], ...; None for
+    an absent list (a None in likes)."""
+
+
+def loads(arrays, i, like):
+    """load() from each array of a tuple of views(); like (a zero) for an absent one."""
+
+
+def stores(arrays, i, values):
+    """store() of each value into its array of a tuple of views(); nothing for an absent one."""
+
+
+@overload(views)
+def _views(addresses, row, column, start, count, likes):
+    if len(likes) == 0:
+        return lambda addresses, row, column, start, count, likes: ()
+    if likes[0] == types.none:
+        def absent_first(addresses, row, column, start, count, likes):
+            return (None,) + views(addresses, row, column + 1, start, count, likes[1:])
+        return absent_first
+
+    def first(addresses, row, column, start, count, likes):
+        return ((view(addresses[row, column], start, count, likes[0]),)
+                + views(addresses, row, column + 1, start, count, likes[1:]))
+    return first
+
+
+@overload(loads)
+def _loads(arrays, i, like):
+    if len(arrays) == 0:
+        return lambda arrays, i, like: ()
+    if arrays[0] == types.none:
+        return lambda arrays, i, like: (like,) + loads(arrays[1:], i, like)
+    return lambda arrays, i, like: (load(arrays[0], i, like),) + loads(arrays[1:], i, like)
+
+
+@overload(stores)
+def _stores(arrays, i, values):
+    if len(arrays) == 0:
+        return lambda arrays, i, values: None
+    if arrays[0] == types.none:
+        return lambda arrays, i, values: stores(arrays[1:], i, values[1:])
+
+    def first(arrays, i, values):
+        store(arrays[0], i, values[0])
+        stores(arrays[1:], i, values[1:])
+    return first
