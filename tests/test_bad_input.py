@@ -8,6 +8,8 @@ import torch
 import memkernels as mk
 from memkernels import _ops, backends
 
+OPTIMIZERS = [getattr(mk, name) for name in mk.optim.__all__]  # every optimizer, AdEMAMix included
+
 
 def _adamw_args(n=2, shape=(3, 4), dtype=torch.float32):
     params = [torch.randn(shape, dtype=dtype) for _ in range(n)]
@@ -81,6 +83,12 @@ def test_op_rejects_bad_diagnostics_and_backend():
     (lambda p: mk.Lion(p, smoothing=-1.0), "smoothing"), (lambda p: mk.Lion(p, betas=(1.5, 0.9)), "beta1"),
     (lambda p: mk.SGD(p, momentum=1.0), "momentum"), (lambda p: mk.SGD(p, momentum=0.0, nesterov=True), "nesterov"),
     (lambda p: mk.SGD(p, memory_correction=float("nan")), "memory_correction"),
+    (lambda p: mk.AdEMAMix(p, betas=(0.9, 0.999)), "betas"), (lambda p: mk.AdEMAMix(p, betas=(0.9, 0.999, 1.0)), "beta3"),
+    (lambda p: mk.AdEMAMix(p, alpha=-1.0), "alpha"), (lambda p: mk.AdEMAMix(p, alpha=float("inf")), "alpha"),
+    (lambda p: mk.AdEMAMix(p, alpha_warmup=0), "alpha_warmup"),
+    (lambda p: mk.AdEMAMix(p, beta3_warmup=float("nan")), "beta3_warmup"),
+    (lambda p: mk.AdEMAMix(p, beta3_warmup=100, betas=(0.0, 0.999, 0.9999)), "beta3_warmup"),
+    (lambda p: mk.AdEMAMix(p, alpha_warmup=100, capturable=True), "capturable"),
 ])
 def test_constructor_names_the_bad_hyperparameter(make, match):
     with pytest.raises(ValueError, match=match):
@@ -175,7 +183,7 @@ def test_ops_check_again_after_an_optimizer_step():
     (lambda w, base: [{"params": [w]}, {"params": [torch.nn.Parameter(base[:2]), torch.nn.Parameter(base[1:3])]}],
      "parameters 1 and 2 share memory"),
 ], ids=["twice", "overlapping views", "strided view", "across groups"])
-@pytest.mark.parametrize("cls", [mk.AdamW, mk.Lion, mk.SGD])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_duplicate_or_overlapping_params_are_refused(cls, make, match):
     """torch.optim only warns on a duplicate (and its step then updates it twice); here each is an error."""
     w, base = torch.nn.Parameter(torch.randn(8)), torch.randn(8)
@@ -184,7 +192,7 @@ def test_duplicate_or_overlapping_params_are_refused(cls, make, match):
         cls(make(w, base), lr=1e-3)
 
 
-@pytest.mark.parametrize("cls", [mk.AdamW, mk.Lion, mk.SGD])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_complex_params_are_refused_and_a_refused_group_is_not_added(cls):
     with pytest.raises(TypeError, match=r"shape \(3,\) is torch.complex64; complex parameters are not supported"):
         cls([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], lr=1e-3)
@@ -227,6 +235,7 @@ def test_an_expanded_param_is_named_as_not_dense():
     (mk.AdamW, "weight_decay", None, "weight_decay"), (mk.AdamW, "betas", ("0.9", 0.999), "beta1"),
     (mk.Lion, "smoothing", "1e-4", "smoothing"), (mk.Lion, "betas", (0.9, False), "beta2"),
     (mk.SGD, "momentum", True, "momentum"), (mk.SGD, "weight_decay", "0", "weight_decay"),
+    (mk.AdEMAMix, "alpha", "5", "alpha"), (mk.AdEMAMix, "betas", (0.9, 0.999, True), "beta3"),
 ])
 def test_bools_and_strings_are_refused_for_numbers_by_name(cls, key, value, name):
     """torch refuses lr="1e-3"; True as memory_correction would silently be +1, the opposite of cancelling."""
