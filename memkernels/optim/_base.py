@@ -20,6 +20,7 @@ of its first param (they do when every param of a group has a gradient every ste
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -48,33 +49,50 @@ class _Plan(NamedTuple):
     groups: list[tuple[int, tuple, _reuse.Kept | None, list[Bucket]]]
 
 
-class MemoryOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses name their op, their state and their coefficients.
+# The Args every optimizer takes, appended to each subclass's own Args (MemoryOptimizer.__init_subclass__).
+COMMON_ARGS = """\
+memory_correction (float, optional): alpha: the step is p - lr (F + alpha lr M). 0 is the plain
+    optimizer, -1 cancels memory's implicit term to O(lr^2) where the expansion holds, +1 doubles it
+    (default: 0.0).
+correction_limit (float, optional): kappa in (0, inf]: per element |alpha lr M_i| <= kappa |F_i|, so
+    each element's step is the plain one times a factor in [1 - kappa, 1 + kappa], bounded where the
+    expansion fails; memory_stats()["limited_fraction"] counts where it acted; inf: no limit
+    (default: 0.5).
+hvp (str, optional): how H d is estimated: "probe" (one extra gradient at theta + tau d on the same
+    batch: needs step(closure), sound with minibatches), "trajectory" (the change of the gradient
+    between steps: free, but noise / lr with minibatches), "exact" (double backward: call
+    loss.backward(create_graph=True)), or "auto": the probe when step() gets a closure, else the
+    trajectory, with a warning once (default: "auto").
+hvp_every (int, optional): k: the probe or exact estimate is made every k steps and reused in between
+    (state "hvp"); an O(k lr) error in H d keeps the step O(lr^2) for a fixed k (default: 1).
+track_memory (bool, optional): reduce the diagnostics of memory_stats() in every step; always on under
+    a nonzero memory_correction (default: False).
+maximize (bool, optional): ascend the objective instead of descending it (default: False).
+memoryless (bool, optional): step with the memoryless update F(theta, ..., theta) in place of the update
+    with memory, the approximation the theory compares with (default: False).
+capturable (bool, optional): device mode: the step count and a tensor lr stay on the params' device and
+    nothing is read on the host, so CUDA graphs can capture a step (torch.compile traces in this mode
+    anyway) (default: False).
+backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda > triton > reference
+    on CUDA tensors and numba > reference on the CPU, unless MEMKERNELS_BACKEND names one; a named
+    backend that cannot run raises at the first step, saying why (default: "auto").
+"""
 
-    Keywords every optimizer takes (docs/THEORY.md sections 5, 6 and 9):
-    - memory_correction (alpha): the step is p - h (F + alpha h M); 0 is the plain optimizer, -1 cancels
-      memory's implicit term, +1 doubles it.
-    - correction_limit (kappa, in (0, inf]): alpha h M is limited per element to kappa |F| (F: the step it
-      corrects; u, the memoryless update, in memoryless mode), which keeps the correction where the expansion
-      holds and bounds it where it does not; memory_stats()["limited_fraction"] counts where it acted. inf: no
-      limit.
-    - hvp: how H d is estimated. "auto": the probe when step() gets a closure (one extra gradient on the same
-      batch: sound with minibatches), else "trajectory" (the change of the gradient between steps: free, sound
-      with full or large batches; a warning says so once). "exact": double backward (call
-      loss.backward(create_graph=True)).
-    - hvp_every (k): probe and exact estimate H d every k steps and reuse the kept estimate (state "hvp")
-      between; the step stays O(h^2) for a fixed k.
-    - track_memory: reduce the diagnostics of memory_stats() every step (always on under a correction).
-    - memoryless=True steps with F(theta, ..., theta) in place of the update with memory (the theory
-      harness's memoryless approximation).
-    - capturable: device mode (no host reads: CUDA graphs); backend: "auto", "numba", "triton", "cuda" or
-      "reference".
-    """
+
+class MemoryOptimizer(torch.optim.Optimizer):
+    """Base class; subclasses name their op, their state and their coefficients (its schedule). The keywords
+    every optimizer takes are documented once, in COMMON_ARGS (docs/THEORY.md sections 5, 6 and 9)."""
 
     op: str
     state_keys: tuple[str, ...]  # the op's state lists, in schema order, by torch's state_dict names
     optional_state_keys: tuple[str, ...] = ()  # those a state may lack (SGD's buffer without momentum)
     schedule: type[Schedule]  # the op's coefficients at each step
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A public optimizer's docstring ends with its own Args; the shared ones follow them (help(mk.AdamW))."""
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "Args:" in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n" + textwrap.indent(COMMON_ARGS, " " * 8)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool, backend: str) -> None:
         if defaults["hvp"] not in HVP_MODES:

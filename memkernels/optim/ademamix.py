@@ -65,8 +65,6 @@ class AdEMAMix(MemoryOptimizer):
         beta3_warmup (float, optional): T_beta3, steps over which beta3 rises from beta1 (the paper's scheduler);
             None: no warm-up (default: None). The warm-ups need host mode (capturable=False, no torch.compile of
             the step): their coefficients have no closed form for a step count on the device.
-        memory_correction, correction_limit, hvp, hvp_every, track_memory, maximize, memoryless, capturable,
-            backend: as for mk.AdamW (help(mk.AdamW)).
     """
 
     op = "ademamix"

@@ -28,31 +28,6 @@ class SGD(MemoryOptimizer):
         weight_decay (float, optional): lambda, L2 as in torch.optim.SGD: lambda p added to the gradient
             (default: 0.0).
         nesterov (bool, optional): Nesterov momentum; needs momentum > 0 (default: False).
-        memory_correction (float, optional): alpha: the step is p - lr (F + alpha lr M). 0 is the plain
-            optimizer, -1 cancels memory's implicit term to O(lr^2) where the expansion holds, +1 doubles it
-            (default: 0.0).
-        correction_limit (float, optional): kappa in (0, inf]: per element |alpha lr M_i| <= kappa |F_i|, so
-            each element's step is the plain one times a factor in [1 - kappa, 1 + kappa], bounded where the
-            expansion fails; memory_stats()["limited_fraction"] counts where it acted; inf: no limit
-            (default: 0.5).
-        hvp (str, optional): how H d is estimated: "probe" (one extra gradient at theta + tau d on the same
-            batch: needs step(closure), sound with minibatches), "trajectory" (the change of the gradient
-            between steps: free, but noise / lr with minibatches), "exact" (double backward: call
-            loss.backward(create_graph=True)), or "auto": the probe when step() gets a closure, else the
-            trajectory, with a warning once (default: "auto").
-        hvp_every (int, optional): k: the probe or exact estimate is made every k steps and reused in between
-            (state "hvp"); an O(k lr) error in H d keeps the step O(lr^2) for a fixed k (default: 1).
-        track_memory (bool, optional): reduce the diagnostics of memory_stats() in every step; always on under
-            a nonzero memory_correction (default: False).
-        maximize (bool, optional): ascend the objective instead of descending it (default: False).
-        memoryless (bool, optional): step with the memoryless update F(theta, ..., theta) in place of the update
-            with memory, the approximation the theory compares with (default: False).
-        capturable (bool, optional): device mode: the step count and a tensor lr stay on the params' device and
-            nothing is read on the host, so CUDA graphs can capture a step (torch.compile traces in this mode
-            anyway) (default: False).
-        backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda > triton > reference
-            on CUDA tensors and numba > reference on the CPU, unless MEMKERNELS_BACKEND names one; a named
-            backend that cannot run raises at the first step, saying why (default: "auto").
     """
 
     op = "sgd"
