@@ -38,6 +38,7 @@ from numba import njit  # noqa: E402
 from memkernels import _ops, backends  # noqa: E402
 from memkernels.reference import NDIAG  # noqa: E402
 from memkernels.backends import numba as nb  # noqa: E402
+from memkernels.backends.numba import host as nb_host  # noqa: E402
 from memkernels.backends.numba._dtypes import SCRATCH  # noqa: E402
 from memkernels.backends.numba.kernels import CHUNK, SUB_BLOCK  # noqa: E402
 from memkernels.backends.numba._log1p import log1p  # noqa: E402
@@ -448,7 +449,7 @@ def test_streaming_stores_write_the_same_bits(op, dtype, state_dtype, monkeypatc
     written, norms = [], []
     for stream in (False, True):
         if stream:
-            monkeypatch.setattr(nb, "STREAM_MIN_BYTES", 0)
+            monkeypatch.setattr(nb_host, "STREAM_MIN_BYTES", 0)
         probed = compare(op, dict(inputs, grad_refs=[]), probe, False)
         stepped = compare(op, dict(inputs, params=probed["params"], origins=probed["origins"]), step, True)
         norms.append(probed["probe_norms"][0])

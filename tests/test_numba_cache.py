@@ -105,7 +105,8 @@ def warm_cache(tmp_path_factory) -> tuple[Path, Path]:
     run(cache, "plain")
     before = set((cache / "memkernels" / "numba").iterdir())
     run(cache, "coupled")
-    (coupled,) = [f for f in set((cache / "memkernels" / "numba").iterdir()) - before if f.name.startswith("adamw")]
+    (coupled,) = [f for f in set((cache / "memkernels" / "numba").iterdir()) - before
+                  if f.name.startswith("step_kernel")]
     return cache, coupled
 
 
@@ -136,7 +137,7 @@ def test_a_corrupt_entry_is_discarded_with_a_warning_and_compiled_again(warm_cac
     cache, coupled = warm_cache
     shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
     entry = tmp_path / coupled.relative_to(cache)
-    (plain,) = [f for f in entry.parent.iterdir() if f.name.startswith("adamw") and f != entry]
+    (plain,) = [f for f in entry.parent.iterdir() if f.name.startswith("step_kernel") and f != entry]
     corrupt(entry, plain)
     result, err = run(tmp_path, "coupled")
     assert result["compiled"] == [True] and result["error"] < 1e-6, result

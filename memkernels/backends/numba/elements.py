@@ -476,6 +476,7 @@ HOST_OPS = {
                                                        (k["decoupled"], k["eps_inside_sqrt"]))),
     "lion": HostOp(_lion_scalars, lambda k, states: ((k["smoothing"] != 0.0, k["memoryless"]),
                                                      (k["smoothing"] != 0.0,))),
+    # SGD's buffer list is empty without momentum: has_momentum
     "sgd": HostOp(_sgd_scalars, lambda k, states: ((bool(states[0]), k["nesterov"], k["memoryless"]), ())),
     "ademamix": HostOp(_ademamix_scalars, lambda k, states: ((k["memoryless"],), ())),
 }
