@@ -5,8 +5,9 @@ training loop nothing they read changes. A group planned in host mode, without D
 of H d or the trajectory's, is kept after each step that ran. The next step reuses its buckets where the group
 holds the same params, each with a grad as before (the same tensor or a new one) in its param's layout and
 not sharing a param's memory, the params keep their layouts, their states and the states' tensors are the
-ones planned, the step counts of each bucket are still equal, the trajectory's previous gradients sort into
-the same buckets, and the flags that planning read are the same. Any other step plans and checks afresh, so
+ones planned and keep the layouts checked (resize_ or .data can change them in place), the step counts of each
+bucket are still equal, the trajectory's previous gradients sort into the same buckets and have the checked
+layouts, and the flags that planning read are the same. Any other step plans and checks afresh, so
 bad input raises as before (docs/DESIGN.md, a step is all or nothing). The comparisons run in C (map over
 tensor attributes): a few microseconds per parameter less than a plan and a check.
 """
@@ -39,21 +40,27 @@ def _same(a: Sequence, b: Sequence) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class _Checked:
-    """What one bucket's check covered: its params' layouts, and its states' sizes and tensors (those of
-    `keys`, the step count first, through `entries`)."""
+    """What one bucket's check covered: its params' layouts, its states' sizes and tensors (those of `keys`,
+    the step count first, through `entries`), the layouts of the op's state tensors among them (`lists`: the
+    counts are not checked, only read), and its previous gradients' layouts."""
 
     layouts: tuple[list, ...]
     sizes: list[int]
     entries: Callable[[dict], tuple]
     tensors: list[Tensor]
     keys: int  # tensors per state
+    lists: list[Tensor]
+    list_layouts: tuple[list, ...]
+    ref_layouts: tuple[list, ...]
 
     @classmethod
     def of(cls, bucket: Bucket, keys: tuple[str, ...]) -> _Checked:
         present = tuple(k for k in keys if all(k in s for s in bucket.states))
         entries = itemgetter(*present) if len(present) > 1 else lambda s: (s[present[0]],)
+        lists = list(chain.from_iterable(bucket.lists))
         return cls(_layouts(bucket.params), list(map(len, bucket.states)), entries,
-                   list(chain.from_iterable(map(entries, bucket.states))), len(present))
+                   list(chain.from_iterable(map(entries, bucket.states))), len(present), lists, _layouts(lists),
+                   _layouts(bucket.grad_refs))
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,7 +108,7 @@ def reuse(kept: Kept, group: dict, group_flags: tuple, state: dict, prev_grads: 
     for template, checked in zip(kept.buckets, kept.checked):
         bucket = _reused(template, checked, same_grads, state)
         if bucket is None or template.hvp == "trajectory" and not _previous_gradients(
-                bucket, template, same_grads, prev_grads):
+                bucket, template, checked, same_grads, prev_grads):
             return None
         buckets.append(bucket)
     return buckets
@@ -128,6 +135,8 @@ def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) 
             return None
     except KeyError:
         return None
+    if _layouts(checked.lists) != checked.list_layouts:  # the same tensors, resized or given new .data
+        return None
     counts = checked.tensors[::checked.keys]
     values = set(map(Tensor.item, counts))
     if len(values) != 1:
@@ -136,15 +145,15 @@ def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) 
                                prev_grad_modes=[], kwargs={}, checked=True)
 
 
-def _previous_gradients(bucket: Bucket, template: Bucket, same_grads: bool, prev_grads: PrevGrads) -> bool:
+def _previous_gradients(bucket: Bucket, template: Bucket, checked: _Checked, same_grads: bool,
+                        prev_grads: PrevGrads) -> bool:
     """The trajectory's previous gradients of this step into the bucket; False where a param's would move it to
-    another bucket or needs a new state. Where last step copied every gradient into its buffer and this step
-    has the same gradient tensors and buffers, PrevGrads.plan would say "copy" again and record would change
-    nothing: both are skipped."""
+    another bucket, needs a new state or has another layout than those checked. Where last step copied every
+    gradient into its buffer and this step has the same gradient tensors and buffers, PrevGrads.plan would say
+    "copy" again and record would change nothing: both are skipped."""
     refs = [state.get("prev_grad") for state in bucket.states]
     if same_grads and not template.prev_grad_modes and not prev_grads.kept and _same(refs, template.grad_refs):
-        bucket.grad_refs = refs
-        return True
+        return _checked_refs(bucket, refs, checked)
     modes = []
     dtype = compute_dtype(bucket.params[0])
     for p, grad, ref in zip(bucket.params, bucket.grads, refs):
@@ -152,7 +161,20 @@ def _previous_gradients(bucket: Bucket, template: Bucket, same_grads: bool, prev
         if new is not None or (mode in ("fresh", "lost")) != bucket.fresh_refs or (mode == "keep") != bucket.keep_refs:
             return False
         modes.append(mode)
-    bucket.grad_refs = refs
+    if not _checked_refs(bucket, refs, checked):
+        return False
     if modes.count("copy") < len(modes) or not same_grads or prev_grads.kept:
         bucket.prev_grad_modes = list(zip(bucket.params, bucket.grads, bucket.states, modes))
+    return True
+
+
+def _checked_refs(bucket: Bucket, refs: list[Tensor], checked: _Checked) -> bool:
+    """The previous gradients into the bucket where they have the layouts checked (a new buffer, or one resized
+    or given new .data since, has not been checked)."""
+    try:
+        if _layouts(refs) != checked.ref_layouts:
+            return False
+    except RuntimeError:  # sparse
+        return False
+    bucket.grad_refs = refs
     return True
