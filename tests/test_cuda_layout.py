@@ -125,6 +125,8 @@ def test_the_build_reads_the_spec_as_memkernels_does():
     """setup.py's way (the op modules read without memkernels, and without torch, which a build's isolated
     environment lacks) gives the same layout."""
     assert _layout.layout(_build.op_specs()) == _layout.layout(SPECS)
+    # nothing it read stays importable (tools that walk sys.modules, such as hypothesis, read every __file__)
+    assert not [name for name in sys.modules if name.startswith(_build._ROOT)]
     script = ("import sys; sys.modules['torch'] = None; import importlib.util as u; "  # None: import torch fails
               f"s = u.spec_from_file_location('b', {str(_build.__file__)!r}); "
               "import types; p = types.ModuleType('p'); p.__path__ = [s.origin.rsplit('/', 1)[0]]; "

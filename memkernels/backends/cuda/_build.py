@@ -76,10 +76,14 @@ def source_dir() -> Path | None:
 
 
 def _stand_in(module: str) -> types.ModuleType:
-    """A module whose every attribute is a function that says it is not loaded here."""
+    """A module whose every public attribute is a function that says it is not loaded here (a module's own
+    dunder attributes, such as __file__, stay missing)."""
     stand_in = types.ModuleType(module)
 
     def attribute(name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
         def not_loaded(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError(f"{module}.{name} is not loaded in the CUDA build (memkernels/backends/cuda/_build.py)")
         return not_loaded
@@ -109,7 +113,9 @@ def op_specs() -> Mapping[str, OpSpec]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses and relative imports look their modules up there
         spec.loader.exec_module(module)
-    finally:
+    finally:  # the specs keep what they need; nothing read here stays importable
+        for name in [name for name in sys.modules if name == _ROOT or name.startswith(_ROOT + ".")]:
+            del sys.modules[name]
         if "torch" in stand_ins:
             del sys.modules["torch"]
     return module.SPECS
