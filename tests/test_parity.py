@@ -48,11 +48,19 @@ BACKENDS = [b for b in ("numba", "triton") if _runs_here(b)]
 
 
 def cases() -> list[tuple]:
-    """(op, case name, scalars and modes, with grad_refs, with diagnostics, dtype, state dtype) per backend."""
+    """(op, case name, scalars and modes, with grad_refs, with diagnostics, dtype, state dtype) per backend.
+    Every mode and variant also with the flags' other values where a flag picks the code path (an eps large
+    next to |g| makes the penalty's eps log1p(|g| / eps) term count in the sum)."""
     out = []
     for op, spec in SPECS.items():
         for name, kwargs, refs, diag in MODES:
             out.append((op, name, kwargs, refs, diag, torch.float32, torch.float32))
+        if "eps" in spec.examples:
+            for s in (x for x in spec.scalars if x.bounds is None):
+                out.append((op, f"large_eps-{s.name}={not s.example}",
+                            dict(TRAJECTORY, eps=0.5, **{s.name: not s.example}), True, True, torch.float32,
+                            torch.float32))
+            out.append((op, "large_eps", dict(TRAJECTORY, eps=0.5), True, True, torch.float32, torch.float32))
         for s in spec.scalars:
             values = ((not s.example,) if s.bounds is None else ()) + s.variants
             for value in values:

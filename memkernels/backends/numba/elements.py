@@ -230,7 +230,9 @@ def adamw(p, g, states, hvp, c, flags):
     else:
         denom = np.sqrt(exp_avg_sq) * c.inv_sqrt_bias_correction2 + c.eps
         a = abs(g) + c.eps
-        penalty = abs(g)
+        # decoupled: |g|, which the kernel turns into |g| - eps log1p(|g| / eps) (_penalty.py); coupled, g is
+        # g + lambda theta, which _penalty.py cannot read again: the term itself
+        penalty = abs(g) if decoupled else abs(g) - c.eps * log1p(abs(g) / c.eps)
     inv_a = c.one / a
     g_over_a = g / a if memoryless or not decoupled else g * inv_a  # exact where it is the step or enters hvp
     if eps_inside_sqrt:
