@@ -64,8 +64,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--size", type=int, help="parameters of the speed suite's large tensor")
     bench.add_argument("--device", default="auto", help="speed suite device: auto (CUDA if present), cpu, cuda")
     bench.add_argument("--peers", nargs="+", choices=PEER_LIBRARIES + ("none",),
-                       help="other libraries whose optimizers the speed suite times beside torch's (default: all; "
-                            "one that cannot run is listed with why)")
+                       help="other libraries whose optimizers the speed suite times beside torch's (default: all, "
+                            "none with --full; one that cannot run is listed with why)")
     bench.add_argument("--math-backend", default="reference", choices=("auto",) + backends.BACKENDS,
                        help="backend of the theory and implicit suites' optimizers, whose tensors are tiny "
                             "(default: reference, the executable spec)")

@@ -697,5 +697,6 @@ def test_cli_peers_option(tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "--peers", "nonsense", "--out", str(tmp_path)])
     assert run.configs("tiny", peers=())["speed"].peers == () and run.configs("tiny")["speed"].peers is None
+    assert run.configs("full")["speed"].peers == ()  # at full size only where asked for
     with pytest.raises(ValueError, match="peers must be chosen"):
         run.configs("tiny", peers=["tensorflow"])

@@ -48,6 +48,8 @@ class Traffic(NamedTuple):
 # docs/DESIGN.md's byte models as passes (fp32 unless said)
 ADAMW = Traffic(4, 3)  # read p g m v, write p m v
 TRAJECTORY = Traffic(5, 3)  # + read the previous gradient, kept as a tensor of its own
+STORING = Traffic(5, 4)  # the same, also writing what the next step reads (a gradient copy, an estimate of H d)
+PROBE_PASS = Traffic(2, 2)  # the probe: read p g, write the origin and p + tau d
 SIGN = Traffic(3, 2)  # Lion and heavy ball: read p g m, write p m
 ADAMW_8BIT = Traffic(2, 1, read8=2, written8=2)  # 8-bit m and v (their block scales are negligible)
 LION_8BIT = Traffic(2, 1, read8=1, written8=1)

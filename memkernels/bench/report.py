@@ -162,8 +162,9 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
     missing = [f"{name}: {why}" for name, why in result["unavailable"].items()]
     if missing:
         lines += ["", "Not timed: " + "; ".join(missing) + "."]
-    if result.get("peers"):
-        lines += ["", "Other libraries tried: " + ", ".join(f"{lib} {v}" for lib, v in result["peers"].items()) + "."]
+    if "peers" in result:
+        tried = ", ".join(f"{lib} {v}" for lib, v in result["peers"].items()) or "none in this run (--peers adds them)"
+        lines += ["", f"Other libraries: {tried}."]
     skipped = [f"{name} ({why})" for name, why in result["backends"].items() if why != "ok"]
     if skipped:
         lines += ["", "memkernels backends not timed: " + "; ".join(skipped) + "."]

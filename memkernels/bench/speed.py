@@ -1,11 +1,13 @@
-"""Speed suite: each available backend x optimizer x shape set, against the anchors installed here.
+"""Speed suite: each available backend x optimizer x shape set, against torch's optimizers, lion-pytorch and
+other libraries' optimizers (peers.py) installed here.
 
 Each row times `opt.step()` on parameters whose gradients are already set (the
 optimizer alone: no forward or backward). All rows of a shape set share one set
 of parameters and gradients and keep their own optimizer state; they run
-round-robin with the bandwidth yardstick of the same size (timing.py), so every
-figure of a table comes from the same minutes of the same machine; then each
-memkernels row runs as many rounds back to back with its anchor, for its ratio.
+round-robin with the bandwidth yardstick of the same size (timing.py) and the
+limit of every row's byte model (limit.py), so every figure of a table comes from
+the same minutes of the same machine; then each memkernels and peer row runs as
+many rounds back to back with its counterpart, for its paired ratio.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import torch
 from .. import backends
 from ..optim import SGD, AdamW, Lion
 from . import peers, training
-from .limit import ADAMW, SIGN, TRAJECTORY, Pool, Traffic, bytes_per_step, reference_pass
+from .limit import ADAMW, PROBE_PASS, SIGN, STORING, TRAJECTORY, Pool, Traffic, bytes_per_step, reference_pass
 from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
+
 
 class Variant(NamedTuple):
     """A memkernels row: its op, docs/DESIGN.md's bytes per parameter and step (fp32 everything), whether its
@@ -45,18 +48,18 @@ def _variant(op: str, passes: tuple[Traffic, ...], steps: int = 1, **how: Any) -
     return Variant(op, bytes_per_step(passes, steps), steps=steps, passes=passes, **how)
 
 
-PROBE = Traffic(7, 5)  # the probe pass (p g -> origin, p) and the step from the origin with the probe gradient
-ESTIMATE = Traffic(7, 6)  # a probe step that also stores its estimate of H d (hvp_every > 1)
 VARIANTS: dict[str, Variant] = {
     "AdamW": _variant("adamw", (ADAMW,)),
     # new gradient tensors, as after zero_grad(): the previous one is kept and read (optim/_prev_grads.py)
     "AdamW + trajectory correction": _variant("adamw", (TRAJECTORY,), grads="new"),
     "AdamW + trajectory + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),  # + memory_stats' sums
     # one gradient tensor rewritten in place every step: + write a copy of the previous gradient
-    "AdamW + trajectory + diagnostics, grads in place": _variant("adamw", (Traffic(5, 4),), grads="reused"),
-    "AdamW + probe correction": _variant("adamw", (PROBE,), closure=True),
+    "AdamW + trajectory + diagnostics, grads in place": _variant("adamw", (STORING,), grads="reused"),
+    # the probe pass, then the step from the origin that also reads the probe gradient
+    "AdamW + probe correction": _variant("adamw", (PROBE_PASS, TRAJECTORY), closure=True),
     # hvp_every=4: one probe step storing its estimate and three that read it (as the trajectory reads g_prev)
-    "AdamW + probe, hvp_every=4": _variant("adamw", (ESTIMATE,) + (TRAJECTORY,) * 3, closure=True, steps=4),
+    "AdamW + probe, hvp_every=4": _variant("adamw", (PROBE_PASS, STORING) + (TRAJECTORY,) * 3, closure=True,
+                                           steps=4),
     "Lion": _variant("lion", (SIGN,)),
     "heavy ball": _variant("sgd", (SIGN,)),
 }
@@ -107,9 +110,10 @@ class SpeedConfig:
         dev = resolve_device(device)
         if mode == "quick":  # on a GPU the CPU's quick sizes would time launch latency, not memory traffic
             return cls(device=device, large=64_000_000, gpt2_divisor=1) if dev.type == "cuda" else cls(device=device)
-        if mode == "full":
+        if mode == "full":  # no peers unless asked for: at these sizes their states and CPU paths (seconds a step
+            # for the 8-bit ones) would double the run and outgrow a 24 GB machine
             return cls(device=device, large=256_000_000 if dev.type == "cuda" else 64_000_000,
-                       gpt2_divisor=1, warmup=3, repeats=15)
+                       gpt2_divisor=1, warmup=3, repeats=15, peers=())
         if mode == "tiny":
             return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3, training="tiny")
         raise ValueError(f"mode must be quick, full or tiny, got {mode!r}")
@@ -473,7 +477,8 @@ def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
-              "backends": backend_status, "peers": {lib: peers.version(lib) for lib in cfg.peers or peers.LIBRARIES},
+              "backends": backend_status,
+              "peers": {lib: peers.version(lib) for lib in (peers.LIBRARIES if cfg.peers is None else cfg.peers)},
               "shape_sets": sets, "rows": rows, "unavailable": unavailable,
               "resumed": resumed_steps(cfg, device, tick), "notes": NOTES}
     if cfg.training != "none":
