@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from . import __version__, backends
+from .bench.peers import LIBRARIES as PEER_LIBRARIES
 
 
 def info() -> str:
@@ -62,6 +63,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                        help="memkernels backends the speed suite times (default: every one available)")
     bench.add_argument("--size", type=int, help="parameters of the speed suite's large tensor")
     bench.add_argument("--device", default="auto", help="speed suite device: auto (CUDA if present), cpu, cuda")
+    bench.add_argument("--peers", nargs="+", choices=PEER_LIBRARIES + ("none",),
+                       help="other libraries whose optimizers the speed suite times beside torch's (default: all, "
+                            "none with --full; one that cannot run is listed with why)")
     bench.add_argument("--math-backend", default="reference", choices=("auto",) + backends.BACKENDS,
                        help="backend of the theory and implicit suites' optimizers, whose tensors are tiny "
                             "(default: reference, the executable spec)")
@@ -76,7 +80,9 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"memkernels bench needs {exc.name}: pip install 'memkernels[bench]'")
 
     suites = list(SUITES) if "all" in args.suite else args.suite
-    options = dict(device=args.device, backends=args.backends, size=args.size, math_backend=args.math_backend)
+    peers = None if args.peers is None else tuple(p for p in args.peers if p != "none")
+    options = dict(device=args.device, backends=args.backends, size=args.size, math_backend=args.math_backend,
+                   peers=peers)
     try:
         configs(args.mode, **options)
     except ValueError as exc:  # a bad option: say which, without a traceback

@@ -16,7 +16,10 @@ import importlib.util
 import json
 import math
 import random
+import re
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -24,7 +27,7 @@ import pytest
 
 import torch
 
-from memkernels.bench import implicit, run, speed, timing
+from memkernels.bench import implicit, limit, peers, run, speed, timing
 from memkernels.bench.report import noisy, summary_lines
 from memkernels.cli import main
 from memkernels.coefficients import ema_age_at
@@ -484,3 +487,216 @@ def test_the_terminal_summary_lists_every_paired_row(out):
     for line, row in zip(lines[2:], rows):
         assert row["name"] in line and f"{row['paired_ratio']['median']:.3f}" in line
         assert line.endswith("noisy") == noisy(row)
+
+
+# ------------------------------------------------------------------ everyday use: progress, limit, noise, peers
+
+def quick_speed(**changes):
+    """The tiny speed configuration on the CPU with the reference backend and no peers, unless changed."""
+    cfg = dataclasses.replace(speed.SpeedConfig.preset("tiny", "cpu"), backends=("reference",), peers=(),
+                              training="none")
+    return dataclasses.replace(cfg, **changes)
+
+
+class FakeBar:
+    """What tqdm is told: every total announced, and the count of updates, which may never pass the total."""
+
+    def __init__(self, *args, **kwargs):
+        self.totals, self.n = [], 0
+
+    @property
+    def total(self):
+        return self.totals[-1] if self.totals else None
+
+    @total.setter
+    def total(self, value):
+        self.totals.append(value)
+
+    def update(self, n):
+        assert self.totals, "a tick before the total was announced"
+        assert n >= 0
+        self.n += n
+        assert self.n <= self.total, f"the bar went past its total: {self.n} > {self.total}"
+
+    def refresh(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_progress_bar_has_one_total_and_ends_on_it(monkeypatch, tmp_path):
+    """Both shape sets, the resumed steps and the training table behind one total, announced once; what cannot
+    run (here a peer whose library fails and a training model whose package is missing) ticks its calls off, so
+    the bar still ends on the total."""
+    import tqdm
+
+    from memkernels.bench import training
+
+    def broken(params):
+        raise RuntimeError("no kernel for this device")
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'nonexistent'", name="nonexistent")
+
+    real = peers.rows
+    monkeypatch.setattr(peers, "rows", lambda device, libraries=None: real(device, ()) + [
+        peers.Peer("AdamW", "broken AdamW", "bitsandbytes", (limit.ADAMW,), broken)])
+    mlp = next(build for name, build in training.models(tiny=True).items() if name.startswith("MNIST"))
+    monkeypatch.setattr(training, "models", lambda tiny: {"MLP": mlp, "missing model": missing})
+    bars = []
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(FakeBar()) or bars[-1])
+    result = run.run_suite("speed", quick_speed(training="tiny"), "tiny", tmp_path)
+    (bar,) = bars
+    assert len(bar.totals) == 1 and bar.n == bar.totals[0] > 0
+    assert result["unavailable"]["AdamW (broken AdamW)"].startswith("bitsandbytes ")
+    assert "RuntimeError: no kernel for this device" in result["unavailable"]["AdamW (broken AdamW)"]
+    assert list(result["training"]["models"]) == ["MLP"]  # the training table ran inside the same total
+    assert result["training"]["unavailable"] == {"missing model": "not installed (nonexistent)"}
+
+
+@pytest.mark.parametrize("traffic", [limit.ADAMW, limit.Traffic(2, 1, read8=2, written8=2),
+                                     limit.Traffic(0, 0, read16=5, written16=4), limit.Traffic(7, 6)])
+def test_the_limit_pass_reads_every_array_and_writes_back_the_written_ones(traffic):
+    """Against float64 by hand: the written arrays hold the mean of everything read; no other array changes."""
+    numel = 1000
+    widest = [traffic, limit.Traffic(8, 0, read16=6, read8=3)]  # the pool has arrays the pass must not touch
+    pool = limit.Pool(widest, numel, torch.device("cpu"))
+    before = [pool.f32.clone(), pool.i16.clone(), pool.u8.clone()]
+    reads = [before[0][:traffic.read].double(), before[1][:traffic.read16].double() / 1000,
+             before[2][:traffic.read8].double() / 256]
+    mean = torch.cat(reads).sum(0) / (traffic.read + traffic.read16 + traffic.read8)
+    limit.reference_pass(traffic, pool)()
+    for now, then, written, store in ((pool.f32, before[0], traffic.written, mean),
+                                      (pool.i16, before[1], traffic.written16, (mean * 999).floor()),
+                                      (pool.u8, before[2], traffic.written8, (mean * 255).floor())):
+        assert torch.equal(now[written:], then[written:])
+        for row in now[:written]:
+            assert torch.allclose(row.double(), store.to(row.dtype).double(), atol=1e-6 if row.is_floating_point()
+                                  else 1)
+    assert traffic.bytes == 4 * (traffic.read + traffic.written) + 2 * (traffic.read16 + traffic.written16) + \
+        traffic.read8 + traffic.written8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_gpu_limit_pass_does_the_same_under_the_triton_interpreter():
+    """The Triton pass (the GPU's limit) on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("runs on CPU tensors under the interpreter; the GPU check runs it on the device")
+    numel, traffic = 3000, limit.Traffic(3, 2, read16=2, written16=1, read8=1, written8=1)
+    pool = limit.Pool([traffic, limit.Traffic(4, 0)], numel, torch.device("cpu"))
+    before = [pool.f32.clone(), pool.i16.clone(), pool.u8.clone()]
+    kernel = limit._triton_kernel()
+    kernel[((numel + 1023) // 1024,)](pool.f32[:3], pool.i16[:2], pool.u8[:1], numel, *traffic, BLOCK=1024)
+    mean = (before[0][:3].double().sum(0) + before[1][:2].double().sum(0) / 1000
+            + before[2][:1].double().sum(0) / 256) / 6
+    assert torch.allclose(pool.f32[:2].double(), mean.expand(2, -1), atol=1e-6)
+    assert torch.equal(pool.f32[2:], before[0][2:]) and torch.equal(pool.i16[1:], before[1][1:])
+    assert (pool.i16[0].double() - (mean * 999).floor()).abs().max() <= 1
+    assert (pool.u8[0].double() - (mean * 255).floor()).abs().max() <= 1
+
+
+def test_every_byte_model_is_its_passes():
+    """docs/DESIGN.md's bytes per parameter and step, from each row's passes (the limit reads and writes them)."""
+    for name, v in speed.VARIANTS.items():
+        assert v.bytes_per_param == sum(t.bytes for t in v.passes) / v.steps, name
+    expected = {"bitsandbytes AdamW8bit (8-bit states)": 16, "torchao AdamW8bit (8-bit states)": 16,
+                "torch-optimi AdamW, bf16 + Kahan summation": 18, "bitsandbytes Lion8bit (8-bit state)": 14,
+                "torch-optimi Lion, bf16 + Kahan summation": 14}
+    for peer in peers.rows(torch.device("cpu")):
+        assert sum(t.bytes for t in peer.passes) == expected.get(peer.implementation,
+                                                                  28 if peer.optimizer == "AdamW" else 20)
+
+
+def fake_row(pct, samples=(1.0, 1.01, 0.99, 1.0), ratios=(1.0, 1.01, 0.99, 1.0)):
+    return {"shape_set": "large tensor", "name": "AdamW", "backend": "numba", "kind": "memkernels",
+            "median_ms": 1.0, "iqr_ms": 0.01, "gb_s": 1.0, "ratio_to_torch_fused": 1.0, "samples_ms": list(samples),
+            "pct_limit": pct, "paired_ratio": {"anchor": "torch.optim fused", "median": 1.0, "ratios": list(ratios)}}
+
+
+def printed_limits(text):
+    """Every '% of limit' figure a report or summary prints."""
+    return [float(x) for x in re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)%(?! of)", text)]
+
+
+def test_no_row_prints_a_limit_above_100_and_one_above_is_noisy(tmp_path, out):
+    steady, over = fake_row(80.0), fake_row(140.0)
+    assert not noisy(steady) and noisy(over)
+    result = {"suite": "speed", "device": "cpu", "rows": [steady, over], "unavailable": {}}
+    (tmp_path / "speed.json").write_text(json.dumps(result))
+    lines = summary_lines(tmp_path)
+    assert "80%" in lines[2] and not lines[2].endswith("noisy")
+    assert "140" not in lines[3] and "over: noise" in lines[3] and lines[3].endswith("noisy")
+    assert lines[-1].startswith("noisy run: rerun")
+    # the real tiny run: no figure above 100 in the terminal or the report, and a row past its limit is noisy
+    report = (out / "report.md").read_text()
+    speed_part = report[report.index("## Speed"):report.index("**Resumed")]
+    assert printed_limits("\n".join(summary_lines(out))) and printed_limits(speed_part)
+    assert max(printed_limits("\n".join(summary_lines(out)) + speed_part)) <= 100
+    for r in load(out, "speed")["rows"]:
+        assert r["pct_limit"] > 0 and r["limit_ms"] > 0
+        if r["pct_limit"] > 100:
+            assert noisy(r)
+
+
+def test_halves_that_disagree_are_noise():
+    """A load that came a quarter into the row: each half tight, the spread (IQR) under 20%, the halves 2x apart."""
+    shifted = [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert timing.median_iqr(shifted)[1] / timing.median_iqr(shifted)[0] <= 0.2
+    assert noisy(fake_row(50.0, samples=shifted)) and noisy(fake_row(50.0, ratios=shifted))
+    assert not noisy(fake_row(50.0, samples=[1.0, 1.1, 1.0, 1.1, 1.0, 1.1, 1.0, 1.1]))
+
+
+def test_a_loaded_machine_makes_a_noisy_run(monkeypatch, tmp_path):
+    """The same tiny suite (its one-tensor shape set) idle and beside two processes spinning on the CPU: the
+    loaded run's summary flags rows and says to rerun. (This machine is shared, so the idle run may be noisy
+    too: only the loaded direction is asserted.)"""
+    cfg = quick_speed(repeats=6, warmup=1)
+    monkeypatch.setattr(speed, "shape_sets", lambda cfg, real=speed.shape_sets: real(cfg)[:1])
+    runs = {}
+    for load_on in (False, True):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if load_on else 0)]
+        try:
+            folder = tmp_path / ("loaded" if load_on else "idle")
+            folder.mkdir()
+            run.run_suite("speed", cfg, "tiny", folder, progress=False)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        runs[load_on] = summary_lines(folder)
+    loaded = runs[True]
+    flagged = [line for line in loaded[2:] if line.endswith("noisy")]
+    idle_flagged = sum(line.endswith("noisy") for line in runs[False][2:])
+    assert flagged and loaded[-1].startswith("noisy run: rerun"), (idle_flagged, loaded)
+
+
+def test_every_peer_is_a_row_or_a_reason(out):
+    """Each other library's optimizer, on this machine: a timed row with its paired ratio, or the reason it
+    cannot run, in the JSON and the report."""
+    result = load(out, "speed")
+    report = (out / "report.md").read_text()
+    assert set(result["peers"]) == set(peers.LIBRARIES)
+    for peer in peers.rows(torch.device("cpu")):
+        key = f"{peer.optimizer} ({peer.implementation})"
+        timed = [r for r in result["rows"] if (r["name"], r["backend"]) == (peer.optimizer, peer.implementation)]
+        if key in result["unavailable"]:
+            assert not timed and result["unavailable"][key] and f"{key}: " in report
+            continue
+        assert len(timed) == len(result["shape_sets"]), key
+        for r in timed:
+            assert r["kind"] == "peer" and r["median_ms"] > 0 and r["paired_ratio"]["median"] > 0
+            assert r["paired_ratio"]["anchor"] == ("torch.optim fused" if peer.optimizer == "AdamW" else "lion_pytorch")
+            assert f"| {peer.optimizer} | {peer.implementation} |" in report
+
+
+def test_cli_peers_option(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--peers", "nonsense", "--out", str(tmp_path)])
+    assert run.configs("tiny", peers=())["speed"].peers == () and run.configs("tiny")["speed"].peers is None
+    assert run.configs("full")["speed"].peers == ()  # at full size only where asked for
+    with pytest.raises(ValueError, match="peers must be chosen"):
+        run.configs("tiny", peers=["tensorflow"])

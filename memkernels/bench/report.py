@@ -58,7 +58,7 @@ def _images(names: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------ speed
 
-NOISE = 0.2  # a row whose times or paired ratios spread (IQR) more than this share of their median is noisy
+NOISE = 0.2  # a row whose times or paired ratios spread, or whose halves of rounds disagree, by more than this
 
 
 def _spread(sample: list[float]) -> float:
@@ -69,15 +69,46 @@ def _spread(sample: list[float]) -> float:
     return iqr / median if median > 0 else math.inf
 
 
+def _drift(sample: list[float]) -> float:
+    """|median of the first half of the rounds / median of the second half - 1| (0 under four rounds): a load
+    that came or went during the row moves one half, even where each half is tight."""
+    if len(sample) < 4:
+        return 0.0
+    first, second = median_iqr(sample[:len(sample) // 2])[0], median_iqr(sample[len(sample) // 2:])[0]
+    return abs(first / second - 1.0) if second > 0 else math.inf
+
+
+def beat_limit(row: dict[str, Any]) -> bool:
+    """The row took less time than the pass over memory it must at least make: only noise does that."""
+    return (row.get("pct_limit") or 0.0) > 100.0
+
+
 def noisy(row: dict[str, Any]) -> bool:
-    """The machine moved under this row: its times, or its paired ratios, spread by more than NOISE."""
-    paired = row.get("paired_ratio") or {}
-    return _spread(row.get("samples_ms") or []) > NOISE or _spread(paired.get("ratios") or []) > NOISE
+    """The machine moved under this row: its times or paired ratios spread, or their two halves disagree, by
+    more than NOISE, or it beat its limit."""
+    samples = [row.get("samples_ms") or [], (row.get("paired_ratio") or {}).get("ratios") or []]
+    return beat_limit(row) or any(_spread(s) > NOISE or _drift(s) > NOISE for s in samples)
+
+
+def pct_limit(row: dict[str, Any]) -> str:
+    """% of limit as printed: never a figure above 100 (such a row is noisy)."""
+    if row.get("pct_limit") is None:
+        return "n/a"
+    return "over: noise" if beat_limit(row) else f"{row['pct_limit']:.0f}%"
+
+
+def noise_verdict(rows: list[dict[str, Any]]) -> str | None:
+    """The run's verdict: None when no row is noisy."""
+    flagged = sum(noisy(r) for r in rows)
+    if not flagged:
+        return None
+    return (f"noisy run: rerun on an idle machine ({flagged} of {len(rows)} rows: times or paired ratios spread "
+            f"or drifted by more than {NOISE:.0%} of their median, or a step beat its limit)")
 
 
 def summary_lines(out: Path) -> list[str]:
-    """The speed suite's rows for the terminal: median ms, the paired ratio to the row's counterpart (the ratio
-    to read) and the noise verdict; empty when the folder holds no speed run."""
+    """The speed suite's rows for the terminal: median ms, % of limit, the paired ratio to the row's counterpart
+    (the ratio to read) and the noise verdict; empty when the folder holds no speed run."""
     path = out / "speed.json"
     if not path.exists():
         return []
@@ -85,18 +116,20 @@ def summary_lines(out: Path) -> list[str]:
     rows = [r for r in result["rows"] if r.get("paired_ratio")]
     sets = max((len(r["shape_set"]) for r in rows), default=9)
     names = max((len(r["name"]) for r in rows), default=9)
+    ways = max((len(implementation(r)) for r in rows), default=14)
+    skipped = f"; {len(result['unavailable'])} rows could not run (report.md says why)" if result["unavailable"] else ""
     lines = [f"speed ({result['device']}): paired ratio = this row's time / its counterpart's in the same rounds "
-             "(below 1 is faster)", f"{'shape set':<{sets}}  {'optimizer':<{names}}  {'backend':<9} {'median ms':>10}"
-             "  paired ratio (to)"]
+             f"(below 1 is faster); % of limit = a pass over memory with the row's byte model / the row's time"
+             f"{skipped}",
+             f"{'shape set':<{sets}}  {'optimizer':<{names}}  {'implementation':<{ways}} {'median ms':>10} "
+             f"{'% of limit':>11}  paired ratio (to)"]
     for r in rows:
         flag = "  noisy" if noisy(r) else ""
-        lines.append(f"{r['shape_set']:<{sets}}  {r['name']:<{names}}  {r['backend']:<9} {r['median_ms']:>10.3f}  "
+        lines.append(f"{r['shape_set']:<{sets}}  {r['name']:<{names}}  {implementation(r):<{ways}} "
+                     f"{r['median_ms']:>10.3f} {pct_limit(r):>11}  "
                      f"{r['paired_ratio']['median']:.3f} ({r['paired_ratio']['anchor']}){flag}")
-    flagged = sum(noisy(r) for r in result["rows"])
-    if flagged:
-        lines.append(f"noisy run: {flagged} of {len(result['rows'])} rows spread by more than {NOISE:.0%} of their "
-                     "median; rerun on an idle machine")
-    return lines
+    verdict = noise_verdict(result["rows"])
+    return lines + ([verdict] if verdict else [])
 
 
 def implementation(row: dict[str, Any]) -> str:
@@ -110,24 +143,34 @@ def _paired(paired: dict[str, Any] | None) -> str:
 def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
     cfg = result["config"]
     lines = [f"Device: {result['device']}. Each row is the median of {cfg['repeats']} round-robin repeats "
-             f"after {cfg['warmup']} warm-up rounds of `opt.step()` with gradients already set."]
+             f"after {cfg['warmup']} warm-up rounds of `opt.step()` with gradients already set. Read the *paired "
+             "ratio*: a row against its counterpart in back-to-back calls; *median / torch fused AdamW* compares "
+             "any two rows but moves with the machine's slow spells."]
     for shape_set in result["shape_sets"]:
         bw = shape_set["bandwidth"]
         lines += ["", f"**{shape_set['name']}**: {shape_set['description']}: {shape_set['params']:,} parameters "
                       f"in {shape_set['tensors']} tensor(s). Bandwidth ({bw['kernel']} over as many fp32 elements, "
                       f"same run): {bw['gb_s']:.1f} GB/s.", ""]
+        if shape_set.get("limit_status", "ok") != "ok":
+            lines[-1:-1] = [f"No limit in this run ({shape_set['limit_status']})."]
         rows = [[r["name"], implementation(r), _num(r["median_ms"]), _num(r["iqr_ms"], 2), _num(r["gb_s"]),
-                 f"{r['pct_bandwidth']:.0f}%", _num(r["ratio_to_torch_fused"]), _paired(r.get("paired_ratio")),
+                 pct_limit(r), _paired(r.get("paired_ratio")), _num(r["ratio_to_torch_fused"]),
                  "noisy" if noisy(r) else ""]
                 for r in result["rows"] if r["shape_set"] == shape_set["name"]]
-        lines += _table(["optimizer", "implementation", "median ms", "IQR ms", "GB/s", f"% of {bw['kernel']}",
-                         "time / torch fused AdamW", "paired ratio (to)", "noise"], rows)
+        lines += _table(["optimizer", "implementation", "median ms", "IQR ms", "GB/s", "% of limit",
+                         "paired ratio (counterpart)", "median / torch fused AdamW", "noise"], rows)
     missing = [f"{name}: {why}" for name, why in result["unavailable"].items()]
     if missing:
         lines += ["", "Not timed: " + "; ".join(missing) + "."]
+    if "peers" in result:
+        tried = ", ".join(f"{lib} {v}" for lib, v in result["peers"].items()) or "none in this run (--peers adds them)"
+        lines += ["", f"Other libraries: {tried}."]
     skipped = [f"{name} ({why})" for name, why in result["backends"].items() if why != "ok"]
     if skipped:
         lines += ["", "memkernels backends not timed: " + "; ".join(skipped) + "."]
+    verdict = noise_verdict(result["rows"])
+    if verdict:
+        lines += ["", f"**{verdict}**"]
     lines += _resumed_table(result.get("resumed"))
     lines += _training_table(result.get("training"))
     lines += ["", *(f"- {note}" for note in result["notes"])]

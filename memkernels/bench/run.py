@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import implicit, plots, report, speed, theory_suite
+from . import peers as peer_libraries
 
 SUITES = report.SUITES
 MODES = ("quick", "full", "tiny")
@@ -15,8 +16,8 @@ MODULES = {"speed": speed, "theory": theory_suite, "implicit": implicit}
 
 
 def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None = None, size: int | None = None,
-            math_backend: str = "reference") -> dict[str, Any]:
-    """Each suite's configuration for a mode; size and backends apply to the speed suite."""
+            math_backend: str = "reference", peers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Each suite's configuration for a mode; size, backends and peers apply to the speed suite."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     speed_cfg = speed.SpeedConfig.preset(mode, device)
@@ -26,6 +27,11 @@ def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None =
         speed_cfg = dataclasses.replace(speed_cfg, large=size)
     if backends:
         speed_cfg = dataclasses.replace(speed_cfg, backends=tuple(backends))
+    if peers is not None:
+        unknown = sorted(set(peers) - set(peer_libraries.LIBRARIES))
+        if unknown:
+            raise ValueError(f"peers must be chosen from {peer_libraries.LIBRARIES}, got {unknown}")
+        speed_cfg = dataclasses.replace(speed_cfg, peers=tuple(peers))
     return {"speed": speed_cfg, "theory": theory_suite.TheoryConfig.preset(mode, math_backend),
             "implicit": implicit.ImplicitConfig.preset(mode, math_backend)}
 
@@ -36,8 +42,8 @@ def run_suite(suite: str, cfg: Any, mode: str, out: Path, *, progress: bool = Tr
 
     start = time.perf_counter()
     with tqdm(desc=suite, unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        def total(n: int) -> None:
-            bar.total = (bar.total or 0) + n
+        def total(n: int) -> None:  # a suite announces its total once, before its first tick
+            bar.total = n
             bar.refresh()
 
         result = MODULES[suite].run(cfg, tick=bar.update, total=total)

@@ -1,11 +1,13 @@
-"""Speed suite: each available backend x optimizer x shape set, against the anchors installed here.
+"""Speed suite: each available backend x optimizer x shape set, against torch's optimizers, lion-pytorch and
+other libraries' optimizers (peers.py) installed here.
 
 Each row times `opt.step()` on parameters whose gradients are already set (the
 optimizer alone: no forward or backward). All rows of a shape set share one set
 of parameters and gradients and keep their own optimizer state; they run
-round-robin with the bandwidth yardstick of the same size (timing.py), so every
-figure of a table comes from the same minutes of the same machine; then each
-memkernels row runs as many rounds back to back with its anchor, for its ratio.
+round-robin with the bandwidth yardstick of the same size (timing.py) and the
+limit of every row's byte model (limit.py), so every figure of a table comes from
+the same minutes of the same machine; then each memkernels and peer row runs as
+many rounds back to back with its counterpart, for its paired ratio.
 """
 from __future__ import annotations
 
@@ -20,39 +22,48 @@ import torch
 
 from .. import backends
 from ..optim import SGD, AdamW, Lion
-from . import training
+from . import peers, training
+from .limit import ADAMW, PROBE_PASS, SIGN, STORING, TRAJECTORY, Pool, Traffic, bytes_per_step, reference_pass
 from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
 
+
 class Variant(NamedTuple):
     """A memkernels row: its op, docs/DESIGN.md's bytes per parameter and step (fp32 everything), whether its
     step takes a closure, its gradients ("new" tensors every step, the row's own tensors "reused" every step, or
-    "any" tensors that hold the stored values) and the steps one timed call makes (a whole hvp_every period, so
-    every call does the same work)."""
+    "any" tensors that hold the stored values), the steps one timed call makes (a whole hvp_every period, so
+    every call does the same work) and the passes over memory of one call (limit.py's reference)."""
 
     op: str
-    bytes_per_param: int
+    bytes_per_param: float
     closure: bool = False
     grads: str = "any"
     steps: int = 1
+    passes: tuple[Traffic, ...] = ()
+
+
+def _variant(op: str, passes: tuple[Traffic, ...], steps: int = 1, **how: Any) -> Variant:
+    """A Variant whose bytes per parameter and step are those of its passes."""
+    return Variant(op, bytes_per_step(passes, steps), steps=steps, passes=passes, **how)
 
 
 VARIANTS: dict[str, Variant] = {
-    "AdamW": Variant("adamw", 28),
+    "AdamW": _variant("adamw", (ADAMW,)),
     # new gradient tensors, as after zero_grad(): the previous one is kept and read (optim/_prev_grads.py)
-    "AdamW + trajectory correction": Variant("adamw", 32, grads="new"),
-    "AdamW + trajectory + diagnostics": Variant("adamw", 32, grads="new"),  # the same, with memory_stats' sums
-    # one gradient tensor rewritten in place every step: + read and write a copy of the previous gradient
-    "AdamW + trajectory + diagnostics, grads in place": Variant("adamw", 36, grads="reused"),
-    # the probe pass (read p g, write origin and p + tau d) and the step from the origins (+ the probe gradient)
-    "AdamW + probe correction": Variant("adamw", 48, closure=True),
-    # hvp_every=4: one probe step storing its estimate (52) and three that read it (32), per four steps
-    "AdamW + probe, hvp_every=4": Variant("adamw", 37, closure=True, steps=4),
-    "Lion": Variant("lion", 20),
-    "heavy ball": Variant("sgd", 20),
+    "AdamW + trajectory correction": _variant("adamw", (TRAJECTORY,), grads="new"),
+    "AdamW + trajectory + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),  # + memory_stats' sums
+    # one gradient tensor rewritten in place every step: + write a copy of the previous gradient
+    "AdamW + trajectory + diagnostics, grads in place": _variant("adamw", (STORING,), grads="reused"),
+    # the probe pass, then the step from the origin that also reads the probe gradient
+    "AdamW + probe correction": _variant("adamw", (PROBE_PASS, TRAJECTORY), closure=True),
+    # hvp_every=4: one probe step storing its estimate and three that read it (as the trajectory reads g_prev)
+    "AdamW + probe, hvp_every=4": _variant("adamw", (PROBE_PASS, STORING) + (TRAJECTORY,) * 3, closure=True,
+                                           steps=4),
+    "Lion": _variant("lion", (SIGN,)),
+    "heavy ball": _variant("sgd", (SIGN,)),
 }
-REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios are taken to this row of the same shape set
+REFERENCE_ANCHOR = ("AdamW", "torch.optim fused")  # ratios of medians are taken to this row of the same shape set
 NOTES = [
     "The probe rows' closure only sets .grad to stored gradient tensors (no model, no copy), so they time the "
     "optimizer side of a probe step: the probe pass, the step from the kept origins, and their host work; the "
@@ -62,19 +73,24 @@ NOTES = [
     "another tensor, with the same values), so the optimizer keeps the previous gradient instead of copying it; "
     "the 'grads in place' row steps on one gradient tensor per parameter, as a loop with "
     "zero_grad(set_to_none=False) does, and copies.",
-    "ratio_to_torch_fused = median ms / median ms of torch.optim.AdamW(fused=True) on the same shape set: "
-    "below 1 is faster.",
-    "paired_ratio = the median over rounds of a memkernels row's time / its counterpart's time (torch fused "
-    "AdamW for the AdamW rows, torch's SGD for heavy ball, lion_pytorch for Lion), each round (after the "
-    "round-robin, as many rounds) calling row, counterpart, counterpart, row back to back: a slow or fast spell "
-    "of the machine spans the round and cancels out, which a ratio of medians keeps, and each goes first once.",
-    "noise: 'noisy' where the row's times, or its paired ratios, spread (IQR) by more than 20% of their median: "
-    "the machine's speed moved during the row; rerun on an idle machine before reading it.",
-    "GB/s counts docs/DESIGN.md's bytes per parameter (AdamW 28, +8 trajectory, +4 probe, Lion 20, heavy ball 20, "
-    "8-bit AdamW 16); % is of the bandwidth kernel of the same run.",
-    "The CPU triad counts 3 x 4 bytes per element (STREAM's convention); on a write-allocate cache its write "
-    "of `a` also reads `a`, while optimizer steps write only arrays they have read, so a step can exceed 100% "
-    "of the triad.",
+    "paired ratio = the median over rounds of a row's time / its counterpart's time (torch fused AdamW for "
+    "AdamW, torch's SGD for heavy ball, lion_pytorch for Lion; the other libraries' rows too), each round "
+    "(after the round-robin, as many rounds) calling row, counterpart, counterpart, row back to back: a slow "
+    "or fast spell of the machine spans the round and cancels out, which a ratio of medians keeps, and each goes "
+    "first once. This is the ratio to read.",
+    "median / torch fused AdamW = a row's median ms over torch.optim.AdamW(fused=True)'s on the same shape set, "
+    "from the round-robin: it compares any two rows, but a slow spell that hit one row's rounds more than the "
+    "other's moves it.",
+    "% of limit = the limit's time / the row's median time. The limit is a pass over memory with the row's byte "
+    "model and nothing else (limit.py): it reads every array a step reads (params, grads, states), writes back "
+    "those the step writes, once each, with an add per element, timed in the same round-robin; a step that "
+    "moves at least those bytes cannot beat it, so a row above 100% is noise and is marked noisy.",
+    "noise: 'noisy' where the row's times or its paired ratios spread (IQR) by more than 20% of their median, "
+    "where the first and second halves of its rounds disagree by more than 20%, or where the row beat its "
+    "limit: the machine's speed moved during the row; rerun on an idle machine before reading it.",
+    "GB/s counts the byte model (bytes per parameter and step: AdamW 28, +4 trajectory with the previous "
+    "gradient kept, +8 copied, probe 48, hvp_every=4 37, Lion 20, heavy ball 20, 8-bit AdamW 16, bf16 AdamW with "
+    "Kahan summation 18); the shape set's bandwidth line is a STREAM triad (CPU) or copy (GPU) of the same run.",
 ]
 
 
@@ -86,6 +102,7 @@ class SpeedConfig:
     warmup: int = 2               # rounds not recorded (the first step of each row also runs at setup)
     repeats: int = 7              # recorded rounds
     backends: tuple[str, ...] | None = None  # None: every backend available with kernels for the device
+    peers: tuple[str, ...] | None = None  # other libraries' optimizers (peers.LIBRARIES); None: all of them
     training: str = "quick"       # the training-step table (training.py): "quick", "tiny" (small models), "none"
 
     @classmethod
@@ -93,9 +110,10 @@ class SpeedConfig:
         dev = resolve_device(device)
         if mode == "quick":  # on a GPU the CPU's quick sizes would time launch latency, not memory traffic
             return cls(device=device, large=64_000_000, gpt2_divisor=1) if dev.type == "cuda" else cls(device=device)
-        if mode == "full":
+        if mode == "full":  # no peers unless asked for: at these sizes their states and CPU paths (seconds a step
+            # for the 8-bit ones) would double the run and outgrow a 24 GB machine
             return cls(device=device, large=256_000_000 if dev.type == "cuda" else 64_000_000,
-                       gpt2_divisor=1, warmup=3, repeats=15)
+                       gpt2_divisor=1, warmup=3, repeats=15, peers=())
         if mode == "tiny":
             return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3, training="tiny")
         raise ValueError(f"mode must be quick, full or tiny, got {mode!r}")
@@ -133,11 +151,15 @@ class Candidate:
 
     name: str
     backend: str
-    kind: str  # "memkernels" or "anchor"
-    bytes_per_param: int
+    kind: str  # "memkernels", "anchor" (a counterpart) or "peer" (another library's optimizer)
+    passes: tuple[Traffic, ...]  # its byte model: the passes over memory of one call
     steps: int = 1  # optimizer steps per call of `step`; times and ratios are per optimizer step
     step: Callable[[], object] | None = None
     status: str = "ok"
+
+    @property
+    def bytes_per_param(self) -> float:
+        return bytes_per_step(self.passes, self.steps)
 
 
 def selected_backends(cfg: SpeedConfig, device: torch.device) -> dict[str, str]:
@@ -185,8 +207,8 @@ def _sgd_flavour(device: torch.device) -> str:
     return "fused"
 
 
-def anchors(device: torch.device) -> list[tuple[str, str, int, Callable[[list], Any]]]:
-    """(name, anchor, bytes per parameter, factory) of every anchor; factories import lazily."""
+def anchors(device: torch.device) -> list[tuple[str, str, tuple[Traffic, ...], Callable[[list], Any]]]:
+    """(name, anchor, passes, factory) of every counterpart; factories import lazily."""
     def torch_adamw(flag: str) -> Callable[[list], Any]:
         return lambda ps: torch.optim.AdamW(ps, lr=1e-3, **{flag: True})
 
@@ -196,59 +218,61 @@ def anchors(device: torch.device) -> list[tuple[str, str, int, Callable[[list], 
         from lion_pytorch import Lion as LionPytorch
         return LionPytorch(ps, lr=1e-4)
 
-    def bnb(cls: str) -> Callable[[list], Any]:
-        def make(ps: list) -> Any:
-            import bitsandbytes
-            return getattr(bitsandbytes.optim, cls)(ps, lr=1e-3)
-        return make
-
-    def deepspeed_cpu_adam(ps: list) -> Any:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        if device.type != "cpu":
-            raise RuntimeError(f"DeepSpeedCPUAdam updates CPU tensors only; this run is on {device.type}")
-        return DeepSpeedCPUAdam(ps, lr=1e-3, adamw_mode=True)
-
     return [
-        ("AdamW", "torch.optim fused", 28, torch_adamw("fused")),
-        ("AdamW", "torch.optim foreach", 28, torch_adamw("foreach")),
-        ("heavy ball", f"torch.optim SGD {sgd}", 20,
+        ("AdamW", "torch.optim fused", (ADAMW,), torch_adamw("fused")),
+        ("AdamW", "torch.optim foreach", (ADAMW,), torch_adamw("foreach")),
+        ("heavy ball", f"torch.optim SGD {sgd}", (SIGN,),
          lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **{sgd: True})),
-        ("Lion", "lion_pytorch", 20, lion_pytorch),
-        ("AdamW", "bitsandbytes AdamW32bit", 28, bnb("AdamW32bit")),
-        # 8-bit states: p (4 r + 4 w) + g (4 r) + m, v (1 r + 1 w each); block scales are negligible
-        ("AdamW 8-bit", "bitsandbytes AdamW8bit", 16, bnb("AdamW8bit")),
-        ("AdamW", "DeepSpeedCPUAdam", 28, deepspeed_cpu_adam),
+        ("Lion", "lion_pytorch", (SIGN,), lion_pytorch),
     ]
 
 
-def _prepare(make: Callable[[], Callable[[], object]]) -> tuple[Callable[[], object] | None, str]:
-    """Build a row and run its first step (state allocation, JIT compilation) outside the timing."""
+def _prepare(make: Callable[[], Callable[[], object]], library: str | None = None
+             ) -> tuple[Callable[[], object] | None, str]:
+    """Build a row and run its first step (state allocation, JIT compilation) outside the timing; where that
+    fails, the reason (with the library's version)."""
     try:
         step = make()
         step()
     except ModuleNotFoundError as exc:
-        return None, f"not installed ({exc.name})"
+        return None, f"not installed ({library or exc.name})"
     except Exception as exc:  # reported in the table, never skipped silently
-        return None, f"failed: {type(exc).__name__}: {exc}"
+        what = f"{library} {peers.version(library)}: " if library else "failed: "
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return None, f"{what}{type(exc).__name__}: {message}"
     return step, "ok"
 
 
+def _own_tensors(params: list, stored: list, dtype: torch.dtype) -> list:
+    """Copies of the parameters in `dtype`, with the stored gradients in it (a peer that steps in bf16)."""
+    own = [torch.nn.Parameter(p.detach().to(dtype)) for p in params]
+    for p, g in zip(own, stored):
+        p.grad = g.to(dtype)
+    return own
+
+
 def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: torch.device,
-               backend_status: dict[str, str]) -> list[Candidate]:
+               backend_status: dict[str, str], peer_libraries: tuple[str, ...] | None = None) -> list[Candidate]:
     rows = []
     for backend, state in backend_status.items():
         if state != "ok":
             continue
         for name, variant in VARIANTS.items():
-            row = Candidate(name, backend, "memkernels", variant.bytes_per_param, variant.steps)
+            row = Candidate(name, backend, "memkernels", variant.passes, variant.steps)
             if not backends.has_kernel(variant.op, backend, device.type):
                 row.status = f"backend {backend} has no {variant.op} kernel for {device.type}"
             else:
                 row.step, row.status = _prepare(lambda: _stepper(name, variant, params, stored, backend))
             rows.append(row)
-    for name, anchor, nbytes, factory in anchors(device):
-        row = Candidate(name, anchor, "anchor", nbytes)
+    for name, anchor, passes, factory in anchors(device):
+        row = Candidate(name, anchor, "anchor", passes)
         row.step, row.status = _prepare(lambda: factory(params).step)
+        rows.append(row)
+    for peer in peers.rows(device, peer_libraries):
+        row = Candidate(peer.optimizer, peer.implementation, "peer", peer.passes)
+        mine = params if peer.dtype == torch.float32 else _own_tensors(params, stored, peer.dtype)
+        with peers.quiet():
+            row.step, row.status = _prepare(lambda: peer.make(mine).step, peer.library)
         rows.append(row)
     return rows
 
@@ -297,10 +321,42 @@ def _stepper(name: str, variant: Variant, params: list, stored: list, backend: s
     return period
 
 
+def set_calls(cfg: SpeedConfig, rows: int, patterns: int, pairs: int) -> int:
+    """Timed calls of one shape set: round-robin rounds of its rows, the bandwidth kernel and the limits' passes,
+    then the rounds of four calls of each row paired with its counterpart."""
+    return (cfg.warmup + cfg.repeats) * (rows + 1 + patterns + 4 * pairs)
+
+
+def planned_set_calls(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str]) -> int:
+    """set_calls() if every row tried runs: known before any is built (a row that turns out unable to run ticks
+    its share off, so a progress bar announced from this total ends on it)."""
+    mine = [v for b, state in backend_status.items() if state == "ok" for v in VARIANTS.values()
+            if backends.has_kernel(v.op, b, device.type)]
+    others = [passes for _, _, passes, _ in anchors(device)] + [p.passes for p in peers.rows(device, cfg.peers)]
+    patterns = {t for v in mine for t in v.passes} | {t for passes in others for t in passes}
+    pairs = len(mine) + len(others) - len(anchors(device))  # every memkernels and peer row has a counterpart
+    return set_calls(cfg, len(mine) + len(others), len(patterns), pairs)
+
+
+def _limit_passes(patterns: list[Traffic], numel: int, device: torch.device
+                  ) -> tuple[dict[Traffic, Callable[[], object]], str]:
+    """The limit's pass of every pattern over `numel` elements, built and run once (compilation), or none and
+    why."""
+    try:
+        pool = Pool(patterns, numel, device)
+        passes = {t: reference_pass(t, pool) for t in patterns}
+        for run_once in passes.values():
+            run_once()
+    except Exception as exc:  # e.g. no numba, or no Triton on a GPU: the rows keep their other figures
+        return {}, f"{type(exc).__name__}: {exc}"
+    return passes, "ok"
+
+
 def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str], name: str,
-                   shapes: list[tuple[int, ...]], description: str, tick: Callable[[int], object],
-                   total: Callable[[int], object]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
-    """The shape set's bandwidth, its timed rows and the rows that could not run (with why)."""
+                   shapes: list[tuple[int, ...]], description: str, planned: int, tick: Callable[[int], object]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
+    """The shape set's bandwidth and limits, its timed rows and the rows that could not run (with why); ticks
+    `planned` calls in all."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s, device=device)) for s in shapes]
     stored = [torch.randn(s, device=device) for s in shapes]
@@ -309,30 +365,38 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
     numel = sum(p.numel() for p in params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. the trajectory-HVP note: a training caveat, not a timing one
-        cands = candidates(params, stored, device, backend_status)
+        cands = candidates(params, stored, device, backend_status, cfg.peers)
         runnable = [c for c in cands if c.step is not None]
         counterparts = {i: a for i, c in enumerate(runnable)
-                        if c.kind == "memkernels" and (a := _anchor_of(c, runnable)) is not None}
+                        if c.kind != "anchor" and (a := _anchor_of(c, runnable)) is not None}
+        patterns = list(dict.fromkeys(t for c in runnable for t in c.passes))
+        limits, limit_status = _limit_passes(patterns, numel, device)
         bw_name, bw_fn, bw_bytes = bandwidth_kernel(numel, device)
-        total((cfg.warmup + cfg.repeats) * (len(runnable) + 1 + 4 * len(counterparts)))
-        times = interleaved([bw_fn] + [c.step for c in runnable], warmup=cfg.warmup, repeats=cfg.repeats,
-                            device=device, tick=tick)
+        tick(planned - set_calls(cfg, len(runnable), len(limits), len(counterparts)))  # what will not run
+        times = interleaved([bw_fn, *limits.values()] + [c.step for c in runnable], warmup=cfg.warmup,
+                            repeats=cfg.repeats, device=device, tick=tick)
         ratios = {i: (a.backend, paired(runnable[i].step, a.step, warmup=cfg.warmup, repeats=cfg.repeats,
                                         device=device, tick=tick)) for i, a in counterparts.items()}
     bw_ms, bw_iqr = median_iqr(times[0])
     bandwidth = bw_bytes / (bw_ms * 1e-3) / 1e9
+    limit_ms = {t: median_iqr(sample) for t, sample in zip(limits, times[1:])}
     info = {"name": name, "description": description, "params": numel, "tensors": len(shapes),
             "bandwidth": {"kernel": bw_name, "gb_s": bandwidth, "median_ms": bw_ms, "iqr_ms": bw_iqr,
-                          "bytes": bw_bytes}}
+                          "bytes": bw_bytes},
+            "limits": [{"passes": t.label(), "bytes_per_param": t.bytes, "median_ms": ms, "iqr_ms": iqr,
+                        "gb_s": t.bytes * numel / (ms * 1e-3) / 1e9} for t, (ms, iqr) in limit_ms.items()],
+            "limit_status": limit_status}
     rows = []
-    for i, (cand, calls) in enumerate(zip(runnable, times[1:])):
+    for i, (cand, calls) in enumerate(zip(runnable, times[1 + len(limits):])):
         sample = [ms / cand.steps for ms in calls]
         ms, iqr = median_iqr(sample)
         gb_s = cand.bytes_per_param * numel / (ms * 1e-3) / 1e9
+        limit = sum(limit_ms[t][0] for t in cand.passes) / cand.steps if limits else None
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
                      "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
                      "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
-                     "samples_ms": sample})
+                     "samples_ms": sample, "passes": [t.label() for t in cand.passes], "limit_ms": limit,
+                     "pct_limit": None if limit is None else 100.0 * limit / ms})
         if i in ratios:
             anchor, per_call = ratios[i]
             per_round = [r / cand.steps for r in per_call]
@@ -389,12 +453,22 @@ def resumed_steps(cfg: SpeedConfig, device: torch.device, tick: Callable[[int], 
 
 def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
-    """Time every row of every shape set; total(n) announces n more calls to come (progress bar)."""
+    """Time every row of every shape set, the resumed steps and the training table; total(n) announces once,
+    before any call, the n calls that tick() then counts (a progress bar's total)."""
     device = resolve_device(cfg.device)
     backend_status = selected_backends(cfg, device)
+    peers.rows(device, cfg.peers)  # an unknown library fails here, before anything runs
+    per_set = planned_set_calls(cfg, device, backend_status)
+    sets_to_time = shape_sets(cfg)
+    resumed_calls = 4 * (cfg.warmup + cfg.repeats) * len(RESUMED)
+    tiny = cfg.training == "tiny"
+    training_calls = 0 if cfg.training == "none" else training.calls(tiny=tiny, warmup=cfg.warmup,
+                                                                      repeats=cfg.repeats)
+    total(len(sets_to_time) * per_set + resumed_calls + training_calls)
     sets, rows, unavailable = [], [], {}
-    for name, shapes, description in shape_sets(cfg):
-        info, set_rows, missing = time_shape_set(cfg, device, backend_status, name, shapes, description, tick, total)
+    for name, shapes, description in sets_to_time:
+        info, set_rows, missing = time_shape_set(cfg, device, backend_status, name, shapes, description, per_set,
+                                                 tick)
         sets.append(info)
         rows += set_rows
         for key, why in missing.items():
@@ -402,11 +476,11 @@ def run(cfg: SpeedConfig, *, tick: Callable[[int], object] = lambda n: None,
         gc.collect()  # free this set's parameters and states before the next one is allocated
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    total(4 * (cfg.warmup + cfg.repeats) * len(RESUMED))
     result = {"suite": "speed", "machine": describe(device), "device": str(device), "config": asdict(cfg),
-              "backends": backend_status, "shape_sets": sets, "rows": rows, "unavailable": unavailable,
+              "backends": backend_status,
+              "peers": {lib: peers.version(lib) for lib in (peers.LIBRARIES if cfg.peers is None else cfg.peers)},
+              "shape_sets": sets, "rows": rows, "unavailable": unavailable,
               "resumed": resumed_steps(cfg, device, tick), "notes": NOTES}
     if cfg.training != "none":
-        result["training"] = training.run(tiny=cfg.training == "tiny", warmup=cfg.warmup, repeats=cfg.repeats,
-                                          tick=tick, total=total)
+        result["training"] = training.run(tiny=tiny, warmup=cfg.warmup, repeats=cfg.repeats, tick=tick)
     return result

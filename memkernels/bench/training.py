@@ -93,19 +93,29 @@ def _period(step: Callable[[], object]) -> Callable[[], None]:
     return steps
 
 
-def run(*, tiny: bool, warmup: int, repeats: int, tick: Callable[[int], object] = lambda n: None,
-        total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
-    """The table of whole training steps on the CPU (the models are small: a GPU would time launches)."""
-    device = torch.device("cpu")
+def models(tiny: bool) -> dict[str, Callable[[], tuple[Callable[[], torch.nn.Module], list]]]:
+    """The table's models: name -> a builder of (model factory, minibatches)."""
     hidden, width, size = (16, 32, 4) if tiny else (128, 128, 32)
-    models = {f"MNIST MLP 784-{hidden}-10, batch 128": lambda: mnist_mlp(hidden, 128, 8),
-              f"byte GPT 2x{width}, batch {size}x64": lambda: byte_gpt(width, size, 8)}
+    return {f"MNIST MLP 784-{hidden}-10, batch 128": lambda: mnist_mlp(hidden, 128, 8),
+            f"byte GPT 2x{width}, batch {size}x64": lambda: byte_gpt(width, size, 8)}
+
+
+def calls(*, tiny: bool, warmup: int, repeats: int) -> int:
+    """The timed calls run() makes (and ticks), for a progress bar's total."""
+    return len(models(tiny)) * len(ROWS) * (warmup + repeats)
+
+
+def run(*, tiny: bool, warmup: int, repeats: int, tick: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
+    """The table of whole training steps on the CPU (the models are small: a GPU would time launches); a model
+    that cannot be built ticks its calls off, so the ticks add up to calls()."""
+    device = torch.device("cpu")
     out: dict[str, Any] = {"models": {}, "unavailable": {}}
-    for name, build in models.items():
+    for name, build in models(tiny).items():
         try:
             make_model, batches = build()
         except ImportError as exc:
             out["unavailable"][name] = f"not installed ({exc.name})"
+            tick((warmup + repeats) * len(ROWS))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the regime note: this table times steps
@@ -113,7 +123,6 @@ def run(*, tiny: bool, warmup: int, repeats: int, tick: Callable[[int], object] 
             for step in steps.values():  # state, kernel compilation, and both kinds of hvp_every=4 step
                 for _ in range(WARM_STEPS):
                     step()
-            total((warmup + repeats) * len(steps))
             times = interleaved([_period(s) for s in steps.values()], warmup=warmup, repeats=repeats, device=device,
                                 tick=tick)
         base = times[list(steps).index(BASE)]
