@@ -36,12 +36,7 @@ NS = (0, 1, 2, 5, 30, 400)  # n <= 30: bias correction and S_n < 1; 400: c_s con
 STEADY = 800  # 0.95^800 = 1.6e-18: c_s constant over the engine's history
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls (conftest.py)
 
 
 def point() -> tuple:

@@ -23,13 +23,7 @@ TOL = 1e-14  # history truncation for the exact comparisons: far below the 1e-8 
 NS = (0, 1, 2, 5, 30, 400)  # n = 0..5: bias-correction regime; 400: steady state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second MKL thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls (conftest.py)
 
 
 def point(problem=None) -> tuple:
