@@ -21,12 +21,13 @@ class AdEMAMixSchedule(Schedule):
 
     def host(self, group: dict, gi: int, n: int) -> dict[str, float]:
         beta1, beta2, beta3 = (float(b) for b in group["betas"])
-        key = ("ademamix", beta1, beta2, beta3, float(group["alpha"]), group["alpha_warmup"], group["beta3_warmup"])
-        ages = self.track(gi, key, lambda: ademamix.AdEMAMixAges(beta1, beta2, beta3, float(group["alpha"]),
-                                                                  group["alpha_warmup"], group["beta3_warmup"]), n)
-        before = self.track(gi, key, lambda: ademamix.AdEMAMixAges(beta1, beta2, beta3, float(group["alpha"]),
-                                                                    group["alpha_warmup"], group["beta3_warmup"]),
-                            n - 1) if n > 0 else ages
+        key = (beta1, beta2, beta3, float(group["alpha"]), group["alpha_warmup"], group["beta3_warmup"])
+
+        def track(at: int) -> ademamix.AdEMAMixAges:
+            return self.track(gi, ("ademamix", *key), lambda: ademamix.AdEMAMixAges(*key), at)
+
+        ages = track(n)
+        before = track(n - 1) if n > 0 else ages
         return dict(bias_correction1=ages.bias_correction1, bias_correction2=ages.bias_correction2,
                     alpha=ages.alpha_n, beta3=ages.beta3_n, slow_sum=ages.slow_sum, mean_age1=ages.mean_age1,
                     mean_age2=ages.mean_age2, slow_age=ages.slow_age,

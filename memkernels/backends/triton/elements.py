@@ -364,7 +364,7 @@ def ademamix_derived(lr, beta3, alpha, bias_correction1, bias_correction2, slow_
 @triton.jit
 def ademamix_direction(p, g, s, n, FLAGS: tl.constexpr):
     """The step's u, by the same operations."""
-    return n.update_scale * tl.div_rn(g, tl.abs(g) + s.eps) + decay_term(s.weight_decay, p)
+    return tl.div_rn(g, tl.abs(g) + s.eps) * n.update_scale + decay_term(s.weight_decay, p)
 
 
 # ------------------------------------------------------------------ the ops
