@@ -235,43 +235,37 @@ def test_pointer_table(monkeypatch):
     """Rows skip empty tensors, number chunks across tensors, flag 16-byte alignment; cached by pointers."""
     from memkernels.backends.cuda import _host
 
-    class Stream:
-        cuda_stream = 0
-
-    cache = _host.TableCache(chunk_elems=16)
+    cache = _host.PointerTables(chunk_elems=16)
     buf = torch.zeros(200)
     params = [buf[0:40], buf[40:40], buf[41:42], buf[48:80]]  # 40 elems, empty, misaligned 1, aligned 32
     grads = [torch.zeros(40), torch.zeros(0), torch.zeros(1), torch.zeros(32)]
     columns = [params, grads, [], [], [], [], []]
-    table = cache.get(torch.device("cpu"), columns, Stream())
+    table = cache.get(torch.device("cpu"), columns)
     assert (table.n_tensors, table.n_chunks) == (3, 3 + 1 + 2)
     rows = table.rows.tolist()
     assert len(rows[0]) == _abi.table_cols(2)
     assert [r[7:] for r in rows] == [[40, 0, 1], [1, 3, 0], [32, 4, 1]]
     assert rows[0][:7] == [params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0, 0, 0]
-    assert cache.get(torch.device("cpu"), columns, Stream()) is table
+    assert cache.get(torch.device("cpu"), columns).rows is table.rows
     grads[3] = torch.zeros(32)
-    assert cache.get(torch.device("cpu"), columns, Stream()) is not table
-    assert cache.get(torch.device("cpu"), [[torch.zeros(0)], [torch.zeros(0)], [], [], [], [], []],
-                     Stream()).n_chunks == 0
+    assert cache.get(torch.device("cpu"), columns).rows is not table.rows
+    empty = [[torch.zeros(0)], [torch.zeros(0)], [], [], [], [], []]
+    assert cache.get(torch.device("cpu"), empty) == (None, 0, 0)
 
 
 def test_pointer_table_columns_of_origins_and_hvps(monkeypatch):
     """origins and hvps fill their columns (and their alignment counts in vec_ok); each is part of the key."""
     from memkernels.backends.cuda import _host
 
-    class Stream:
-        cuda_stream = 0
-
-    cache = _host.TableCache(chunk_elems=16)
+    cache = _host.PointerTables(chunk_elems=16)
     params, grads = [torch.zeros(40)], [torch.zeros(40)]
     origins, hvps = [torch.zeros(40)], [torch.zeros(41)[1:]]  # hvps misaligned: scalar loads for the row
-    table = cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps], Stream())
+    table = cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps])
     assert table.rows.tolist() == [[params[0].data_ptr(), grads[0].data_ptr(), 0, 0, 0, origins[0].data_ptr(),
                                     hvps[0].data_ptr(), 40, 0, 0]]
-    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, []], Stream()) is not table
-    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], [torch.zeros(40)], hvps], Stream()) is not table
-    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps], Stream()) is table
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, []]).rows is not table.rows
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], [torch.zeros(40)], hvps]).rows is not table.rows
+    assert cache.get(torch.device("cpu"), [params, grads, [], [], [], origins, hvps]).rows is table.rows
 
 
 def test_setup_py_without_nvcc_is_pure_python(tmp_path):

@@ -326,7 +326,7 @@ def test_side_stream_and_table_cache():
     kw = _kwargs("adamw", mode)
     x = _make("adamw", SHAPES, DTYPES["f32"], mode, gen)
     ref = _clone(x)
-    cuda._TABLES._tables.clear()
+    cuda._TABLES.cache.clear()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -335,14 +335,14 @@ def test_side_stream_and_table_cache():
     stream.synchronize()
     for _ in range(3):
         _step("adamw", ref, kw, "reference")
-    assert len(cuda._TABLES._tables) == 1  # uploaded once, reused twice
+    assert len(cuda._TABLES.cache) == 1  # uploaded once, reused twice
     for a, b in zip(x["params"], ref["params"]):
         _assert_close("params after 3 steps on a side stream", a, b, seed)
     x["params"][0] = x["params"][0].clone()  # a new data pointer: a new table
     ref["params"][0] = ref["params"][0].clone()
     _step("adamw", x, kw, BACKEND)
     _step("adamw", ref, kw, "reference")
-    assert len(cuda._TABLES._tables) == 2
+    assert len(cuda._TABLES.cache) == 2
     for a, b in zip(x["params"], ref["params"]):
         _assert_close("params after a pointer change", a, b, seed)
 
@@ -460,7 +460,7 @@ def test_table_missing_during_capture_is_a_clear_error():
     gen, _ = _generator()
     x = _make("sgd", [(1000,)], DTYPES["f32"], MODES["plain"], gen)
     kw = _kwargs("sgd", MODES["plain"])
-    cuda._TABLES._tables.clear()  # no table left over from a call at the same addresses
+    cuda._TABLES.cache.clear()  # no table left over from a call at the same addresses
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="before the capture"):
         with torch.cuda.graph(graph):

@@ -99,11 +99,8 @@ def test_a_three_state_op_fits_without_an_abi_change():
     assert _abi.MAX_STATES >= 3
     assert [name for name, _ in _abi.args_struct(THREE)._fields_] == [name for name, _ in _abi.ARGS["adamw"]._fields_]
 
-    class Stream:
-        cuda_stream = 0
-
     lists = [[torch.zeros(40)] for _ in range(5)]  # params, grads, m1, m2, v
-    table = _host.TableCache(chunk_elems=16).get(torch.device("cpu"), [*lists, [], [], []], Stream())
+    table = _host.PointerTables(chunk_elems=16).get(torch.device("cpu"), [*lists, [], [], []])
     assert table.rows.tolist() == [[t[0].data_ptr() for t in lists] + [0, 0, 0, 40, 0, 1]]
     assert len(table.rows[0]) == _abi.table_cols(3)
     too_many = dataclasses.replace(THREE, states=tuple(State(f"s{i}") for i in range(_abi.MAX_STATES + 1)))

@@ -31,6 +31,6 @@ _LIB, LIBRARY_ORIGIN = _load()
 if _LIB is None:
     unavailable("cuda", LIBRARY_ORIGIN)
 else:
-    _TABLES = _host.TableCache(_LIB.chunk_elems)
+    _TABLES = _host.PointerTables(_LIB.chunk_elems)
     for _spec in SPECS.values():
         register("cuda", _spec.name, ("cuda",), device_step_scalars=True)(_host.kernel(_spec, _LIB, _TABLES))

@@ -2,20 +2,20 @@
 
 Each call passes a device-side table of the tensors' pointers and sizes (api.h: param, grad, the op's states,
 then grad_ref, origin, hvp, numel, chunk_begin, vec_ok); tables are cached while the data pointers stay the
-same, so a training loop uploads them once. With a `step_scalars` tensor the kernel reads the per-step values
-on the device: once its table is cached a call neither syncs nor allocates, so it can be captured in a CUDA
-graph (a table that a capture reads is kept for good).
+same (backends/_device_tables.py), so a training loop uploads them once. With a `step_scalars` tensor the
+kernel reads the per-step values on the device: once its table is cached a call neither syncs nor allocates,
+so it can be captured in a CUDA graph (a table that a capture reads is kept for good).
 """
 from __future__ import annotations
 
 import ctypes
-from collections import OrderedDict
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ...ops.spec import OpSpec
+from .._device_tables import DeviceTables
 from . import _abi
 
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _abi.DTYPE_CODES.items()}
@@ -25,44 +25,25 @@ class _Table(NamedTuple):
     rows: Tensor | None  # int64 [n_tensors, table_cols(n_states)] on the device; None when every tensor is empty
     n_tensors: int
     n_chunks: int
-    streams: set[int]  # streams it was used on (record_stream keeps it alive for them)
 
 
-class TableCache:
-    """Pointer tables keyed by every data pointer and size they hold, least recently used first out."""
+class PointerTables:
+    """The launches' pointer tables, in the backends' shared cache (backends/_device_tables.py)."""
 
-    def __init__(self, chunk_elems: int, capacity: int = 64) -> None:
-        self.chunk_elems, self.capacity = chunk_elems, capacity
-        self._tables: OrderedDict[tuple, _Table] = OrderedDict()
-        self._graph_held: dict[tuple, _Table] = {}  # tables read by captured CUDA graphs: never freed
+    def __init__(self, chunk_elems: int) -> None:
+        self.chunk_elems = chunk_elems
+        self.cache = DeviceTables("cuda")
 
-    def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]], stream: torch.cuda.Stream) -> _Table:
+    def get(self, device: torch.device, columns: Sequence[Sequence[Tensor]]) -> _Table:
         """columns: params, grads, the op's state lists, grad_refs, origins, hvps (an absent list is empty)."""
         n = len(columns[0])
         pointers = [[t.data_ptr() for t in col] if col else [0] * n for col in columns]
         sizes = [p.numel() for p in columns[0]]
-        key = (device.index, *map(tuple, pointers), tuple(sizes))
-        table = self._tables.get(key)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if table is None:
-            if capturing:
-                raise RuntimeError("memkernels cuda backend: these tensors have no cached pointer table, and it "
-                                   "cannot be uploaded during CUDA graph capture; run the step once before the "
-                                   "capture (the warm-up that torch.cuda.graph's documentation asks for)")
-            table = self._build(device, pointers, sizes, stream)
-            self._tables[key] = table
-            if len(self._tables) > self.capacity:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-            if table.rows is not None and stream.cuda_stream not in table.streams:
-                table.rows.record_stream(stream)
-                table.streams.add(stream.cuda_stream)
-        if capturing:
-            self._graph_held[key] = table  # every replay reads it, evicted or not
-        return table
+        rows, (n_tensors, n_chunks) = self.cache.get(
+            device, (*map(tuple, pointers), tuple(sizes)), lambda: self._build(pointers, sizes))
+        return _Table(rows, n_tensors, n_chunks)
 
-    def _build(self, device, pointers, sizes, stream) -> _Table:
+    def _build(self, pointers: list[list[int]], sizes: list[int]) -> tuple[Tensor | None, tuple[int, int]]:
         rows, chunk = [], 0
         for i, numel in enumerate(sizes):
             if numel == 0:
@@ -71,10 +52,7 @@ class TableCache:
             vec_ok = int(all(p % 16 == 0 for p in ptrs))
             rows.append([*ptrs, numel, chunk, vec_ok])
             chunk += -(-numel // self.chunk_elems)
-        if not rows:
-            return _Table(None, 0, 0, set())
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
-        return _Table(table, len(rows), chunk, {stream.cuda_stream})
+        return (torch.tensor(rows, dtype=torch.int64) if rows else None), (len(rows), chunk)
 
 
 def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | None]:
@@ -86,7 +64,7 @@ def _scalar(t: Tensor | None, device: torch.device) -> tuple[int, int, Tensor | 
     return t.data_ptr(), _DTYPE_CODES[t.dtype], t
 
 
-def _run(lib: _abi.Library, tables: TableCache, op: str, params: list[Tensor], grads: list[Tensor],
+def _run(lib: _abi.Library, tables: PointerTables, op: str, params: list[Tensor], grads: list[Tensor],
          state_lists: Sequence[list[Tensor]], grad_refs: list[Tensor], diagnostics: Tensor | None, *,
          maximize: bool, update_grad_refs: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
          origins: list[Tensor], hvps: list[Tensor], reuse_hvp: bool, probe: bool, probe_tau: Tensor | None,
@@ -95,7 +73,7 @@ def _run(lib: _abi.Library, tables: TableCache, op: str, params: list[Tensor], g
     probe_tau (float64, on the device) is read there too: the probe's tau, or a step's hvp_scale = 1 / tau."""
     device = params[0].device
     stream = torch.cuda.current_stream(device)
-    table = tables.get(device, [params, grads, *state_lists, grad_refs, origins, hvps], stream)
+    table = tables.get(device, [params, grads, *state_lists, grad_refs, origins, hvps])
     if table.n_chunks == 0:
         return  # only empty tensors: nothing changes and the diagnostics sums gain nothing
     scale_ptr, scale_dtype, _scale = _scalar(grad_scale, device)
@@ -123,7 +101,7 @@ def _run(lib: _abi.Library, tables: TableCache, op: str, params: list[Tensor], g
     lib.call(op, launch, args)
 
 
-def kernel(spec: OpSpec, lib: _abi.Library, tables: TableCache) -> Callable[..., None]:
+def kernel(spec: OpSpec, lib: _abi.Library, tables: PointerTables) -> Callable[..., None]:
     """The op's kernel, called as memkernels._ops calls every backend's: (params, grads, each state list,
     grad_refs, diagnostics, **scalars and modes)."""
     n = len(spec.states)
