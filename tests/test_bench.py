@@ -86,8 +86,9 @@ def test_every_suite_writes_json_png_and_report(out):
 def test_speed_rows(out):
     result = load(out, "speed")
     sets = {s["name"]: s for s in result["shape_sets"]}
-    assert set(sets) == {"large tensor", "GPT-2 small"}
+    assert set(sets) == {"large tensor", "GPT-2 small", "small model"}
     assert sets["large tensor"]["params"] == 4096 and sets["GPT-2 small"]["tensors"] == 148
+    assert sets["small model"]["tensors"] == 148
     rows = result["rows"]
     for shape_set in sets.values():
         assert shape_set["bandwidth"]["kernel"] == "triad" and shape_set["bandwidth"]["gb_s"] > 0
@@ -202,6 +203,9 @@ def test_gpt2_shape_scaling():
     quick = speed.shape_sets(speed.SpeedConfig.preset("quick", "cpu"))
     assert quick[0][1] == [(4_000_000,)]
     assert quick[1][1][0] == (50257 // 4, 768 // 4) and len(quick[1][1]) == 148
+    small = quick[2][1]
+    assert small[0] == (50257 // 16, 768 // 16) and len(small) == 148
+    assert 400_000 < sum(math.prod(s) for s in small) < 600_000  # the 0.5M model of 148 tensors
 
 
 def test_theory_slopes(out):

@@ -52,6 +52,8 @@ VARIANTS: dict[str, Variant] = {
     "AdamW": _variant("adamw", (ADAMW,)),
     # new gradient tensors, as after zero_grad(): the previous one is kept and read (optim/_prev_grads.py)
     "AdamW + trajectory correction": _variant("adamw", (TRAJECTORY,), grads="new"),
+    # track_memory without a correction: the plain step plus memory_stats' sums and the trajectory estimate
+    "AdamW + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),
     "AdamW + trajectory + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),  # + memory_stats' sums
     # one gradient tensor rewritten in place every step: + write a copy of the previous gradient
     "AdamW + trajectory + diagnostics, grads in place": _variant("adamw", (STORING,), grads="reused"),
@@ -99,6 +101,7 @@ class SpeedConfig:
     device: str = "auto"          # "auto": CUDA when torch sees one, else the CPU
     large: int = 4_000_000        # parameters of the one-tensor shape set
     gpt2_divisor: int = 4         # every GPT-2-small dimension divided by this (1: the real shapes)
+    small_divisor: int = 16       # the small model: GPT-2 small's 148 tensors, every dimension divided by this
     warmup: int = 2               # rounds not recorded (the first step of each row also runs at setup)
     repeats: int = 7              # recorded rounds
     backends: tuple[str, ...] | None = None  # None: every backend available with kernels for the device
@@ -115,7 +118,8 @@ class SpeedConfig:
             return cls(device=device, large=256_000_000 if dev.type == "cuda" else 64_000_000,
                        gpt2_divisor=1, warmup=3, repeats=15, peers=())
         if mode == "tiny":
-            return cls(device=device, large=4096, gpt2_divisor=64, warmup=1, repeats=3, training="tiny")
+            return cls(device=device, large=4096, gpt2_divisor=64, small_divisor=256, warmup=1, repeats=3,
+                       training="tiny")
         raise ValueError(f"mode must be quick, full or tiny, got {mode!r}")
 
 
@@ -134,15 +138,23 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _scaled_gpt2(divisor: int) -> tuple[list[tuple[int, ...]], str]:
+    shapes = [tuple(max(1, s // divisor) for s in shape) for shape in gpt2_small()]
+    return shapes, "the real shapes" if divisor == 1 else f"every dimension divided by {divisor}"
+
+
 def shape_sets(cfg: SpeedConfig) -> list[tuple[str, list[tuple[int, ...]], str]]:
-    """(name, shapes, description) of the two shape sets."""
-    if cfg.large < 1 or cfg.gpt2_divisor < 1:
-        raise ValueError(f"large and gpt2_divisor must be >= 1, got {cfg.large} and {cfg.gpt2_divisor}")
-    k = cfg.gpt2_divisor
-    gpt2 = [tuple(max(1, s // k) for s in shape) for shape in gpt2_small()]
-    how = "the real shapes" if k == 1 else f"every dimension divided by {k}"
+    """(name, shapes, description) of the three shape sets: one large tensor (memory traffic), GPT-2 small's
+    tensors (many tensors of real sizes) and a small model of as many tensors, where the host's work per step
+    weighs as much as the kernel's."""
+    if cfg.large < 1 or cfg.gpt2_divisor < 1 or cfg.small_divisor < 1:
+        raise ValueError(f"large, gpt2_divisor and small_divisor must be >= 1, got {cfg.large}, "
+                         f"{cfg.gpt2_divisor} and {cfg.small_divisor}")
+    gpt2, how = _scaled_gpt2(cfg.gpt2_divisor)
+    small, small_how = _scaled_gpt2(cfg.small_divisor)
     return [("large tensor", [(cfg.large,)], f"one tensor of {cfg.large:,} parameters"),
-            ("GPT-2 small", gpt2, f"the 148 parameter tensors of GPT-2 small, {how}")]
+            ("GPT-2 small", gpt2, f"the 148 parameter tensors of GPT-2 small, {how}"),
+            ("small model", small, f"GPT-2 small's 148 tensors, {small_how}: host time per step")]
 
 
 @dataclass
@@ -183,6 +195,8 @@ def selected_backends(cfg: SpeedConfig, device: torch.device) -> dict[str, str]:
 def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.optim.Optimizer:
     if variant == "AdamW":
         return AdamW(params, lr=1e-3, backend=backend)
+    if variant == "AdamW + diagnostics":
+        return AdamW(params, lr=1e-3, track_memory=True, backend=backend)
     if variant == "AdamW + trajectory correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend)
     if variant.startswith("AdamW + trajectory + diagnostics"):
