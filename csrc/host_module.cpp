@@ -12,6 +12,7 @@
 // does it: load_grad / load_ref, theta from origin, hvp estimated from grad_ref or a
 // kept one. Returns every per-element output of math.h's Step (and the hvp the step
 // used); with probe=True, those of the probe pass instead.
+// Also bound: rounding.h's random_bits and round_bf16 over arrays (bind_rounding).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -181,6 +182,37 @@ void bind(py::module_& m, py::dict& state_keys, const char* op) {
       py::arg("tau") = 0.0);
 }
 
+// rounding.h over arrays: random_bits(key, index) of each int64 index; round_bf16(x, bits) of float32 x with
+// uint32 bits (exact dtypes: no silent conversion), as bfloat16 bits (uint16).
+void bind_rounding(py::module_& m) {
+  constexpr int Exact = py::array::c_style;  // with noconvert(): the dtype must be the one named
+  m.def(
+      "random_bits",
+      [](std::uint32_t key, py::array_t<std::int64_t, Exact> index) {
+        if (index.ndim() != 1) throw std::invalid_argument("random_bits: index must be 1-d");
+        const py::ssize_t n = index.size();
+        const std::int64_t* in = index.data();
+        for (py::ssize_t i = 0; i < n; ++i) {
+          if (in[i] < 0) throw std::invalid_argument("random_bits: element indices must be >= 0");
+        }
+        Array<std::uint32_t> out(n);
+        for (py::ssize_t i = 0; i < n; ++i) out.mutable_data()[i] = mk::random_bits(key, std::uint64_t(in[i]));
+        return out;
+      },
+      py::arg("key"), py::arg("index").noconvert());
+  m.def(
+      "round_bf16",
+      [](py::array_t<float, Exact> x, py::array_t<std::uint32_t, Exact> bits) {
+        if (x.ndim() != 1 || bits.ndim() != 1 || bits.size() != x.size()) {
+          throw std::invalid_argument("round_bf16: x and bits must be 1-d of the same size");
+        }
+        Array<std::uint16_t> out(x.size());
+        for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = mk::round_bf16(x.data()[i], bits.data()[i]);
+        return out;
+      },
+      py::arg("x").noconvert(), py::arg("bits").noconvert());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_mk_host, m) {
@@ -191,4 +223,5 @@ PYBIND11_MODULE(_mk_host, m) {
   MK_FOR_EACH_OP(MK_BIND)
 #undef MK_BIND
   m.attr("STATES") = state_keys;
+  bind_rounding(m);
 }

@@ -27,6 +27,8 @@
 #define MK_HD inline
 #endif
 
+#include "memkernels/rounding.h"  // uses MK_HD
+
 namespace memkernels {
 
 // update_sq, correction_sq, memory_sq, residual_sq, penalty_sum, sign_flips, limited
