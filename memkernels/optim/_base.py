@@ -390,6 +390,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         with _ops.checked_by_caller(bucket.ref is None and not torch.compiler.is_compiling()):
             op_function(self.op)(bucket.params, bucket.grads, *bucket.lists, grad_refs, diagnostics, **bucket.kwargs,
                                  origins=bucket.origins, probe_tau=bucket.tau)
+        if bucket.kept_again:
+            self._prev_grads.record_kept(bucket.params, bucket.grads, bucket.states)
         for p, grad, state, prev_grad_mode in bucket.prev_grad_modes:
             self._prev_grads.record(p, grad, state, prev_grad_mode, bucket.keepable)
         if bucket.n is None:  # tensor ops only: traced and captured with the step

@@ -32,7 +32,8 @@ class Bucket:
     mode's reference gradients and their hvp_scale, once computed; origins and tau: the probe pass's.
     lists: the op's state lists; kwargs: its scalars (_base.py); ratio: the trajectory ratio at this step;
     skip: device mode's mask of a skipped trajectory estimate (_estimates.py); checked: the tensors are those
-    of a kept plan, checked when it was made (_reuse.py).
+    of a kept plan, checked when it was made (_reuse.py); kept_again: every previous gradient was kept at the
+    last step and is kept again (prev_grad_modes empty: PrevGrads.record_kept after the call).
     """
 
     gi: int
@@ -53,6 +54,7 @@ class Bucket:
     counts: list[Tensor] = dataclasses.field(default_factory=list)  # the states' step counts
     grad_refs: list[Tensor] = dataclasses.field(default_factory=list)
     prev_grad_modes: list[tuple[Tensor, Tensor, dict, Mode]] = dataclasses.field(default_factory=list)
+    kept_again: bool = False
     hvps: list[Tensor] = dataclasses.field(default_factory=list)
     origins: list[Tensor] = dataclasses.field(default_factory=list)
     tau: Tensor | None = None

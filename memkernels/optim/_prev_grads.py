@@ -20,7 +20,8 @@ through `.data`, which torch itself does not version either.
 from __future__ import annotations
 
 import weakref
-from typing import Literal
+from operator import attrgetter, is_, itemgetter
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +38,17 @@ _LOST = ("memkernels: a gradient kept as the previous gradient of the trajectory
 
 def _storage_users(t: Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_version, _base, _dtype = attrgetter("_version"), attrgetter("_base"), attrgetter("dtype")
+
+
+def _users(tensors: Sequence[Tensor]) -> Iterator[int]:
+    """_storage_users of each tensor, in C: the storage's Python object is gone when it is counted."""
+    return map(torch._C._storage_Use_Count, map(attrgetter("_cdata"), map(Tensor.untyped_storage, tensors)))
+
+
+_SOLE_OWNER_OF_LIST = next(_users([torch.empty(1)]))  # what _users counts for a tensor that alone holds its storage
 
 
 _SOLE_OWNER = _storage_users(torch.empty(1))  # what a tensor that alone holds its storage counts
@@ -83,6 +95,34 @@ class PrevGrads:
             if (seen is None or seen() is not grad) and _sole_owner(grad):
                 return "keep", None
         return "copy", None
+
+    def all_kept_again(self, params: Sequence[Tensor], grads: Sequence[Tensor], refs: Sequence[Tensor],
+                       dtype: torch.dtype) -> bool:
+        """plan() would say "keep" for every (p, grad, ref): the steady state of a loop that makes new gradient
+        tensors, checked a list at a time (maps over tensor attributes, in C) instead of a call per parameter.
+        False where any parameter may need another answer; plan() then decides each."""
+        if self.buffers_only or set(map(_dtype, grads)) != {dtype}:
+            return False
+        try:
+            kept = list(map(self.kept.__getitem__, map(id, params)))
+        except KeyError:
+            return False
+        if not all(map(is_, map(itemgetter(0), kept), refs)) or list(map(_version, refs)) != list(map(
+                itemgetter(1), kept)) or any(map(is_, grads, refs)):
+            return False
+        pointers = set(map(Tensor.data_ptr, refs))
+        pointers.discard(0)
+        return (pointers.isdisjoint(map(Tensor.data_ptr, grads)) and list(map(_base, grads)).count(None) == len(grads)
+                and set(_users(grads)) == {_SOLE_OWNER_OF_LIST})
+
+    def record_kept(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]) -> None:
+        """record() of a step where every parameter's mode was "keep"."""
+        for state, grad in zip(states, grads):
+            state["prev_grad"] = grad
+        self.kept.update(zip(map(id, params), zip(grads, map(_version, grads))))
+        if self.seen:
+            for p in params:
+                self.seen.pop(id(p), None)
 
     def record(self, p: Tensor, grad: Tensor, state: dict, mode: Mode, keepable: bool) -> None:
         """After the step: a kept gradient becomes the state's prev_grad; otherwise remember which tensor grad was."""

@@ -141,7 +141,7 @@ def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) 
     values = set(map(Tensor.item, counts))
     if len(values) != 1:
         return None
-    return dataclasses.replace(template, n=int(values.pop()), grads=grads, counts=counts, grad_refs=[],
+    return dataclasses.replace(template, n=int(values.pop()), grads=grads, counts=counts, grad_refs=[], kept_again=False,
                                prev_grad_modes=[], kwargs={}, checked=True)
 
 
@@ -150,12 +150,16 @@ def _previous_gradients(bucket: Bucket, template: Bucket, checked: _Checked, sam
     """The trajectory's previous gradients of this step into the bucket; False where a param's would move it to
     another bucket, needs a new state or has another layout than those checked. Where last step copied every
     gradient into its buffer and this step has the same gradient tensors and buffers, PrevGrads.plan would say
-    "copy" again and record would change nothing: both are skipped."""
+    "copy" again and record would change nothing: both are skipped; where every gradient was kept and would be
+    kept again, one check of the lists replaces plan's per parameter."""
     refs = [state.get("prev_grad") for state in bucket.states]
     if same_grads and not template.prev_grad_modes and not prev_grads.kept and _same(refs, template.grad_refs):
         return _checked_refs(bucket, refs, checked)
-    modes = []
     dtype = compute_dtype(bucket.params[0])
+    if template.keep_refs and bucket.keepable and prev_grads.all_kept_again(bucket.params, bucket.grads, refs, dtype):
+        bucket.kept_again = True
+        return _checked_refs(bucket, refs, checked)
+    modes = []
     for p, grad, ref in zip(bucket.params, bucket.grads, refs):
         mode, new = prev_grads.plan(p, grad, ref, bucket.keepable, dtype)
         if new is not None or (mode in ("fresh", "lost")) != bucket.fresh_refs or (mode == "keep") != bucket.keep_refs:
