@@ -27,12 +27,13 @@ SHAPES = [(5000,), (5, 7), (1,), (0,)]  # several chunks, a 2-D tensor, one elem
 TAU = 1e-2
 AMP = dict(maximize=True, grad_scale=1024.0)
 TRAJECTORY = dict(correction=-1.0, hvp_scale=10.0, update_grad_refs=True)
+LIMITED = dict(TRAJECTORY, correction_limit=0.01)
 PROBE_GRADIENT = dict(correction=0.5, hvp_scale=10.0, update_grad_refs=False)
 # (name, keyword arguments, with grad_refs, with diagnostics)
 MODES = [("plain", {}, False, False), ("amp", AMP, False, False), ("diagnostics", {}, False, True),
          ("trajectory", TRAJECTORY, True, True), ("probe_gradient", dict(PROBE_GRADIENT, **AMP), True, True),
          ("memoryless", dict(TRAJECTORY, memoryless=True), True, True),
-         ("limited", dict(TRAJECTORY, correction_limit=0.01), True, True),
+         ("limited", LIMITED, True, True),
          ("measure_only", dict(TRAJECTORY, correction=0.0), True, True)]
 DTYPES = {"numba": [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float64, torch.float64),
                     (torch.float32, torch.float64)],
@@ -66,6 +67,9 @@ def cases() -> list[tuple]:
             for value in values:
                 out.append((op, f"{s.name}={value}", dict(TRAJECTORY, **{s.name: value}), True, True, torch.float32,
                             torch.float32))
+            for value in s.variants:  # a variant may be what makes M nonzero (Lion's smoothing): limited there too
+                out.append((op, f"{s.name}={value}-limited", dict(LIMITED, **{s.name: value}), True, True,
+                            torch.float32, torch.float32))
     return out
 
 
@@ -169,6 +173,8 @@ def compare(op: str, backend: str, inputs: dict, kwargs: dict, diagnostics: bool
     for a, e in zip(actual["probe_norms"], expected["probe_norms"]):
         torch.testing.assert_close(a, e, rtol=tol, atol=0.0, msg=lambda m: f"probe norms: {m}")
     for a, e in zip(actual["diagnostics"], expected["diagnostics"]):
+        if kwargs.get("correction_limit") == LIMITED["correction_limit"] and e[1] > 0:  # M != 0 somewhere
+            assert e[6] > 0, "a limited case in which the limit acts nowhere tests nothing of it"
         slack = 2 * sensitivity(op, inputs, kwargs, tol)
         shared = tol * e[[0, 2, 3]].abs().max()  # F^2, memory^2, residual^2 share F and u's roundings
         slack[[0, 2, 3]] += shared if shared.isfinite() else 0.0
