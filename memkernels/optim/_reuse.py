@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from ..reference import compute_dtype
+from . import _compact
 from ._buckets import Bucket
 from ._prev_grads import PrevGrads
 
@@ -155,7 +155,7 @@ def _previous_gradients(bucket: Bucket, template: Bucket, checked: _Checked, sam
     if same_grads and not template.prev_grad_modes and not prev_grads.kept and _same(refs, template.grad_refs):
         return _checked_refs(bucket, refs, checked)
     modes = []
-    dtype = compute_dtype(bucket.params[0])
+    dtype = _compact.buffer_dtype(bucket.params[0], bucket.group)
     for p, grad, ref in zip(bucket.params, bucket.grads, refs):
         mode, new = prev_grads.plan(p, grad, ref, bucket.keepable, dtype)
         if new is not None or (mode in ("fresh", "lost")) != bucket.fresh_refs or (mode == "keep") != bucket.keep_refs:
