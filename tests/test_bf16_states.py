@@ -122,3 +122,109 @@ def test_stochastic_rounding_is_unbiased_in_a_step(op):
         mean = t / k
         assert ((mean - e.double()).abs() <= bound).all(), f"{((mean - e.double()).abs() / bound).max().item()}"
         assert (mean != e.to(torch.bfloat16).double()).any()  # not round-to-nearest's value everywhere
+
+
+# ------------------------------------------------------------------ the optimizers
+
+
+def _steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], n: int, seed: int = 1,
+           scale: float = 1.0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        opt.step()
+
+
+def _params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for shape in ((3000,), (7, 5), (1,))]
+
+
+def _bits(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.clone() for st in opt.state.values() for t in st.values()]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_nearest_is_the_bf16_storage_of_before_bit_for_bit(name):
+    """bf16 params kept their states in bf16 rounded to nearest before state_dtype existed (the default still
+    does): state_dtype=torch.bfloat16 with state_rounding="nearest" gives those bits, with the trajectory
+    correction's previous gradients too."""
+    runs = []
+    for extra in ({}, dict(state_dtype=torch.bfloat16, state_rounding="nearest")):
+        params = _params(torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the regime warning of random gradients
+            opt = OPTIMIZERS[name](params, lr=1e-2, memory_correction=-1.0, hvp="trajectory", backend="numba",
+                                   **extra)
+            _steps(opt, params, 4)
+        runs.append(([p.detach().clone() for p in params], _bits(opt)))
+    (p0, s0), (p1, s1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert len(s0) == len(s1) and all(torch.equal(a.float(), b.float()) for a, b in zip(s0, s1))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("mode", ["plain", "trajectory", "probe_every_2"])
+def test_numba_and_reference_optimizers_keep_the_same_bf16_states(name, mode):
+    """Three steps of each optimizer with bf16 states rounded stochastically, on numba and on the reference:
+    every state the same bits (params within the parity tolerance: the gradients are fixed, not recomputed)."""
+    kwargs = {"plain": {}, "trajectory": dict(memory_correction=-1.0, hvp="trajectory"),
+              "probe_every_2": dict(track_memory=True, hvp="probe", hvp_every=2)}[mode]
+    out = []
+    for backend in ("reference", "numba"):
+        params = _params()
+        opt = OPTIMIZERS[name](params, lr=1e-3, backend=backend, state_dtype=torch.bfloat16, seed=5, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
+        for step in range(3):
+            def closure(step=step):
+                for p, g in zip(params, grads[step]):
+                    p.grad = g + 1e-3 * p.detach()  # a gradient that depends on p, for the probe
+                return torch.tensor(0.0)
+            closure()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step(closure if mode == "probe_every_2" else None)
+        out.append((params, opt))
+    (ref_params, ref), (nb_params, nb) = out
+    for p, q in zip(ref_params, nb_params):
+        assert ref.state[p].keys() == nb.state[q].keys()
+        for key, value in ref.state[p].items():
+            if key != "step":
+                assert value.dtype == torch.bfloat16 and torch.equal(value, nb.state[q][key]), key
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ema_of_v_stalls_rounded_to_nearest_and_follows_float32_rounded_stochastically():
+    """AdamW's v (beta2 = 0.999) after 300 steps of gradients of scale 1e-2, then 700 steps of zero gradients:
+    in float32 it decays by 0.999 a step (to about half); rounded to nearest each decrease, 1e-3 of v, is under
+    half a bfloat16 ulp (2**-9 of v at least), so v never moves; rounded stochastically its mean follows float32
+    (within 2%: each element's rounding errors are independent, ~5% over 700 steps, ~0.1% in the mean)."""
+    v = {}
+    for label, extra in (("fp32", {}), ("nearest", dict(state_dtype=torch.bfloat16, state_rounding="nearest")),
+                         ("stochastic", dict(state_dtype=torch.bfloat16))):
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = mk.AdamW([p], lr=1e-6, weight_decay=0.0, backend="numba", **extra)
+        _steps(opt, [p], 300, scale=1e-2)
+        before = opt.state[p]["exp_avg_sq"].clone()
+        _steps(opt, [p], 700, scale=0.0)
+        v[label] = (before, opt.state[p]["exp_avg_sq"])
+    fp32 = v["fp32"][1].double().mean()
+    assert torch.equal(v["nearest"][0], v["nearest"][1])  # stalled: not one element moved
+    assert 0.45 < fp32 / v["fp32"][0].double().mean() < 0.55
+    assert abs(v["stochastic"][1].double().mean() / fp32 - 1) < 0.02
+
+
+def test_training_with_bf16_stochastic_states_tracks_float32_states():
+    """500 minibatch steps of AdamW on the digits MLP (tests/_training.py): the final loss on the whole data set
+    with bf16 states rounded stochastically within 5% (relative) of float32 states'."""
+    losses = {}
+    for label, extra in (("fp32", {}), ("bf16", dict(state_dtype=torch.bfloat16))):
+        model = mlp()
+        opt = mk.AdamW(model.parameters(), lr=3e-3, backend="numba", **extra)
+        train(model, opt, batches(500))
+        with torch.no_grad():
+            losses[label] = torch.nn.functional.cross_entropy(model(X), Y).item()
+    assert losses["fp32"] < 0.5  # it learned
+    assert abs(losses["bf16"] / losses["fp32"] - 1) < 0.05, losses
