@@ -228,3 +228,107 @@ def test_training_with_bf16_stochastic_states_tracks_float32_states():
             losses[label] = torch.nn.functional.cross_entropy(model(X), Y).item()
     assert losses["fp32"] < 0.5  # it learned
     assert abs(losses["bf16"] / losses["fp32"] - 1) < 0.05, losses
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(state_dtype=torch.float16), "state_dtype must be torch.float32 or torch.bfloat16"),
+    (dict(state_dtype="bfloat16"), "state_dtype must be"),
+    (dict(state_rounding="up"), "state_rounding must be one of"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(state_dtype=torch.bfloat16, capturable=True), "state_rounding='stochastic' with capturable=True"),
+])
+def test_bad_options_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mk.AdamW(_params(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_bf16_states_need_float32_or_bf16_params(dtype):
+    with pytest.raises(ValueError, match="state_dtype=torch.bfloat16 needs float32 or bfloat16 params"):
+        mk.AdamW(_params(dtype), state_dtype=torch.bfloat16)
+
+
+def test_a_step_refused_for_its_state_options_changes_nothing():
+    params = _params()
+    opt = mk.AdamW(params, lr=1e-2, backend="numba", state_dtype=torch.bfloat16)
+    _steps(opt, params, 2)
+    before = [p.detach().clone() for p in params], _bits(opt)
+    for bad in (dict(state_dtype=torch.float16), dict(state_rounding="stochastically")):
+        opt.param_groups[0].update(bad)
+        with pytest.raises(ValueError, match="state_dtype|state_rounding"):
+            opt.step()
+        opt.param_groups[0].update(state_dtype=torch.bfloat16, state_rounding="stochastic")
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], _bits(opt)))
+
+
+def test_backends_without_stochastic_rounding_refuse_it_and_auto_passes_them_over():
+    op, inputs = "adamw", bf16_inputs("adamw", {}, False, False)
+    untouched = [t.clone() for s in inputs["states"] for t in s]
+    if backends.load("triton").startswith("available") and backends.has_kernel(op, "triton", "cpu"):
+        with pytest.raises(ValueError, match="backend triton: stochastic rounding of bf16 states is not implemented"):
+            run(op, "triton", inputs, dict(rounding_keys=keys(op, 0)), False)
+        assert all(torch.equal(a, b) for a, b in zip(untouched, [t for s in inputs["states"] for t in s]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends.resolve(op, "auto", "cuda", stochastic=True)[0] == "reference"
+        assert backends.resolve(op, "auto", "cpu", stochastic=True)[0] == "numba"
+
+
+def test_rounding_keys_of_the_wrong_shape_or_range_are_refused():
+    op, inputs = "adamw", bf16_inputs("adamw", {}, False, False)
+    for bad, match in ((keys(op, 0)[:, :2], "rounding_keys must be an int64 tensor of shape"),
+                       (keys(op, 0).int(), "rounding_keys must be an int64 tensor"),
+                       (keys(op, 0) + (1 << 32), r"rounding_keys must be in \[0, 2\*\*32\)")):
+        with pytest.raises(ValueError, match=match):
+            run(op, "numba", inputs, dict(rounding_keys=bad), False)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_move_between_bf16_and_float32_states():
+    """A bf16-state optimizer's state_dict into a float32-state one (states widened exactly) and back (the same
+    bits), each keeping its own state_dtype; the loaded optimizers step."""
+    params = _params()
+    bf16 = mk.AdamW(params, lr=1e-2, backend="numba", state_dtype=torch.bfloat16, memory_correction=-1.0,
+                    hvp="trajectory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _steps(bf16, params, 3)
+    fp32 = mk.AdamW(params, lr=1e-2, backend="numba", memory_correction=-1.0, hvp="trajectory")
+    fp32.load_state_dict(copy.deepcopy(bf16.state_dict()))
+    assert fp32.param_groups[0]["state_dtype"] == torch.float32
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq", "prev_grad"):
+            loaded, saved = fp32.state[p][key], bf16.state[p][key]
+            assert loaded.dtype == torch.float32 and torch.equal(loaded, saved.float()), key
+    back = mk.AdamW(params, lr=1e-2, backend="numba", state_dtype=torch.bfloat16, memory_correction=-1.0,
+                    hvp="trajectory")
+    back.load_state_dict(fp32.state_dict())
+    assert back.param_groups[0]["state_dtype"] == torch.bfloat16
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq", "prev_grad"):
+            assert back.state[p][key].dtype == torch.bfloat16 and torch.equal(back.state[p][key], bf16.state[p][key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _steps(back, params, 1)
+        _steps(fp32, params, 1)
+
+
+def test_a_torch_adamw_checkpoint_loads_into_bf16_states():
+    params = _params()
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    _steps(torch_opt, params, 3)
+    opt = mk.AdamW(params, lr=1e-2, backend="numba", state_dtype=torch.bfloat16, seed=3)
+    opt.load_state_dict(torch_opt.state_dict())
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], torch_opt.state[p][key].to(torch.bfloat16)), key
+        assert opt.state[p]["step"].item() == 3
+    _steps(opt, params, 1)
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)
