@@ -12,7 +12,6 @@ nothing; checkpoints round trip between bfloat16 and float32 states and from tor
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
