@@ -38,16 +38,23 @@ CORRECTION_LIMIT = 0.5
 # - probe_norms: float64 (2,): the probe pass adds sum theta^2 and sum d^2 (the next step's tau).
 # - hvps: kept estimates of H d; a step that estimates H d from grad_refs stores it there, and with
 #   reuse_hvp=True a step reads it from there instead (grad_refs empty).
+# - rounding_keys: int64 [len(params), KEY_COLUMNS[op]], each a rounding.tensor_key in [0, 2**32): every bfloat16
+#   write of the states (columns in the spec's order), grad_refs and hvps (the last two columns) rounds
+#   stochastically under its tensor's key (docs/DESIGN.md, "Compact states"); None: round to nearest even.
 _COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., bool maximize=False, "
            "bool memoryless=False, bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
            "Tensor? step_scalars=None, Tensor(o!)[]? origins=None, Tensor(k!)[]? hvps=None, bool reuse_hvp=False, "
-           "bool probe=False, Tensor? probe_tau=None, Tensor(n!)? probe_norms=None, str backend=\"auto\""
+           "bool probe=False, Tensor? probe_tau=None, Tensor(n!)? probe_norms=None, Tensor? rounding_keys=None, "
+           "str backend=\"auto\""
            % CORRECTION_LIMIT)
 
 # The per-step scalars in the order of the optional `step_scalars` tensor (float64, on the params' device). When
 # it is given its values replace the float arguments of the same names, so a compiled or CUDA-graph-captured
 # step can move lr and the coefficients without recompiling or syncing.
 STEP_SCALARS = {name: spec.step_scalars for name, spec in SPECS.items()}
+
+# op name -> the columns of rounding_keys: the op's states, grad_refs, hvps
+KEY_COLUMNS = {name: len(spec.states) + 2 for name, spec in SPECS.items()}
 
 # op name -> (state list names, scalar part of the schema)
 SCHEMAS = {name: (spec.state_lists, spec.scalar_schema()) for name, spec in SPECS.items()}
@@ -114,6 +121,13 @@ def element_order(t: Tensor) -> tuple[int, ...]:
 _PARAM_LISTS = ("params", "grads", "origins")  # of the params' dtype; the others are states
 
 
+def state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes a state may have beside params of dtype: theirs, float32, float64, and bfloat16 where the
+    compute dtype is float32 (compact states: docs/DESIGN.md)."""
+    compact = (torch.bfloat16,) if dtype in (torch.float32, torch.bfloat16) else ()
+    return (dtype, torch.float32, torch.float64, *compact)
+
+
 def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: torch.dtype) -> bool:
     """The per-tensor rules below in a few aggregated passes: the common case costs microseconds per tensor."""
     params = lists["params"]
@@ -124,7 +138,7 @@ def _all_ok(lists: dict[str, Sequence[Tensor]], device: torch.device, dtype: tor
         if not lst:
             continue
         dtypes = {t.dtype for t in lst}
-        allowed = (dtype,) if name in _PARAM_LISTS else (dtype, torch.float32, torch.float64)
+        allowed = (dtype,) if name in _PARAM_LISTS else state_dtypes(dtype)
         if len(dtypes) != 1 or lst[0].dtype not in allowed or any(t.device != device for t in lst):
             return False
         if lst is not params and [(t.shape, t.stride()) for t in lst] != layout:
@@ -137,7 +151,7 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
                   step_scalars: Tensor | None = None, *, origins: Sequence[Tensor] | None = None,
                   hvps: Sequence[Tensor] | None = None, probe_tau: Tensor | None = None,
-                  probe_norms: Tensor | None = None) -> None:
+                  probe_norms: Tensor | None = None, rounding_keys: Tensor | None = None) -> None:
     where = f"memkernels.{op}_"
     origins, hvps = origins or (), hvps or ()
     if len(grads) != len(params):
@@ -170,8 +184,9 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                     raise TypeError(f"{label} has dtype {t.dtype} but params[0] has {dtype}")
                 if t.dtype != list_dtype:
                     raise TypeError(f"{label} has dtype {t.dtype} but {name}[0] has {list_dtype}")
-                if name not in _PARAM_LISTS and t.dtype not in (dtype, torch.float32, torch.float64):
-                    raise TypeError(f"{label} has dtype {t.dtype}; states are {dtype} or float32")
+                if name not in _PARAM_LISTS and t.dtype not in state_dtypes(dtype):
+                    raise TypeError(f"{label} has dtype {t.dtype}; beside {dtype} params states are one of "
+                                    f"{state_dtypes(dtype)}")
                 p = params[i]
                 if t.shape != p.shape:
                     raise ValueError(f"{label} has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
@@ -194,12 +209,35 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     if probe_tau is not None and (probe_tau.numel() != 1 or probe_tau.dtype != torch.float64
                                   or probe_tau.device != device):
         raise ValueError(f"{where}: probe_tau must be a one-element float64 tensor on {device}")
+    _check_keys(where, op, len(params), device, rounding_keys)
     n_step = len(STEP_SCALARS[op])
     if step_scalars is not None and (step_scalars.shape != (n_step,) or step_scalars.dtype != torch.float64
                                      or step_scalars.device != device or step_scalars.layout != torch.strided):
         raise ValueError(f"{where}: step_scalars must be a float64 tensor of shape ({n_step},) on {device} "
                          f"holding {', '.join(STEP_SCALARS[op])}; got {step_scalars.dtype} "
                          f"{tuple(step_scalars.shape)} on {step_scalars.device}")
+
+
+def _check_keys(where: str, op: str, n: int, device: torch.device, keys: Tensor | None) -> None:
+    if keys is None:
+        return
+    shape = (n, KEY_COLUMNS[op])
+    if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.shape != shape or keys.device != device:
+        got = f"{keys.dtype} {tuple(keys.shape)} on {keys.device}" if isinstance(keys, Tensor) else type(keys).__name__
+        raise ValueError(f"{where}: rounding_keys must be an int64 tensor of shape {shape} on {device} (a key per "
+                         f"tensor of each state, grad_refs and hvps), got {got}")
+    if device.type == "cpu" and keys.numel() and not bool(((keys >= 0) & (keys <= 0xFFFFFFFF)).all()):
+        raise ValueError(f"{where}: rounding_keys must be in [0, 2**32) (rounding.tensor_key's values)")
+
+
+def rounds_stochastically(state_lists: Sequence[Sequence[Tensor]], grad_refs: Sequence[Tensor], *,
+                          rounding_keys: Tensor | None, update_grad_refs: bool, hvps: Sequence[Tensor] | None,
+                          reuse_hvp: bool, probe: bool, **_: object) -> bool:
+    """The call has keys and writes a bfloat16 tensor: a state, a grad_ref it updates or an estimate it keeps."""
+    if rounding_keys is None or probe:
+        return False
+    written = [*state_lists, grad_refs if update_grad_refs else (), hvps if hvps and not reuse_hvp else ()]
+    return any(lst and lst[0].dtype == torch.bfloat16 for lst in written)
 
 
 def check_modes(op: str, grad_refs: Sequence[Tensor], diagnostics: Tensor | None, *, correction: float,
@@ -244,11 +282,18 @@ def _impl(op: str):
             check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
                           kwargs["grad_scale"], kwargs["found_inf"], kwargs["step_scalars"],
                           origins=kwargs["origins"], hvps=kwargs["hvps"], probe_tau=kwargs["probe_tau"],
-                          probe_norms=kwargs["probe_norms"])
+                          probe_norms=kwargs["probe_norms"], rounding_keys=kwargs["rounding_keys"])
         if not params:
             return
         check_modes(op, grad_refs, diagnostics, **kwargs)
-        _, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type)
+        stochastic = rounds_stochastically(state_lists, grad_refs, **kwargs)
+        name, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type, stochastic=stochastic)
+        keys = kwargs.pop("rounding_keys")
+        if kernel.stochastic_rounding:
+            kwargs["rounding_keys"] = keys if stochastic else None
+        elif stochastic:
+            raise ValueError(f"backend {name}: stochastic rounding of bf16 states is not implemented yet; "
+                             "state_rounding='nearest' or backend='numba'")
         kwargs["origins"], kwargs["hvps"] = kwargs["origins"] or [], kwargs["hvps"] or []
         step_scalars = kwargs.pop("step_scalars")
         if kernel.device_step_scalars:

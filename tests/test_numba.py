@@ -752,8 +752,8 @@ nb.sgd(x, x, [torch.ones(100)], [], None, lr=0.1, momentum=0.9, weight_decay=0.0
        update_scale=1.0, memory_coef=0.0, **common)
 nb.lion(x, x, [torch.ones(100)], [], None, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, smoothing=0.0,
         ema_weight=0.1, age_weight=1.0, **common)
-for name, kernel in (("sgd", K.step_kernel("sgd", (True, False, False), *[False] * 9)),
-                     ("lion", K.step_kernel("lion", (False, False), *[False] * 9))):
+for name, kernel in (("sgd", K.step_kernel("sgd", (True, False, False), *[False] * 10)),
+                     ("lion", K.step_kernel("lion", (False, False), *[False] * 10))):
     print(name, '"prefer-vector-width"="256"' in kernel.inspect_llvm(kernel.signatures[0]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,

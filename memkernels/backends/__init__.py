@@ -23,7 +23,7 @@ BACKENDS = ("reference", "numba", "triton", "cuda")
 
 _kernels: dict[tuple[str, str, str], Callable] = {}
 _status: dict[str, str] = {}  # backend -> "available (...)" or the reason it is not
-_warned: set[str] = set()
+_warned: set[str | tuple[str, str]] = set()  # backends skipped with a warning (and why, when not the status)
 _preparing = threading.local()
 _count_adder: Callable[[list], bool] | None = None  # register_count_adder
 
@@ -33,14 +33,17 @@ class BackendUnavailable(RuntimeError):
 
 
 def register(backend: str, op: str, device_types: tuple[str, ...], *, device_step_scalars: bool = False,
-             prepares: bool = False) -> Callable[[Callable], Callable]:
+             prepares: bool = False, stochastic_rounding: bool = False) -> Callable[[Callable], Callable]:
     """device_step_scalars: the kernel takes `step_scalars` and reads it on the device (no host sync);
     other kernels get its values as floats, which memkernels._ops reads on the host.
     prepares: called inside preparing(), the kernel compiles or loads what the call needs and writes nothing;
-    the ops do not call other kernels there."""
+    the ops do not call other kernels there.
+    stochastic_rounding: the kernel takes `rounding_keys` and rounds its bfloat16 writes by them; the ops refuse
+    a stochastic call to other kernels, and "auto" passes them over for one."""
     def deco(fn: Callable) -> Callable:
         fn.device_step_scalars = device_step_scalars
         fn.prepares = prepares
+        fn.stochastic_rounding = stochastic_rounding
         for device_type in device_types:
             _kernels[(op, backend, device_type)] = fn
         return fn
@@ -119,7 +122,9 @@ def add_one(counts: list) -> None:
         torch._foreach_add_(counts, 1.0)
 
 
-def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
+def resolve(op: str, backend: str, device_type: str, *, stochastic: bool = False) -> tuple[str, Callable]:
+    """The backend and kernel that run op on device_type tensors. stochastic: the call rounds bfloat16 writes
+    stochastically, which "auto" gives only to a kernel that can (a warning names each one passed over)."""
     backend = requested(backend)
     if backend != "auto":
         state = load(backend)
@@ -131,6 +136,12 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     for name in PREFERENCE.get(device_type, ("reference",)):
         state = load(name)
         kernel = _kernels.get((op, name, device_type))
+        if kernel is not None and stochastic and not kernel.stochastic_rounding:
+            if (name, "stochastic") not in _warned:
+                _warned.add((name, "stochastic"))
+                warnings.warn(f"memkernels: backend {name!r} skipped on {device_type}: stochastic rounding of bf16 "
+                              "states is not implemented there yet", RuntimeWarning, stacklevel=4)
+            continue
         if kernel is not None:
             return name, kernel
         if name != "reference" and not state.endswith("not part of this version") and name not in _warned:

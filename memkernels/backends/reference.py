@@ -1,6 +1,7 @@
 """The reference backend: reference.py's math looped over tensors, for any device.
 
-Half-precision tensors are computed in fp32 and rounded once on write-back.
+Half-precision tensors are computed in fp32 and rounded once on write-back: to nearest even, or, given
+rounding_keys, a bfloat16 state, grad_ref or kept estimate stochastically (ops/rounding.py) under its tensor's key.
 """
 from __future__ import annotations
 
@@ -8,16 +9,30 @@ from typing import Callable
 
 import torch
 
+from torch import Tensor
+
 from .. import reference
-from ..ops import SPECS, OpSpec
+from ..ops import SPECS, OpSpec, rounding
 from . import register
+
+
+def _store(dst: Tensor, value: Tensor, key: int | None) -> None:
+    """dst = value; under a key a bfloat16 dst rounds stochastically, each element by its bits at its index in
+    memory (the offset from dst's first element: what the kernels count, whatever the layout)."""
+    if key is None or dst.dtype != torch.bfloat16 or dst.numel() == 0:
+        dst.copy_(value)
+        return
+    index = torch.arange(dst.numel(), dtype=torch.int64, device=dst.device).as_strided(dst.shape, dst.stride())
+    dst.copy_(rounding.round_bf16(value.float(), rounding.random_bits(key, index)))
 
 
 def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
          grad_scale, found_inf, origins, hvps, reuse_hvp, probe, probe_tau, probe_norms, hvp_scale,
-         **scalars) -> None:
+         rounding_keys=None, **scalars) -> None:
     if found_inf is not None and found_inf.item() != 0.0:
         return  # AMP found an inf: skip the step exactly, as torch's fused path does
+    n = len(spec.states)  # keys' columns: the states, grad_refs, hvps
+    keys = rounding_keys.tolist() if rounding_keys is not None else [[None] * (n + 2)] * len(params)
     inv_scale = reference.inv_scale(grad_scale)
     totals = [0.0] * (2 if probe else reference.NDIAG)
     for i, p in enumerate(params):
@@ -40,14 +55,15 @@ def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, ma
                 g_ref = reference.load_grad(g_ref, inv_scale, maximize)
             hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
             if hvps:
-                hvps[i].copy_(hvp)
+                _store(hvps[i], hvp, keys[i][n + 1])
         states = [lst[i].to(dtype) if lst else None for lst in state_lists]
         step = spec.step(theta, g, *states, hvp, **scalars)
         p.copy_(step.p)
-        for lst, new in zip((lst for lst in state_lists if lst), step.states):
-            lst[i].copy_(new)
+        present = [(lst, keys[i][j]) for j, lst in enumerate(state_lists) if lst]
+        for (lst, key), new in zip(present, step.states):
+            _store(lst[i], new, key)
         if update_grad_refs and grad_refs:
-            grad_refs[i].copy_(step.g)
+            _store(grad_refs[i], step.g, keys[i][n])
         if diagnostics is not None:
             for k, term in enumerate(step.diag):
                 totals[k] += term.double().sum().item()
@@ -65,4 +81,4 @@ def _kernel(spec: OpSpec) -> Callable[..., None]:
 
 
 for _spec in SPECS.values():
-    register("reference", _spec.name, ("cpu", "cuda"))(_kernel(_spec))
+    register("reference", _spec.name, ("cpu", "cuda"), stochastic_rounding=True)(_kernel(_spec))

@@ -44,6 +44,26 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
+def _word_pair(name: str, value: object) -> tuple[int, int]:
+    """An integer in [0, 2**64) as its two 32-bit words, low first; anything else refused by name."""
+    if isinstance(value, bool):
+        raise TypeError(f"tensor_key: {name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"tensor_key: {name} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"tensor_key: {name} must be in [0, 2**64), got {value}")
+    return value & MASK32, value >> 32
+
+
+def _absorbed(seed: int, step: int) -> int:
+    state = _KEY_START
+    for word in (*_word_pair("seed", seed), *_word_pair("step", step)):
+        state = mix32(state ^ word)
+    return state
+
+
 def tensor_key(seed: int, step: int, tensor: int) -> int:
     """The 32-bit key of one tensor's roundings in one call.
 
@@ -51,18 +71,20 @@ def tensor_key(seed: int, step: int, tensor: int) -> int:
     absorbed in turn by state = mix32(state ^ word): each absorption is a bijection of the state and of the
     word, so calls that differ in one word (seed, step or tensor below 2**32) never share a key.
     """
-    state = _KEY_START
-    for name, value in (("seed", seed), ("step", step), ("tensor", tensor)):
-        if isinstance(value, bool):
-            raise TypeError(f"tensor_key: {name} must be an integer, got {value!r}")
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"tensor_key: {name} must be an integer, got {type(value).__name__}") from None
-        if not 0 <= value < 1 << 64:
-            raise ValueError(f"tensor_key: {name} must be in [0, 2**64), got {value}")
-        for word in (value & MASK32, value >> 32):
-            state = mix32(state ^ word)
+    state = _absorbed(seed, step)
+    for word in _word_pair("tensor", tensor):
+        state = mix32(state ^ word)
+    return state
+
+
+def tensor_keys(seed: int, step: int, tensors: Tensor) -> Tensor:
+    """tensor_key(seed, step, t) for each t of tensors (int64 >= 0): an optimizer's keys of one call in a few
+    tensor operations instead of a Python call per tensor."""
+    if tensors.dtype != torch.int64 or bool((tensors < 0).any()):
+        raise ValueError("tensor_keys: tensors must be int64 values >= 0")
+    state = torch.full_like(tensors, _absorbed(seed, step))
+    for word in (tensors & MASK32, tensors >> 32):
+        state = mix32(state ^ word)
     return state
 
 

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .. import _ops, backends
 from .._ops import check_hyperparameters, real
-from . import _checkpoint, _hvp, _reuse
+from ..ops import SPECS
+from . import _checkpoint, _compact, _hvp, _reuse
 from ._buckets import Bucket, op_function, plan_group, scalars
 from ._diagnostics import Diagnostics
 from ._estimates import HVP_MODES, estimate, hvp_scale, hvp_scale_at, on, probe_pass, resolve_auto
@@ -73,9 +74,24 @@ memoryless (bool, optional): step with the memoryless update F(theta, ..., theta
 capturable (bool, optional): device mode: the step count and a tensor lr stay on the params' device and
     nothing is read on the host, so CUDA graphs can capture a step (torch.compile traces in this mode
     anyway) (default: False).
+state_dtype (torch.dtype, optional): torch.bfloat16 keeps the op's states, the kept estimate "hvp" and a
+    copied previous gradient in bfloat16 (half the bytes; the math stays float32; params must be float32 or
+    bfloat16); torch.float32: states as torch.optim keeps them, in the param's dtype (default: torch.float32).
+state_rounding (str, optional): how bfloat16 states are written: "stochastic" (unbiased: an EMA's small
+    increments survive on average; not with capturable=True; backends numba and reference) or "nearest"
+    (round to nearest even: an increment below half an ulp is lost, so EMAs with beta near 1 stall)
+    (default: "stochastic").
+seed (int, optional): the stochastic rounding's seed (not per group): a step's bits are a function of the
+    seed, the step count and the param's index, the same on every backend (default: 0).
 backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda > triton > reference
     on CUDA tensors and numba > reference on the CPU, unless MEMKERNELS_BACKEND names one; a named
-    backend that cannot run raises at the first step, saying why (default: "auto").
+    backend that cannot run raises at the first step, saying why; "auto" passes over backends that cannot
+    round stochastically for a group that asks it, with a warning (default: "auto").
+
+Checkpoints: load_state_dict keeps this optimizer's state_dtype and state_rounding per group and casts the
+loaded states to them, as torch.optim casts states to the param's dtype: a bfloat16-state checkpoint loads into
+a float32-state optimizer and back, and a torch.optim.AdamW checkpoint into AdamW(state_dtype=torch.bfloat16)
+(its float32 states rounded to nearest once).
 """
 
 
@@ -94,11 +110,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if cls.__doc__ and "Args:" in cls.__doc__:
             cls.__doc__ = cls.__doc__.rstrip() + "\n" + textwrap.indent(COMMON_ARGS, " " * 8)
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool, backend: str) -> None:
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool, backend: str,
+                 state_dtype: torch.dtype, state_rounding: str, seed: int) -> None:
         if defaults["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {defaults['hvp']!r}")
         backends.requested(backend)  # an unknown name fails here, an unavailable one at the first step
-        self.track_memory, self.backend = bool(track_memory), backend
+        self.track_memory, self.backend, self.seed = bool(track_memory), backend, _compact.check_seed(seed)
+        defaults = dict(defaults, state_dtype=state_dtype, state_rounding=state_rounding)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self.check_group(group)
@@ -139,6 +157,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def check_group(self, group: dict) -> None:
         """Raise ValueError naming a bad hyperparameter of this group."""
+        _compact.check_group(group)
         if group["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {group['hvp']!r}")
         if not math.isfinite(real("memory_correction", group["memory_correction"])):
@@ -163,7 +182,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
                              "and a captured graph replays the same work every step)")
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The step count and the op's states (its spec's; one absent where its scalar is 0), zeros in the
+        group's state dtype."""
+        dtype = _compact.state_dtype(p, group)
+        return {"step": self.new_step(p, group),
+                **{s.key: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                   for s in SPECS[self.op].states if not (s.absent_when_zero and group[s.absent_when_zero] == 0.0)}}
 
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         """The op's hyperparameters that do not change from step to step (all but STEP_SCALARS)."""
@@ -206,6 +230,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def new_step(p: Tensor, group: dict) -> Tensor:
         """The step count: on the param's device when capturable, else on the CPU as torch.optim keeps it."""
         return torch.tensor(0.0, device=p.device if group["capturable"] else "cpu")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's, keeping each group's state_dtype and state_rounding and casting the loaded states to
+        them (COMMON_ARGS, Checkpoints)."""
+        storage = [(g["state_dtype"], g["state_rounding"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, (dtype, rounding) in zip(self.param_groups, storage):
+            group["state_dtype"], group["state_rounding"] = dtype, rounding
+            for p in group["params"]:
+                if p in self.state:
+                    _compact.cast_loaded(self.state[p], p, group, self.state_keys)
 
     def __setstate__(self, state: dict) -> None:
         _checkpoint.adopt(state, f"memkernels.{type(self).__name__}", self.state_keys, self.optional_state_keys)
@@ -290,6 +325,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
                       hvps=bucket.hvps, reuse_hvp=not bucket.estimate, backend=self.backend)
         if bucket.n is None:
             kwargs.update(step_scalars=self._step_scalars(bucket), found_inf=found_inf)
+        if _compact.stochastic(group):
+            if bucket.n is None:  # capturable is refused by check_group: torch.compile's tracing
+                raise ValueError("state_rounding='stochastic' cannot be traced by torch.compile (its keys come from "
+                                 "the step count on the host); use state_rounding='nearest' or an eager step")
+            kwargs["rounding_keys"] = _compact.keys(self.seed, bucket.n + 1, bucket.indices,
+                                                    _ops.KEY_COLUMNS[self.op], bucket.params[0].device)
         bucket.kwargs = kwargs
 
     def _step_scalars(self, bucket: Bucket) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from ..reference import compute_dtype
+from . import _compact
 from ._layout import grad_in_param_order, itself, local, shard_groups
 from ._prev_grads import Mode
 
@@ -49,6 +49,7 @@ class Bucket:
     estimate: bool = True
     numel: int = 0  # global: a DTensor counts all its shards
     params: list[Tensor] = dataclasses.field(default_factory=list)
+    indices: list[int] = dataclasses.field(default_factory=list)  # the params' in the optimizer's (_compact.keys)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     states: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     counts: list[Tensor] = dataclasses.field(default_factory=list)  # the states' step counts
@@ -77,7 +78,8 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
     on_device, trajectory, capturable = opt.device_mode(group), hvp == "trajectory", group["capturable"]
     keeps = trajectory and not (on_device or scaled or group["maximize"])
     compiling = torch.compiler.is_compiling()  # traced tensors have no data pointers to compare
-    for p in group["params"]:
+    first = sum(len(g["params"]) for g in opt.param_groups[:gi])
+    for index, p in enumerate(group["params"], first):
         grad = p.grad
         if grad is None:
             continue
@@ -102,7 +104,8 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
         mode: Mode = "copy"
         keepable = keeps and shards is None
         if trajectory:  # "fresh" e.g. when loaded from torch.optim: no previous gradient, no HVP this step
-            mode, prev_grad = opt._prev_grads.plan(p, grad, state.get("prev_grad"), keepable, compute_dtype(p))
+            mode, prev_grad = opt._prev_grads.plan(p, grad, state.get("prev_grad"), keepable,
+                                                   _compact.buffer_dtype(p, group))
             if prev_grad is not None:
                 state = created[p] = {**state, "prev_grad": prev_grad}
         elif "prev_grad" in state:  # another estimate this step: the next trajectory step starts afresh
@@ -117,6 +120,7 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
                                            local=local if shards is not None else itself)  # DTensor grads, states
         bucket.numel += p.numel()
         bucket.params.append(bucket.local(p))
+        bucket.indices.append(index)
         bucket.grads.append(bucket.local(grad))
         bucket.states.append(state)
         bucket.counts.append(state["step"])
@@ -138,7 +142,7 @@ def _plan_reuse(bucket: Bucket, created: dict[Tensor, dict]) -> None:
     for i, (p, state) in enumerate(zip(bucket.params, bucket.states)):
         if "hvp" not in state:
             state = created[p] = bucket.states[i] = {**state, "hvp": torch.zeros_like(
-                p, dtype=compute_dtype(p), memory_format=torch.preserve_format)}
+                p, dtype=_compact.buffer_dtype(p, bucket.group), memory_format=torch.preserve_format)}
         bucket.hvps.append(state["hvp"])
 
 

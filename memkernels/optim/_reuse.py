@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from ..reference import compute_dtype
+from . import _compact
 from ._buckets import Bucket
 from ._prev_grads import PrevGrads
 
@@ -155,7 +155,7 @@ def _previous_gradients(bucket: Bucket, template: Bucket, checked: _Checked, sam
     refs = [state.get("prev_grad") for state in bucket.states]
     if same_grads and not template.prev_grad_modes and not prev_grads.kept and _same(refs, template.grad_refs):
         return _checked_refs(bucket, refs, checked)
-    dtype = compute_dtype(bucket.params[0])
+    dtype = _compact.buffer_dtype(bucket.params[0], bucket.group)
     if template.keep_refs and bucket.keepable and prev_grads.all_kept_again(bucket.params, bucket.grads, refs, dtype):
         bucket.kept_again = True
         return _checked_refs(bucket, refs, checked)

@@ -43,22 +43,19 @@ class AdamW(MemoryOptimizer):
                  decoupled_weight_decay: bool = True, memory_correction: float = 0.0,
                  correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 capturable: bool = False, backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto", state_dtype: torch.dtype = torch.float32,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_inside_sqrt=eps_inside_sqrt,
                         decoupled_weight_decay=decoupled_weight_decay, memory_correction=memory_correction,
                         correction_limit=correction_limit, hvp=hvp, hvp_every=hvp_every, maximize=maximize,
                         memoryless=memoryless, capturable=capturable)
-        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend, state_dtype=state_dtype,
+                         state_rounding=state_rounding, seed=seed)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
         beta1, beta2 = check_betas(group["betas"])
         check_hyperparameters(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-
-    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        return {"step": self.new_step(p, group),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -77,12 +77,14 @@ class AdEMAMix(MemoryOptimizer):
                  alpha_warmup: float | None = None, beta3_warmup: float | None = None, memory_correction: float = 0.0,
                  correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 capturable: bool = False, backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto", state_dtype: torch.dtype = torch.float32,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         defaults = dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         alpha_warmup=alpha_warmup, beta3_warmup=beta3_warmup, memory_correction=memory_correction,
                         correction_limit=correction_limit, hvp=hvp, hvp_every=hvp_every, maximize=maximize,
                         memoryless=memoryless, capturable=capturable)
-        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend, state_dtype=state_dtype,
+                         state_rounding=state_rounding, seed=seed)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
@@ -101,10 +103,6 @@ class AdEMAMix(MemoryOptimizer):
         if group["capturable"] and (group["alpha_warmup"] is not None or group["beta3_warmup"] is not None):
             raise ValueError("capturable=True cannot take alpha_warmup or beta3_warmup: with a warm-up the "
                              "coefficients have no closed form for a step count on the device")
-
-    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        return {"step": self.new_step(p, group),
-                **{key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.state_keys}}
 
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         beta1, beta2, _ = (float(b) for b in group["betas"])

@@ -39,23 +39,19 @@ class SGD(MemoryOptimizer):
                  nesterov: bool = False, *, memory_correction: float = 0.0,
                  correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
                  track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
-                 capturable: bool = False, backend: str = "auto") -> None:
+                 capturable: bool = False, backend: str = "auto", state_dtype: torch.dtype = torch.float32,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         memory_correction=memory_correction, correction_limit=correction_limit, hvp=hvp,
                         hvp_every=hvp_every, maximize=maximize, memoryless=memoryless, capturable=capturable)
-        super().__init__(params, defaults, track_memory=track_memory, backend=backend)
+        super().__init__(params, defaults, track_memory=track_memory, backend=backend, state_dtype=state_dtype,
+                         state_rounding=state_rounding, seed=seed)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)
         check_hyperparameters(momentum=group["momentum"], weight_decay=group["weight_decay"])
         if group["nesterov"] and group["momentum"] == 0.0:
             raise ValueError("nesterov=True needs momentum > 0")
-
-    def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        state = {"step": self.new_step(p, group)}
-        if group["momentum"] != 0.0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
 
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         return dict(momentum=float(group["momentum"]), weight_decay=float(group["weight_decay"]),

@@ -122,16 +122,21 @@ def _launch(kernel: Callable, name: str, *args) -> None:
         kernel(*args)
 
 
+_NO_KEYS = np.zeros((0, 0), np.int64)  # a call that rounds to nearest: its kernel never reads keys
+
+
 def _run(kernel: Callable, name: str, lists: tuple[list[Tensor], ...], carriers: tuple, numels: tuple[int, ...],
-         out: Tensor | None, scalars) -> None:
+         out: Tensor | None, scalars, keys: np.ndarray | None = None) -> None:
     """One kernel call for all tensors of `lists` (params first, of numels elements, and the lists' dtype
-    carriers); the chunks' sums (diagnostics or probe norms) are added to `out` in work order."""
+    carriers); the chunks' sums (diagnostics or probe norms) are added to `out` in work order. keys: a step's
+    rounding keys, for a stochastic kernel (a probe kernel takes none)."""
     work = _work_list(numels)
     if work.shape[0] == 0:
         return
     addresses = _address_table(tuple(tuple(t.data_ptr() for t in lst) for lst in lists), len(lists[0]))
     sums = np.zeros((work.shape[0], out.numel()) if out is not None else (0, NDIAG))
-    _launch(kernel, name, addresses, work, *carriers, sums, scalars)
+    key_table = () if keys is None else (keys,)
+    _launch(kernel, name, addresses, *key_table, work, *carriers, sums, scalars)
     if out is not None and not is_preparing():
         out.add_(torch.from_numpy(sums.sum(axis=0)).to(out.device))
 
@@ -155,7 +160,7 @@ def _skipped(found_inf: Tensor | None) -> bool:
 
 def _step_or_probe(op: str, flags: tuple[bool, ...], direction_flags: tuple[bool, ...], params, grads, state_lists,
                    grad_refs, diagnostics, scalars, *, correction, update_grad_refs, origins, hvps, reuse_hvp, probe,
-                   probe_norms, inv_scale) -> None:
+                   probe_norms, inv_scale, rounding_keys) -> None:
     """The op's probe pass (probe) or step: its kernel for these flags, on these lists."""
     scaled = inv_scale != 1.0
     numels = tuple(p.numel() for p in params)
@@ -167,10 +172,12 @@ def _step_or_probe(op: str, flags: tuple[bool, ...], direction_flags: tuple[bool
     has_ref = bool(grad_refs)
     kernel = kernels.step_kernel(op, flags, correction != 0.0, bool(origins), has_ref, has_ref and update_grad_refs,
                                  reuse_hvp, bool(hvps) and not reuse_hvp, diagnostics is not None, scaled,
-                                 bool(origins) and _streams(numels, params))
+                                 bool(origins) and _streams(numels, params), rounding_keys is not None)
     carriers = (*_carriers((params, grads), params), _state_carriers(state_lists),
                 *_carriers((grad_refs, origins, hvps), params))
-    _run(kernel, op, (params, grads, *state_lists, grad_refs, origins, hvps), carriers, numels, diagnostics, scalars)
+    keys = _NO_KEYS if rounding_keys is None else np.ascontiguousarray(rounding_keys.numpy())
+    _run(kernel, op, (params, grads, *state_lists, grad_refs, origins, hvps), carriers, numels, diagnostics, scalars,
+         keys)
 
 
 def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
@@ -179,7 +186,7 @@ def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
     n_states = len(spec.states)
 
     def op(params, grads, *lists, maximize, update_grad_refs, grad_scale, found_inf, origins, hvps, reuse_hvp,
-           probe, probe_norms, **k) -> None:
+           probe, probe_norms, rounding_keys=None, **k) -> None:
         state_lists, (grad_refs, diagnostics) = lists[:n_states], lists[n_states:]
         if _skipped(found_inf):
             return
@@ -193,7 +200,7 @@ def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
         _step_or_probe(spec.name, flags, direction_flags, params, grads, state_lists, grad_refs, diagnostics,
                        _rounded(part.scalars(k, d, common, dtype), dtype), correction=k["correction"],
                        update_grad_refs=update_grad_refs, origins=origins, hvps=hvps, reuse_hvp=reuse_hvp,
-                       probe=probe, probe_norms=probe_norms, inv_scale=inv_scale)
+                       probe=probe, probe_norms=probe_norms, inv_scale=inv_scale, rounding_keys=rounding_keys)
 
     op.__name__ = op.__qualname__ = spec.name
     return op

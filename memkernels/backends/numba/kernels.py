@@ -16,7 +16,11 @@ grad_refs, origins, hvps; 0 for an absent list), and runs one prange over
 `work`, rows of (tensor, first element, element count) that cut every tensor
 into chunks of at most CHUNK elements: one call and one fork/join of the thread
 pool per op call, however many tensors, and small tensors share the threads. The arrays after
-`work` are empty and only carry each list's dtype (see _dtypes.view).
+`work` are empty and only carry each list's dtype (see _dtypes.view). A stochastic step (the
+`stochastic` flag) also reads `keys`, one row per tensor with the key of each list it writes (the
+states, grad_refs, hvps: _ops.KEY_COLUMNS), and stores every bfloat16 element by
+_rounding.round_bf16 under its list's key at its index in the tensor (start + i); without the flag
+`keys` is empty and never read, and the stores round to nearest even.
 The inner loop runs over a chunk's views from index 0, which LLVM vectorizes (a
 loop from lo to hi does not: numba's negative-index handling hides that the
 index is non-negative), and the element math is force-inlined into it (a call
@@ -70,14 +74,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...ops import SPECS
-from . import _dtypes, _log1p, _penalty, elements
+from . import _dtypes, _log1p, _penalty, _rounding, elements
 from ._cache import cached
 from ._dtypes import SCRATCH, cast_like, fence, load, loads, scratch, store, stores, stream, view, views
 from ._fork import threads_usable
 from .elements import ELEMENTS
 
 SOURCES = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (
-    sys.modules[__name__], elements, _dtypes, _log1p, _penalty))).hexdigest()
+    sys.modules[__name__], elements, _dtypes, _log1p, _penalty, _rounding))).hexdigest()
 
 CHUNK = 1 << 14  # 64 KiB of fp32 per array: a few arrays of a chunk fit in L2
 SUB_BLOCK = 256  # elements per partial sum of the diagnostics
@@ -197,7 +201,7 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 @kernels(parallel=True)
 def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: bool, has_ref: bool, write_ref: bool,
-                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool):
+                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool, stochastic: bool):
     """The step of op (its elements.ELEMENTS entry, which takes `flags`) on every tensor of the call.
 
     The kernel takes the op's states as a tuple of dtype carriers, one per state of the op's spec in its
@@ -205,7 +209,8 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     of addresses.
     """
     element = ELEMENTS[op]
-    refs = 2 + len(SPECS[op].states)  # the columns of addresses: params, grads, the states, grad_refs, origins, hvps
+    n_states = len(SPECS[op].states)
+    refs = 2 + n_states  # the columns of addresses: params, grads, the states, grad_refs, origins, hvps
     # One tuple constant, not *flags: its items keep their constant types (a star call passes plain bools), so
     # numba compiles the step for these flags and drops their dead branches before LLVM sees them.
     step, step_flags = element.step, (*flags, correct, has_ref or reuse_hvp)
@@ -213,7 +218,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     log_penalty = diagnose and element.log_penalty(*flags)  # the penalty term is |g| (_penalty.py)
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
 
-    def kernel(addresses, work, params, grads, states, grad_refs, origins, hvps, sums, c):
+    def kernel(addresses, keys, work, params, grads, states, grad_refs, origins, hvps, sums, c):
         scale = cast_like(_SCALE, c.zero)
         for chunk in prange(work.shape[0]):
             if narrow_vectors:
@@ -235,7 +240,9 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                 for i in range(n):
                     g = elements.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
-                    if store_hvp:
+                    if store_hvp and stochastic:
+                        _rounding.store_rounded(h_, i, hvp, keys[row, n_states + 1], start + i)
+                    elif store_hvp:
                         store(h_, i, hvp)
                     if states_first:
                         states_in = loads(s_, i, c.zero)
@@ -245,8 +252,13 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                         states_in = loads(s_, i, c.zero)
                     p, new_states, g_raw, diag = step(theta, g, states_in, hvp, c, step_flags)
                     store(out_, i, p)
-                    stores(s_, i, new_states)
-                    if write_ref:
+                    if stochastic:
+                        _rounding.stores_rounded(s_, i, new_states, keys, row, 0, start + i)
+                    else:
+                        stores(s_, i, new_states)
+                    if write_ref and stochastic:
+                        _rounding.store_rounded(r_, i, g_raw, keys[row, n_states], start + i)
+                    elif write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
                         partial = add(partial, diag, scale, flips, log_penalty, correct)

@@ -1,0 +1,84 @@
+"""Compact states (docs/DESIGN.md, "Compact states"): the dtype a group keeps its states in, and the keys of
+their stochastic rounding.
+
+A group with state_dtype=torch.bfloat16 keeps its op's states, the kept estimate of H d ("hvp") and a copied
+previous gradient in bfloat16 (the math stays float32); otherwise states are as torch.optim makes them, in the
+param's dtype, and the estimate and the copied gradient in the compute dtype. With state_rounding="stochastic"
+every bfloat16 write rounds by ops/rounding.py under the key tensor_key(seed, step, tensor): step is the count
+the step makes (1 for the first), tensor = (the param's index in the optimizer's param list, groups in order)
+* SLOTS + the list's column in the op's rounding_keys (its states in spec order, then the previous gradient,
+then the kept estimate). Neither depends on how params are bucketed nor on the backend, so a rerun with the
+same seed gives the same bits on any backend that rounds stochastically.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops.rounding import tensor_keys
+from ..reference import compute_dtype
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+ROUNDINGS = ("stochastic", "nearest")
+SLOTS = 8  # key columns reserved per param: more than any op's states + 2 (_ops.KEY_COLUMNS)
+
+
+def check_group(group: dict) -> None:
+    """A ValueError naming state_dtype or state_rounding where the group cannot keep its states so."""
+    dtype, rounding = group["state_dtype"], group["state_rounding"]
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"state_rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if dtype != torch.bfloat16:
+        return
+    for p in group["params"]:
+        if p.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype=torch.bfloat16 needs float32 or bfloat16 params (its math is float32); "
+                             f"a parameter of shape {tuple(p.shape)} is {p.dtype}")
+    if group["capturable"] and rounding == "stochastic":
+        raise ValueError("state_rounding='stochastic' with capturable=True: the rounding keys come from the step "
+                         "count on the host, which device mode never reads; use state_rounding='nearest' or "
+                         "capturable=False")
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return operator.index(seed)
+
+
+def compact(group: dict) -> bool:
+    return group["state_dtype"] == torch.bfloat16
+
+
+def stochastic(group: dict) -> bool:
+    return compact(group) and group["state_rounding"] == "stochastic"
+
+
+def state_dtype(p: Tensor, group: dict) -> torch.dtype:
+    """The dtype of the op's states of p (torch.optim's: the param's, unless compact)."""
+    return torch.bfloat16 if compact(group) else p.dtype
+
+
+def buffer_dtype(p: Tensor, group: dict) -> torch.dtype:
+    """The dtype of p's kept estimate and copied previous gradient (the compute dtype, unless compact)."""
+    return torch.bfloat16 if compact(group) else compute_dtype(p)
+
+
+def cast_loaded(state: dict, p: Tensor, group: dict, state_keys: Sequence[str]) -> None:
+    """A loaded state's tensors in the group's dtypes (torch.optim has cast them to the param's dtype)."""
+    if not compact(group):
+        return
+    for key, value in state.items():
+        if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+            state[key] = value.to(state_dtype(p, group) if key in state_keys else buffer_dtype(p, group))
+
+
+def keys(seed: int, step: int, indices: Sequence[int], columns: int, device: torch.device) -> Tensor:
+    """The op's rounding_keys for params of these indices at this step: int64 [len(indices), columns]."""
+    tensors = torch.tensor(indices, dtype=torch.int64)[:, None] * SLOTS + torch.arange(columns)
+    return tensor_keys(seed, step, tensors).to(device)
