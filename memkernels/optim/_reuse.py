@@ -141,8 +141,8 @@ def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) 
     values = set(map(Tensor.item, counts))
     if len(values) != 1:
         return None
-    return dataclasses.replace(template, n=int(values.pop()), grads=grads, counts=counts, grad_refs=[], kept_again=False,
-                               prev_grad_modes=[], kwargs={}, checked=True)
+    return dataclasses.replace(template, n=int(values.pop()), grads=grads, counts=counts, grad_refs=[],
+                               kept_again=False, prev_grad_modes=[], kwargs={}, checked=True)
 
 
 def _previous_gradients(bucket: Bucket, template: Bucket, checked: _Checked, same_grads: bool,
