@@ -3,8 +3,8 @@
 Element functions, force-inlined into a kernel's loop; store_rounded() and stores_rounded() are the kernels'
 stochastic stores (kernels.py), resolved per array type at compile time like _dtypes.store(). numba widens
 uint32 arithmetic to 64 bits (a product of two uint32 is a uint64), so every step that may carry past bit 31 is
-cast back to uint32, which keeps its low 32 bits: arithmetic modulo 2**32, as the reference's. bfloat16 results are their 16 bits as uint16, the view of
-bfloat16 arrays in the kernels (_dtypes.py).
+cast back to uint32, which keeps its low 32 bits: arithmetic modulo 2**32, as the reference's. bfloat16
+results are their 16 bits as uint16, the view of bfloat16 arrays in the kernels (_dtypes.py).
 """
 from __future__ import annotations
 
