@@ -293,7 +293,7 @@ def _impl(op: str):
             kwargs["rounding_keys"] = keys if stochastic else None
         elif stochastic:
             raise ValueError(f"backend {name}: stochastic rounding of bf16 states is not implemented yet; "
-                             "state_rounding='nearest' or backend='numba'")
+                             "state_rounding='nearest', or backend='triton' (CUDA tensors) or 'numba' (CPU)")
         kwargs["origins"], kwargs["hvps"] = kwargs["origins"] or [], kwargs["hvps"] or []
         step_scalars = kwargs.pop("step_scalars")
         if kernel.device_step_scalars:

@@ -1,8 +1,9 @@
 """bfloat16 optimizer states with stochastic rounding (issue 20; docs/DESIGN.md, "Compact states").
 
-The ops: numba gives the reference's bits for every stochastically rounded write (states, updated grad_refs,
-kept estimates) in every op and mode, under several seeds; params, whose float32 math may differ in the last
-bit between torch and the kernels, within test_parity's tolerance. The rounding: unbiased in one step (the mean
+The ops: each kernel backend that runs here (numba; Triton under TRITON_INTERPRET=1) gives the reference's bits
+for every stochastically rounded write (states, updated grad_refs, kept estimates) in every op and mode, under
+several seeds, with keys on both sides of 2**31; params, whose float32 math may differ in the last bit between
+torch and the kernels, within test_parity's tolerance. The rounding: unbiased in one step (the mean
 over seeds of each bfloat16 state against the float32 state the same math gives, within a bound from its two
 bfloat16 neighbours); seeds change the bits and one seed repeats them. The optimizers: round-to-nearest
 reproduces the bf16 storage of before bit for bit; an EMA of v built to stall under round-to-nearest does, and
@@ -22,7 +23,7 @@ from memkernels import _ops, backends
 from memkernels.ops import SPECS
 from memkernels.ops.rounding import tensor_key, tensor_keys
 from memkernels.optim import _compact
-from test_parity import PROBE_GRADIENT, TAU, TRAJECTORY, TOLERANCE, assert_close, make_inputs, run
+from test_parity import BACKENDS, PROBE_GRADIENT, TAU, TRAJECTORY, TOLERANCE, assert_close, make_inputs, run
 from _training import X, Y, batches, mlp, train
 
 OPTIMIZERS = {"adamw": mk.AdamW, "lion": mk.Lion, "sgd": mk.SGD, "ademamix": mk.AdEMAMix}
@@ -53,11 +54,13 @@ def test_tensor_keys_are_tensor_key():
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("op", list(SPECS))
 @pytest.mark.parametrize("name,kwargs,refs,diagnostics,hvps", MODES, ids=[m[0] for m in MODES])
-def test_numba_rounds_as_the_reference_bit_for_bit(op, name, kwargs, refs, diagnostics, hvps, seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_round_as_the_reference_bit_for_bit(backend, op, name, kwargs, refs, diagnostics, hvps, seed):
     inputs = bf16_inputs(op, kwargs, refs, hvps)
     call = dict(kwargs, rounding_keys=keys(op, seed))
+    assert (call["rounding_keys"] >= 1 << 31).any() and (call["rounding_keys"] < 1 << 31).any()
     expected = run(op, "reference", inputs, call, diagnostics)
-    actual = run(op, "numba", inputs, call, diagnostics)
+    actual = run(op, backend, inputs, call, diagnostics)
     nearest = run(op, "reference", inputs, kwargs, diagnostics)
     for key in ("states", "grad_refs", "hvps"):
         for i, (a, e) in enumerate(zip(actual[key], expected[key], strict=True)):
@@ -165,15 +168,17 @@ def test_nearest_is_the_bf16_storage_of_before_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("mode", ["plain", "trajectory", "probe_every_2"])
-def test_numba_and_reference_optimizers_keep_the_same_bf16_states(name, mode):
-    """Three steps of each optimizer with bf16 states rounded stochastically, on numba and on the reference:
-    every state the same bits (params within the parity tolerance: the gradients are fixed, not recomputed)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_and_reference_optimizers_keep_the_same_bf16_states(backend, name, mode):
+    """Three steps of each optimizer with bf16 states rounded stochastically, on a kernel backend and on the
+    reference: every state the same bits (params within the parity tolerance: the gradients are fixed, not
+    recomputed)."""
     kwargs = {"plain": {}, "trajectory": dict(memory_correction=-1.0, hvp="trajectory"),
               "probe_every_2": dict(track_memory=True, hvp="probe", hvp_every=2)}[mode]
     out = []
-    for backend in ("reference", "numba"):
+    for runs_on in ("reference", backend):
         params = _params()
-        opt = OPTIMIZERS[name](params, lr=1e-3, backend=backend, state_dtype=torch.bfloat16, seed=5, **kwargs)
+        opt = OPTIMIZERS[name](params, lr=1e-3, backend=runs_on, state_dtype=torch.bfloat16, seed=5, **kwargs)
         gen = torch.Generator().manual_seed(1)
         grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
         for step in range(3):
@@ -186,12 +191,12 @@ def test_numba_and_reference_optimizers_keep_the_same_bf16_states(name, mode):
                 warnings.simplefilter("ignore")
                 opt.step(closure if mode == "probe_every_2" else None)
         out.append((params, opt))
-    (ref_params, ref), (nb_params, nb) = out
-    for p, q in zip(ref_params, nb_params):
-        assert ref.state[p].keys() == nb.state[q].keys()
+    (ref_params, ref), (kernel_params, kernel) = out
+    for p, q in zip(ref_params, kernel_params):
+        assert ref.state[p].keys() == kernel.state[q].keys()
         for key, value in ref.state[p].items():
             if key != "step":
-                assert value.dtype == torch.bfloat16 and torch.equal(value, nb.state[q][key]), key
+                assert value.dtype == torch.bfloat16 and torch.equal(value, kernel.state[q][key]), key
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
@@ -265,17 +270,30 @@ def test_a_step_refused_for_its_state_options_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before[1], _bits(opt)))
 
 
-def test_backends_without_stochastic_rounding_refuse_it_and_auto_passes_them_over():
+def test_kernels_without_stochastic_rounding_refuse_it_and_auto_passes_them_over(monkeypatch):
+    """CUDA's kernels do not round stochastically yet. CUDA cannot run here, so a kernel registered as CUDA's
+    without the capability stands in for its kernels, on CPU and CUDA tensors: a stochastic call forced to it
+    raises before it runs, and "auto" passes it over with a warning (to Triton where Triton takes CUDA tensors);
+    a round-to-nearest call runs on it."""
     op, inputs = "adamw", bf16_inputs("adamw", {}, False, False)
-    untouched = [t.clone() for s in inputs["states"] for t in s]
-    if backends.load("triton").startswith("available") and backends.has_kernel(op, "triton", "cpu"):
-        with pytest.raises(ValueError, match="backend triton: stochastic rounding of bf16 states is not implemented"):
-            run(op, "triton", inputs, dict(rounding_keys=keys(op, 0)), False)
-        assert all(torch.equal(a, b) for a, b in zip(untouched, [t for s in inputs["states"] for t in s]))
+    calls = []
+    stand_in = backends.register("cuda", op, ())(lambda *args, **kwargs: calls.append(kwargs))
+    for device_type in ("cpu", "cuda"):
+        monkeypatch.setitem(backends._kernels, (op, "cuda", device_type), stand_in)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.raises(ValueError, match="backend cuda: stochastic rounding of bf16 states is not implemented"):
+        run(op, "cuda", inputs, dict(rounding_keys=keys(op, 0)), False)
+    assert calls == []
+    run(op, "cuda", inputs, {}, False)
+    assert len(calls) == 1 and "rounding_keys" not in calls[0]
+    after_cuda = "triton" if backends.has_kernel(op, "triton", "cuda") else "reference"
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' skipped on cuda: stochastic rounding"):
+        assert backends.resolve(op, "auto", "cuda", stochastic=True)[0] == after_cuda
+    assert backends.resolve(op, "auto", "cuda")[0] == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert backends.resolve(op, "auto", "cuda", stochastic=True)[0] == "reference"
         assert backends.resolve(op, "auto", "cpu", stochastic=True)[0] == "numba"
+
 
 
 def test_rounding_keys_of_the_wrong_shape_or_range_are_refused():

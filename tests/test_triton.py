@@ -662,6 +662,8 @@ _COMPILE = textwrap.dedent('''
             if kw.get(name) is not None:
                 kw[name] = torch.tensor(kw[name], dtype=torch.float64)
         kw["probe_norms"] = torch.zeros(2, dtype=torch.float64) if kw["probe_norms"] else None
+        if kw.pop("rounding_keys", False):
+            kw["rounding_keys"] = torch.zeros(len(lists[0]), len(SPECS[op].states) + 2, dtype=torch.int64)
         diag = torch.zeros(NDIAG, dtype=torch.float64) if kw.pop("diag") else None
         host.launch(SPECS[op], *lists, diag, **kw)
 
@@ -684,6 +686,7 @@ _COMPILE = textwrap.dedent('''
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         results.append({"op": kw["STEP"].__name__, "v4_loads": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4", ptx)),
                         "device_scalars": kw["DEVICE_SCALARS"], "fmas": len(re.findall(r"\\bfma\\.", ptx)),
+                        "stochastic": kw["STOCHASTIC"], "hashes": ptx.count(str(0x7FEB352D)),
                         "ieee_f64": sorted(set(re.findall(r"(?:sqrt|div)\\.rn\\.f64", ptx)))})
     print(json.dumps(results))
 ''')
@@ -720,11 +723,15 @@ def _compile_cases() -> list:
             ("sgd", [f32, f32, None, None], dict(SGD, **dict(probe, probe_norms=False, momentum=0.0))),
             ("adamw", [f32] * 5, dict(ADAMW, **after_probe, step_scalars=[1e-3, 0.1, 0.01, 1.0, 2.0, 3.0])),
             ("lion", ["bfloat16"] * 3 + [None], dict(LION, **reuse)),
-            ("sgd", [f32] * 4, dict(SGD, **after_probe))]
+            ("sgd", [f32] * 4, dict(SGD, **after_probe)),
+            ("adamw", [f32, f32] + ["bfloat16"] * 3, dict(ADAMW, **traj, rounding_keys=True)),
+            ("sgd", ["bfloat16"] * 3 + [f32], dict(SGD, **dict(after_probe, hvps="bfloat16"), rounding_keys=True,
+                                                    step_scalars=[1e-3, 2.0, 3.0, 4.0]))]
 
 
 def test_kernels_compile_for_sm90():
-    """Every kind of launch the host code makes compiles for Hopper; aligned full tiles load 16 bytes at a time."""
+    """Every kind of launch the host code makes compiles for Hopper; aligned full tiles load 16 bytes at a time;
+    only a stochastic step hashes (its first multiplier is in the code), the others are the code of before."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cases = _compile_cases()
@@ -735,6 +742,8 @@ def test_kernels_compile_for_sm90():
     assert len(results) == len(cases)
     for result in results:
         assert result["v4_loads"] > 0, result
+        assert (result["hashes"] > 0) == result["stochastic"], result
+    assert sum(r["stochastic"] for r in results) == 2, results
     # What a step does not use is dropped: AdamW's penalty (a log, libdevice's FMAs: the kernels contract none)
     # is computed for the diagnostics only.
     assert [(r["op"], r["fmas"] > 0) for r in (results[0], results[3])] == [("adamw", False), ("adamw", True)], \

@@ -78,7 +78,7 @@ state_dtype (torch.dtype, optional): torch.bfloat16 keeps the op's states, the k
     copied previous gradient in bfloat16 (half the bytes; the math stays float32; params must be float32 or
     bfloat16); torch.float32: states as torch.optim keeps them, in the param's dtype (default: torch.float32).
 state_rounding (str, optional): how bfloat16 states are written: "stochastic" (unbiased: an EMA's small
-    increments survive on average; not with capturable=True; backends numba and reference) or "nearest"
+    increments survive on average; not with capturable=True; backends numba, triton and reference) or "nearest"
     (round to nearest even: an increment below half an ulp is lost, so EMAs with beta near 1 stall)
     (default: "stochastic").
 seed (int, optional): the stochastic rounding's seed (not per group): a step's bits are a function of the

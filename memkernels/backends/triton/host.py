@@ -5,7 +5,8 @@ this step's. The scalars that reference.py derives in Python (1 - beta1, lr / bi
 1 - lr * weight_decay, correction * lr * lr, ...) come from the op's derive() in float64, and the
 launch rounds each to fp32 exactly as torch rounds a Python scalar against an fp32 tensor.
 grad_scale, found_inf and probe_tau stay on the device: the kernel reads them, so a step never syncs
-the host.
+the host. So do rounding_keys: a stochastic step's kernel reads each tensor's keys from them, and one
+compiled variant serves every key.
 
 With a `step_scalars` tensor the per-step floats are placeholders: `n` holds zeros, which the kernel
 replaces by the op's derivation on the device from the tensor, so only the static scalars and flags
@@ -89,10 +90,11 @@ def launch(spec: OpSpec, params: Sequence[Tensor], grads: Sequence[Tensor], *lis
            step_scalars: Tensor | None = None, correction: float, correction_limit: float, hvp_scale: float,
            maximize: bool, memoryless: bool, update_grad_refs: bool, grad_scale: Tensor | None,
            found_inf: Tensor | None, origins: Sequence[Tensor], hvps: Sequence[Tensor], reuse_hvp: bool,
-           probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None, **scalars: Any) -> None:
+           probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None, rounding_keys: Tensor | None = None,
+           **scalars: Any) -> None:
     """The op's kernel: one launch over every tensor of the call. lists: the op's state lists, grad_refs and
     diagnostics, as the op passes them; the table's columns are params, grads, the states, grad_refs, origins
-    and hvps."""
+    and hvps. rounding_keys: a stochastic step's keys (memkernels._ops), None to round to nearest."""
     *state_lists, grad_refs, diagnostics = lists
     device = _check_device(spec.name, params)
     numels = [p.numel() for p in params]
@@ -104,12 +106,14 @@ def launch(spec: OpSpec, params: Sequence[Tensor], grads: Sequence[Tensor], *lis
     grad_scale, found_inf = _on(grad_scale, device), _on(found_inf, device)
     if step_scalars is not None and not step_scalars.is_contiguous():
         step_scalars = step_scalars.contiguous()  # the kernel reads consecutive float64s
+    if rounding_keys is not None and not rounding_keys.is_contiguous():
+        rounding_keys = rounding_keys.contiguous()  # the kernel reads row-major int64s
     op = elements.OPS[spec.name]
     p = params[0]
     s, n = _scalars(spec, op, dict(scalars, correction=correction, correction_limit=correction_limit,
                                    hvp_scale=hvp_scale, memoryless=memoryless), step_scalars is not None)
     states = tuple((2 + i, _dtype(lst, p)) for i, lst in enumerate(state_lists) if lst)
-    pointers = (diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms)
+    pointers = (diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms, rounding_keys)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:  # Triton launches on the current device's current stream
         kernels.multi_tensor_kernel[(blocks.numel() // 2,)](
@@ -122,7 +126,7 @@ def launch(spec: OpSpec, params: Sequence[Tensor], grads: Sequence[Tensor], *lis
             HAS_TAU=probe_tau is not None, NORMS=probe_norms is not None, DIAG=diagnostics is not None,
             MEMORYLESS=memoryless, CORRECTION=correction != 0.0, MAXIMIZE=maximize,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, ALIGNED=aligned,
-            SOFT_BF16=interpreting(), NCOL=len(columns) + 1, BLOCK=BLOCK,
+            SOFT_BF16=interpreting(), STOCHASTIC=rounding_keys is not None, NCOL=len(columns) + 1, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
 
 
@@ -138,4 +142,5 @@ for _spec in SPECS.values():
     if _spec.name not in elements.OPS:
         raise RuntimeError(f"the op {_spec.name!r} of memkernels.ops has no Triton element functions (elements.OPS)")
     _check_order(_spec, elements.OPS[_spec.name])
-    register("triton", _spec.name, DEVICE_TYPES, device_step_scalars=True)(functools.partial(launch, _spec))
+    register("triton", _spec.name, DEVICE_TYPES, device_step_scalars=True, stochastic_rounding=True)(
+        functools.partial(launch, _spec))

@@ -31,6 +31,14 @@ arrive either in `n`, derived on the host, or (DEVICE_SCALARS) in a float64
 tensor that each program reads: the op's DERIVED then derives the rest itself,
 in float64 and in the host's order. Both give the same bits; only the second
 lets a captured CUDA graph or a compiled step change lr without the host.
+
+A stochastic step (STOCHASTIC) rounds every bfloat16 write of a state, a
+grad_ref and a kept estimate by _rounding.round_bf16 under its list's key at
+the element's index in its tensor (start + i), as numba does: the keys arrive
+as an int64 tensor (rounding_keys: per tensor, the op's states in spec order,
+then grad_refs, then hvps: the table's columns from 2 without the origins),
+read like the pointer table, so one compiled variant serves every key. Without
+it the keys are never read and the stores are those of before.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ...reference import DIAGNOSTICS
-from . import elements
+from . import _rounding, elements
 
 _LIMITED = tl.constexpr(DIAGNOSTICS.index("limited"))  # the slot that counts where the limit acted
 
@@ -90,6 +98,22 @@ def _store(ptrs, x, mask, DT: tl.constexpr, MASKED: tl.constexpr, SOFT_BF16: tl.
 
 
 @triton.jit
+def _store_rounded(ptrs, x, mask, keys, key_col: tl.constexpr, start, DT: tl.constexpr, MASKED: tl.constexpr,
+                   SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """_store of a state, grad_refs or hvps tile; in a stochastic step a bfloat16 one is rounded by round_bf16
+    under keys[key_col], each element by its bits at its index in the tensor."""
+    if STOCHASTIC and DT == tl.bfloat16:
+        bits = _rounding.random_bits(tl.load(keys + key_col), start + tl.arange(0, BLOCK))
+        y = _rounding.round_bf16(x, bits)
+        if MASKED:
+            tl.store(ptrs, y, mask=mask)
+        else:
+            tl.store(ptrs, y)
+    else:
+        _store(ptrs, x, mask, DT, MASKED, SOFT_BF16)
+
+
+@triton.jit
 def _load_grad(ptrs, mask, inv_scale, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
     """reference.load_grad: unscale (AMP), then negate when maximizing."""
     g = _load(ptrs, mask, MASKED)
@@ -125,12 +149,13 @@ def _load_states(table, row, start, mask, STATES: tl.constexpr, MASKED: tl.const
 
 
 @triton.jit
-def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, R: tl.constexpr, H: tl.constexpr,
-         MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, UPDATE_REFS: tl.constexpr,
-         REUSE_HVP: tl.constexpr, STORE_HVP: tl.constexpr, ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr,
-         BLOCK: tl.constexpr):
+def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, keys, R: tl.constexpr,
+         H: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+         UPDATE_REFS: tl.constexpr, REUSE_HVP: tl.constexpr, STORE_HVP: tl.constexpr, ALIGNED: tl.constexpr,
+         SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """H d as backends/reference.py gets it for the op math: a kept estimate (hvps, column r_col + 2), or the
-    estimate from g_ref (grad_refs, column r_col), kept in hvps when STORE_HVP."""
+    estimate from g_ref (grad_refs, column r_col), kept in hvps when STORE_HVP (under keys[r_col - 1]: the
+    keys have no origins column)."""
     if REUSE_HVP:
         hvp = _load(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), mask, MASKED)
     else:
@@ -138,7 +163,8 @@ def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, 
         g_ref = _load_ref(r_ptrs, mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE, UPDATE_REFS)
         hvp = elements.estimate_hvp(g_ref, g, hvp_scale)
         if STORE_HVP:
-            _store(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), hvp, mask, H, MASKED, SOFT_BF16)
+            _store_rounded(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), hvp, mask, keys, r_col - 1, start,
+                           H, MASKED, SOFT_BF16, STOCHASTIC, BLOCK)
     return hvp
 
 
@@ -233,14 +259,14 @@ def _probe_tile(table, row, start, n_el, probe_norms, inv_scale, tau, s, n, DIRE
 # ------------------------------------------------------------------ the step
 
 @triton.jit
-def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, s, n, STEP: tl.constexpr,
+def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys, s, n, STEP: tl.constexpr,
                FLAGS: tl.constexpr, STATES: tl.constexpr, MASKED: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
                H: tl.constexpr, HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
                STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, DIAG: tl.constexpr, MEMORYLESS: tl.constexpr,
                CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
-               SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+               SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     """backends/reference.py's step on one tile: theta (from the origins after a probe pass), g, the states
-    and H d in, the op's STEP, its results out."""
+    and H d in, the op's STEP, its results out. keys: the tensor's row of rounding_keys (read if STOCHASTIC)."""
     r_col: tl.constexpr = NCOL - 4  # grad_refs, then origins, hvps and the numel
     mask = tl.arange(0, BLOCK) < n_el - start
     p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
@@ -253,8 +279,8 @@ def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, s, n,
     NEED_M: tl.constexpr = (HAS_REF or REUSE_HVP) and (CORRECTION or DIAG)
     hvp = None  # the reference's: no estimate, M = 0
     if NEED_M or STORE_HVP:
-        estimate = _hvp(table, row, r_col, start, mask, g, inv_scale, hvp_scale, R, H, MASKED, HAS_SCALE, MAXIMIZE,
-                        UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, BLOCK)
+        estimate = _hvp(table, row, r_col, start, mask, g, inv_scale, hvp_scale, keys, R, H, MASKED, HAS_SCALE,
+                        MAXIMIZE, UPDATE_REFS, REUSE_HVP, STORE_HVP, ALIGNED, SOFT_BF16, STOCHASTIC, BLOCK)
         if NEED_M:
             hvp = estimate
 
@@ -264,14 +290,17 @@ def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, s, n,
 
     _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
     for k in tl.static_range(len(STATES)):
-        _store(state_ptrs[k], states[k], mask, STATES[k][1], MASKED, SOFT_BF16)
+        _store_rounded(state_ptrs[k], states[k], mask, keys, STATES[k][0] - 2, start, STATES[k][1], MASKED, SOFT_BF16,
+                       STOCHASTIC, BLOCK)
     if HAS_REF and UPDATE_REFS:
-        _store(_tile(table, row, r_col, start, R, ALIGNED, BLOCK), g_ref, mask, R, MASKED, SOFT_BF16)
+        _store_rounded(_tile(table, row, r_col, start, R, ALIGNED, BLOCK), g_ref, mask, keys, r_col - 2, start, R,
+                       MASKED, SOFT_BF16, STOCHASTIC, BLOCK)
 
 
 @triton.jit
 def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_scalars, probe_tau, probe_norms,
-                        s, n, weight_decay64: tl.float64, correction64: tl.float64, correction_limit64: tl.float64,
+                        rounding_keys, s, n, weight_decay64: tl.float64, correction64: tl.float64,
+                        correction_limit64: tl.float64,
                         STEP: tl.constexpr, DIRECTION: tl.constexpr, DERIVED: tl.constexpr, FLAGS: tl.constexpr,
                         STATES: tl.constexpr, NSTEP: tl.constexpr, DEVICE_SCALARS: tl.constexpr, P: tl.constexpr,
                         R: tl.constexpr, H: tl.constexpr, HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr,
@@ -279,7 +308,7 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
                         PROBE: tl.constexpr, HAS_TAU: tl.constexpr, NORMS: tl.constexpr, DIAG: tl.constexpr,
                         MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
                         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr,
-                        SOFT_BF16: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                        SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     """s, n: the op's static and per-step fp32 scalars (namedtuples, elements.py); the float64 ones are the static
     scalars DERIVED combines with the step scalars (weight_decay64 is 0 for an op without decay)."""
     row, start, go = _program(blocks, found_inf, HAS_INF)
@@ -290,6 +319,7 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
         hvp_scale = n.hvp_scale
         if HAS_TAU and not PROBE:
             hvp_scale = _inverse_tau(probe_tau)
+        keys = rounding_keys + row * (NCOL - 4)  # this tensor's row: its states', grad_refs' and hvps' keys
         row = row * NCOL
         n_el = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
@@ -302,10 +332,10 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
                 _probe_tile(table, row, start, n_el, probe_norms, inv_scale, tau, s, n, DIRECTION, FLAGS, NCOL - 3,
                             True, P, MAXIMIZE, HAS_SCALE, NORMS, ALIGNED, SOFT_BF16, BLOCK)
         elif start + BLOCK <= n_el:
-            _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, s, n, STEP, FLAGS, STATES, False,
-                       P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
-                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, NCOL, BLOCK)
+            _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys, s, n, STEP, FLAGS, STATES,
+                       False, P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
+                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, NCOL, BLOCK)
         else:
-            _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, s, n, STEP, FLAGS, STATES, True,
-                       P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
-                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, NCOL, BLOCK)
+            _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys, s, n, STEP, FLAGS, STATES,
+                       True, P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
+                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, NCOL, BLOCK)
