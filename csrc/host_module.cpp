@@ -4,14 +4,17 @@
 // Every op of the generated op list (MK_FOR_EACH_OP, memkernels/op_args.h, generated at build time) is bound
 // through its generated trait (memkernels/op_traits.cuh), as the kernels call it:
 //   <op>(p, grad, states, grad_ref=None, *, hvp=None, origin=None, maximize=False,
-//        update_grad_refs=False, inv_scale=1.0, probe=False, tau=0.0, **args)
+//        update_grad_refs=False, inv_scale=1.0, probe=False, tau=0.0, keys=None, index=0, **args)
 // args are the op's Args fields by name (every one, nothing else); states are its
 // state arrays in spec order (None for an absent optional one). Each array is one
 // tensor's worth of raw values: float32 runs the math in float, float64 in double.
 // The driver's per-element part is repeated here as multi_tensor.cuh's step_elements
 // does it: load_grad / load_ref, theta from origin, hvp estimated from grad_ref or a
 // kept one. Returns every per-element output of math.h's Step (and the hvp the step
-// used); with probe=True, those of the probe pass instead.
+// used); with probe=True, those of the probe pass instead. Given keys (int64, a tensor's row of rounding_keys:
+// the op's states, grad_refs, hvps) and float32 arrays, also "bf16": each state, g (a grad_ref written) and hvp
+// (a kept estimate stored) as the stochastic step writes them to bfloat16 lists (rounding.h's rounded_write under
+// the list's key, KeyCols), element i at index + i: the bits (uint16), None for an absent state.
 // Also bound: rounding.h's random_bits and round_bf16 over arrays (bind_rounding).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -78,6 +81,8 @@ struct Inputs {
   double inv_scale;
   bool probe;
   double tau;  // the probe's displacement
+  py::object keys;  // None: no stochastic writes
+  std::int64_t index;  // the tensor index of the first element
 };
 
 // Every output of math.h's Step per element, as numpy arrays.
@@ -106,6 +111,37 @@ struct Outputs {
   Array<T> p, g, M, hvp;
   Array<T> states[NS];
   Array<T> diag[mk::NDIAG];
+};
+
+// The stochastic step's bfloat16 writes (multi_tensor.cuh's store_list) of each element's states, g and hvp.
+template <int NS>
+struct Rounded {
+  Rounded(py::ssize_t n, const std::int64_t* keys, std::uint64_t index, const bool (&present)[NS])
+      : g(n), hvp(n), keys(keys), index(index) {
+    for (int k = 0; k < NS; ++k) {
+      if (present[k]) states[k].emplace(n);
+    }
+  }
+  void put(py::ssize_t i, const mk::Step<float, NS>& st, float hvp_used) {
+    using Key = mk::KeyCols<NS>;
+    const std::uint64_t at = index + std::uint64_t(i);
+    for (int k = 0; k < NS; ++k) {
+      if (states[k]) states[k]->mutable_data()[i] = mk::rounded_write(st.states[k], keys[k], at);
+    }
+    g.mutable_data()[i] = mk::rounded_write(st.g, keys[Key::kGradRef], at);
+    hvp.mutable_data()[i] = mk::rounded_write(hvp_used, keys[Key::kHvp], at);
+  }
+  py::dict to_dict() const {
+    py::tuple st(NS);
+    for (int k = 0; k < NS; ++k) st[k] = states[k] ? py::object(*states[k]) : py::object(py::none());
+    py::dict out;
+    out["states"] = st, out["g"] = g, out["hvp"] = hvp;
+    return out;
+  }
+  std::optional<Array<std::uint16_t>> states[NS];
+  Array<std::uint16_t> g, hvp;
+  const std::int64_t* keys;
+  std::uint64_t index;
 };
 
 // The probe pass: p = theta + tau d for the op's direction d, theta^2, d^2.
@@ -144,6 +180,22 @@ py::dict run(const Inputs& in, const typename Op::Args& a) {
   if (ref && kept) throw std::invalid_argument("hvp (reuse) reads the estimate instead of grad_ref: pass one");
   const auto args = mk::make_grad_args<T>(in.inv_scale, in.maximize, in.update_grad_refs && !in.probe);
   if (in.probe) return run_probe<Op>(p, grad, n, args, T(in.tau), s);
+  std::optional<Array<std::int64_t>> ka;
+  const std::int64_t* keys = nullptr;
+  if (!in.keys.is_none()) {
+    ka.emplace(in.keys);
+    if (ka->ndim() != 1 || ka->shape(0) != mk::KeyCols<NS>::kWidth) {
+      throw std::invalid_argument("keys must be 1-d: a key per state, then grad_refs' and hvps'");
+    }
+    keys = ka->data();
+    for (int k = 0; k < mk::KeyCols<NS>::kWidth; ++k) {
+      if (keys[k] < 0 || keys[k] > 0xFFFFFFFFll) throw std::invalid_argument("keys must be in [0, 2**32)");
+    }
+    if (!std::is_same_v<T, float>) throw std::invalid_argument("keys: bfloat16 writes round float32 values");
+  }
+  if (in.index < 0) throw std::invalid_argument("index must be >= 0");
+  std::optional<Rounded<NS>> rounded;
+  if (keys) rounded.emplace(n, keys, std::uint64_t(in.index), present);
   Outputs<T, NS> out(n);
   for (py::ssize_t i = 0; i < n; ++i) {
     T theta = origin ? origin[i] : p[i];
@@ -151,9 +203,15 @@ py::dict run(const Inputs& in, const typename Op::Args& a) {
     T hvp = ref ? mk::estimate_hvp(mk::load_ref(ref[i], args), g, s.hvp_scale) : kept ? kept[i] : T(0);
     T values[NS];
     for (int k = 0; k < NS; ++k) values[k] = present[k] ? st[k][i] : T(0);
-    out.put(i, Op::step(theta, g, values, present, hvp, ref || kept, s), hvp);
+    const mk::Step<T, NS> step = Op::step(theta, g, values, present, hvp, ref || kept, s);
+    out.put(i, step, hvp);
+    if constexpr (std::is_same_v<T, float>) {
+      if (rounded) rounded->put(i, step, hvp);
+    }
   }
-  return out.to_dict();
+  py::dict d = out.to_dict();
+  if (rounded) d["bf16"] = rounded->to_dict();
+  return d;
 }
 
 template <class Op>
@@ -164,13 +222,14 @@ void bind(py::module_& m, py::dict& state_keys, const char* op) {
   m.def(
       op,
       [op](py::array p, py::array grad, std::vector<py::object> states, py::object grad_ref, py::object hvp,
-           py::object origin, bool maximize, bool update_grad_refs, double inv_scale, bool probe, double tau, py::kwargs values) {
+           py::object origin, bool maximize, bool update_grad_refs, double inv_scale, bool probe, double tau,
+           py::object keys, std::int64_t index, py::kwargs values) {
         if (states.size() != std::size_t(Op::kStates)) {
           throw std::invalid_argument(std::string(op) + " takes " + std::to_string(Op::kStates) + " states, got " +
                                       std::to_string(states.size()));
         }
         Inputs in{p, grad, std::move(states), grad_ref, hvp, origin, maximize, update_grad_refs, inv_scale,
-                  probe, tau};
+                  probe, tau, keys, index};
         const auto a = make_args<Op>(op, values);
         if (p.dtype().is(py::dtype::of<double>())) return run<Op, double>(in, a);
         if (p.dtype().is(py::dtype::of<float>())) return run<Op, float>(in, a);
@@ -179,7 +238,7 @@ void bind(py::module_& m, py::dict& state_keys, const char* op) {
       py::arg("p"), py::arg("grad"), py::arg("states"), py::arg("grad_ref") = py::none(), py::kw_only(),
       py::arg("hvp") = py::none(), py::arg("origin") = py::none(), py::arg("maximize") = false,
       py::arg("update_grad_refs") = false, py::arg("inv_scale") = 1.0, py::arg("probe") = false,
-      py::arg("tau") = 0.0);
+      py::arg("tau") = 0.0, py::arg("keys") = py::none(), py::arg("index") = 0);
 }
 
 // rounding.h over arrays: random_bits(key, index) of each int64 index; round_bf16(x, bits) of float32 x with

@@ -15,7 +15,8 @@ from the spec (squares positive, an optional one absent where its scalar is 0); 
 the spec's examples in every combination of its flags' values and variants (SETTINGS), in every
 mode (MODES), and at random within the spec's bounds. The per-element part of
 backends/reference.py's _run (theta from an origin, hvp estimated or a kept one) is the host
-module's, as it is the kernels' driver's.
+module's, as it is the kernels' driver's; so are the stochastic step's bfloat16 writes (rounding.h's
+rounded_write under each list's key), checked against the reference's rounding bit for bit.
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ import pytest
 import torch
 
 from memkernels import reference
-from memkernels._ops import CORRECTION_LIMIT
+from memkernels._ops import CORRECTION_LIMIT, KEY_COLUMNS
 from memkernels.backends.cuda import _build
-from memkernels.ops import SPECS
+from memkernels.ops import SPECS, rounding
 from memkernels.ops.spec import OpSpec, Scalar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,3 +443,76 @@ def test_bad_input_is_rejected(host, op):
     if required:  # None leaves out only an optional state
         with pytest.raises(ValueError, match=f"{spec.state_keys[required[0]]} is required"):
             step(x["p"], x["grad"], [None if i == required[0] else s for i, s in enumerate(x["states"])], None, **kw)
+
+
+# --------------------------------------------------------------------------- stochastic bfloat16 writes
+
+# Where a call's element indices start: a tensor's first element, a later chunk's, and just below 2**32, so that
+# the indices cross into the hash's high word.
+INDEX_STARTS = [0, 3 * 16384, 2 ** 32 - 200]
+# The modes that write each list: states always, grad_refs in trajectory mode, kept estimates from grad_refs.
+SR_MODES = ["plain", "correction_-1_probe", "correction_0.5_trajectory", "grad_scale_trajectory", "reuse_hvp",
+            "origin_probe"]
+
+
+def _bf16_bits(value: torch.Tensor, key: int, start: int) -> np.ndarray:
+    """The reference's stochastic bfloat16 write of float32 values at element indices start, start + 1, ..."""
+    index = torch.arange(start, start + value.numel(), dtype=torch.int64)
+    return rounding.round_bf16(value, rounding.random_bits(key, index)).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("mode", SR_MODES)
+@pytest.mark.parametrize("op", SPECS)
+def test_stochastic_bf16_writes_match_the_reference(host, op, mode):
+    """Every state, the processed g (a grad_ref's write) and the estimated hvp (a kept estimate's write), each
+    under its list's key (KEY_COLUMNS: the states, grad_refs, hvps; random, so a wrong column fails), rounded to
+    bfloat16 as the reference rounds them: the same bits, in every setting of the op's flags, at element
+    indices from 0, from a later chunk and across 2**32."""
+    spec = SPECS[op]
+    for setting in _settings(spec):
+        seed = int.from_bytes(os.urandom(4), "little")
+        rng = np.random.default_rng(seed)
+        kw, has_ref, flags = _split(spec, setting, MODES[mode])
+        present = _present(spec, kw)
+        x = _inputs(rng, spec, np.float32)
+        keys = rng.integers(0, 2 ** 32, KEY_COLUMNS[op], dtype=np.int64)
+        (want, hvp), _ = _reference(_reference_step, op, x, present, has_ref, kw, flags["reuse"],
+                                    flags["origin"])
+        for start in INDEX_STARTS:
+            states = [s if here else None for s, here in zip(x["states"], present)]
+            with np.errstate(all="ignore"):
+                got = getattr(host, op)(x["p"], x["grad"], states, x["grad_ref"] if has_ref else None,
+                                        hvp=x["hvp"] if flags["reuse"] else None,
+                                        origin=x["origin"] if flags["origin"] else None, keys=keys, index=start, **kw)
+            rounded, where = got["bf16"], f"{op} {setting} {mode} from {start} (seed {seed})"
+            expected_states = iter(want.states)
+            for k, here in enumerate(present):
+                if not here:
+                    assert rounded["states"][k] is None, where
+                    continue
+                expected = _bf16_bits(next(expected_states), int(keys[k]), start)
+                np.testing.assert_array_equal(rounded["states"][k], expected, err_msg=f"{where}: states[{k}]")
+            np.testing.assert_array_equal(rounded["g"], _bf16_bits(want.g, int(keys[-2]), start),
+                                          err_msg=f"{where}: g")
+            if hvp is not None and not flags["reuse"]:
+                np.testing.assert_array_equal(rounded["hvp"], _bf16_bits(hvp, int(keys[-1]), start),
+                                              err_msg=f"{where}: hvp")
+            nearest = want.g.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            assert (rounded["g"] != nearest).any(), f"{where}: every g rounded to nearest"
+
+
+def test_stochastic_writes_refuse_bad_keys(host):
+    spec = SPECS["adamw"]
+    x = _inputs(np.random.default_rng(0), spec, np.float32, n_random=8, edges=False)
+    kw = {**COMMON, **spec.examples}
+    keys = np.arange(KEY_COLUMNS["adamw"], dtype=np.int64)
+    with pytest.raises(ValueError, match="keys must be 1-d: a key per state"):
+        host.adamw(x["p"], x["grad"], x["states"], keys=keys[:-1], **kw)
+    with pytest.raises(ValueError, match=r"keys must be in \[0, 2\*\*32\)"):
+        host.adamw(x["p"], x["grad"], x["states"], keys=keys + (1 << 32), **kw)
+    with pytest.raises(ValueError, match="index must be >= 0"):
+        host.adamw(x["p"], x["grad"], x["states"], keys=keys, index=-1, **kw)
+    with pytest.raises(ValueError, match="bfloat16 writes round float32 values"):
+        host.adamw(x["p"].astype(np.float64), x["grad"].astype(np.float64),
+                   [s.astype(np.float64) for s in x["states"]], keys=keys, **kw)
+    assert "bf16" not in host.adamw(x["p"], x["grad"], x["states"], **kw)

@@ -36,4 +36,19 @@ MK_HD uint16_t round_bf16(float x, uint32_t bits) {
   return uint16_t((word + (bits & 0xFFFFu)) >> 16);
 }
 
+// rounding_keys' columns for an op of NS states (memkernels._ops.KEY_COLUMNS): its states in spec order (an
+// absent one keeps its column), then grad_refs, then hvps.
+template <int NS>
+struct KeyCols {
+  static constexpr int kGradRef = NS;
+  static constexpr int kHvp = NS + 1;
+  static constexpr int kWidth = NS + 2;
+};
+
+// A stochastic bfloat16 write, as backends/reference.py's _store makes it: x rounded by the bits of element
+// `index` (its offset in its tensor) under its list's key (its tensor's rounding_keys entry, column KeyCols).
+MK_HD uint16_t rounded_write(float x, int64_t key, uint64_t index) {
+  return round_bf16(x, random_bits(uint32_t(key), index));
+}
+
 }  // namespace memkernels
