@@ -16,6 +16,7 @@ import torch
 
 import memkernels as mk
 from memkernels.optim import _base
+from test_prev_grads import _shares_storage
 
 # torch's, from backward into the gradient a scenario transposed (with set_to_none=False)
 pytestmark = pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
@@ -72,13 +73,6 @@ def _set(obj: object, name: str, value: object) -> None:
 def _amp(o: _base.MemoryOptimizer, scale: float, found_inf: float) -> None:
     """What GradScaler.step hands the optimizer."""
     o.grad_scale, o.found_inf = torch.tensor(scale), torch.tensor(found_inf)
-
-
-def _sharing(t: torch.Tensor) -> torch.Tensor:
-    """A copy of t that is no view (_base None) but shares its storage with another live tensor."""
-    storage = t.detach().clone().untyped_storage()
-    _sharing.held = torch.empty(0).set_(storage, 0, (t.numel(),))  # the other tensor on that storage
-    return torch.empty(0).set_(storage, 0, t.shape, t.stride())
 
 
 def _group(o: _base.MemoryOptimizer, **values: object) -> None:
@@ -157,7 +151,7 @@ TRAJECTORY_SCENARIOS: dict[str, tuple[Change, bool | None]] = {
     "prev-grad-resized-in-place": (lambda m, o: S(m, o)["prev_grad"].resize_(6), None),
     "prev-grad-data-double": (lambda m, o: _set(S(m, o)["prev_grad"], "data", S(m, o)["prev_grad"].double()), None),
     "prev-grad-sparse": (lambda m, o: S(m, o).__setitem__("prev_grad", torch.zeros(2, 3).to_sparse()), True),
-    "grad-shares-a-storage": (lambda m, o: _set(W(m), "grad", _sharing(W(m).grad)), False),  # no view, not alone
+    "grad-shares-a-storage": (lambda m, o: _set(W(m), "grad", _shares_storage(W(m).grad)), False),  # no view, not alone
     "grad-is-prev-grad": (lambda m, o: _set(W(m), "grad", S(m, o)["prev_grad"]), False),
     "hvp-probe-without-closure": (lambda m, o: _group(o, hvp="probe"), True),
 }

@@ -149,3 +149,37 @@ def test_a_second_step_on_the_same_gradients_matches_the_copy():
             if n == 2:  # step 2 twice, on one gradient
                 _step_alike(pair)
     assert all(_kept(kept, kept_ps))  # kept again after the repeat
+
+
+def _shares_storage(t):
+    """A copy of t that is no view but shares its storage with another live tensor (held by the function)."""
+    storage = t.clone().untyped_storage()
+    _shares_storage.twin = torch.empty(0).set_(storage, 0, t.shape)
+    return torch.empty(0).set_(storage, 0, t.shape)
+
+
+CHANGES = {  # what happens to one param's gradients between two steps that both keep
+    "nothing": lambda refs, grads: None,
+    "grad is a view": lambda refs, grads: grads.__setitem__(0, torch.randn(2, 7, 5)[0]),
+    "grad shares a storage": lambda refs, grads: grads.__setitem__(0, _shares_storage(grads[0])),
+    "kept gradient written": lambda refs, grads: refs[1].add_(1.0),
+    "grad is the kept gradient": lambda refs, grads: grads.__setitem__(1, refs[1]),
+    "grad in float64": lambda refs, grads: grads.__setitem__(2, grads[2].double()),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_all_kept_again_answers_as_plan_does(change):
+    """The list-at-a-time check of a steady step says "keep" for all exactly where plan() says it for each."""
+    from memkernels.optim._prev_grads import PrevGrads
+
+    params = _params()[:3]
+    refs = [torch.randn(p.shape) for p in params]
+    prev = PrevGrads()
+    states = [{} for _ in params]
+    prev.record_kept(params, refs, states)
+    grads = [torch.randn(p.shape) for p in params]
+    CHANGES[change](refs, grads)
+    each = [prev.plan(p, g, s["prev_grad"], True, torch.float32)[0] for p, g, s in zip(params, grads, states)]
+    assert prev.all_kept_again(params, grads, refs, torch.float32) == (each == ["keep"] * 3), each
+    assert (change == "nothing") == (each == ["keep"] * 3)

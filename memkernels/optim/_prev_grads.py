@@ -36,27 +36,20 @@ _LOST = ("memkernels: a gradient kept as the previous gradient of the trajectory
          "from now on")
 
 
-def _storage_users(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
 _version, _base, _dtype = attrgetter("_version"), attrgetter("_base"), attrgetter("dtype")
 
 
 def _users(tensors: Sequence[Tensor]) -> Iterator[int]:
-    """_storage_users of each tensor, in C: the storage's Python object is gone when it is counted."""
+    """How many hold each tensor's storage, counted in C (a list's tensors with no Python call each)."""
     return map(torch._C._storage_Use_Count, map(attrgetter("_cdata"), map(Tensor.untyped_storage, tensors)))
 
 
-_SOLE_OWNER_OF_LIST = next(_users([torch.empty(1)]))  # what _users counts for a tensor that alone holds its storage
-
-
-_SOLE_OWNER = _storage_users(torch.empty(1))  # what a tensor that alone holds its storage counts
+_SOLE_OWNER = next(_users([torch.empty(1)]))  # what _users counts for a tensor that alone holds its storage
 
 
 def _sole_owner(t: Tensor) -> bool:
     """t is no view and no other tensor shares its storage."""
-    return t._base is None and _storage_users(t) == _SOLE_OWNER
+    return t._base is None and next(_users((t,))) == _SOLE_OWNER
 
 
 class PrevGrads:
@@ -113,7 +106,7 @@ class PrevGrads:
         pointers = set(map(Tensor.data_ptr, refs))
         pointers.discard(0)
         return (pointers.isdisjoint(map(Tensor.data_ptr, grads)) and list(map(_base, grads)).count(None) == len(grads)
-                and set(_users(grads)) == {_SOLE_OWNER_OF_LIST})
+                and set(_users(grads)) == {_SOLE_OWNER})
 
     def record_kept(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]) -> None:
         """record() of a step where every parameter's mode was "keep"."""
