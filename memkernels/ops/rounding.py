@@ -57,11 +57,15 @@ def _word_pair(name: str, value: object) -> tuple[int, int]:
     return value & MASK32, value >> 32
 
 
-def _absorbed(seed: int, step: int) -> int:
-    state = _KEY_START
-    for word in (*_word_pair("seed", seed), *_word_pair("step", step)):
+def _absorb(state, words):
+    """state = mix32(state ^ word) for each word in turn (Python ints or int64 tensors)."""
+    for word in words:
         state = mix32(state ^ word)
     return state
+
+
+def _absorbed(seed: int, step: int) -> int:
+    return _absorb(_KEY_START, (*_word_pair("seed", seed), *_word_pair("step", step)))
 
 
 def tensor_key(seed: int, step: int, tensor: int) -> int:
@@ -71,10 +75,7 @@ def tensor_key(seed: int, step: int, tensor: int) -> int:
     absorbed in turn by state = mix32(state ^ word): each absorption is a bijection of the state and of the
     word, so calls that differ in one word (seed, step or tensor below 2**32) never share a key.
     """
-    state = _absorbed(seed, step)
-    for word in _word_pair("tensor", tensor):
-        state = mix32(state ^ word)
-    return state
+    return _absorb(_absorbed(seed, step), _word_pair("tensor", tensor))
 
 
 def tensor_keys(seed: int, step: int, tensors: Tensor) -> Tensor:
@@ -82,10 +83,7 @@ def tensor_keys(seed: int, step: int, tensors: Tensor) -> Tensor:
     tensor operations instead of a Python call per tensor."""
     if tensors.dtype != torch.int64 or bool((tensors < 0).any()):
         raise ValueError("tensor_keys: tensors must be int64 values >= 0")
-    state = torch.full_like(tensors, _absorbed(seed, step))
-    for word in (tensors & MASK32, tensors >> 32):
-        state = mix32(state ^ word)
-    return state
+    return _absorb(torch.full_like(tensors, _absorbed(seed, step)), (tensors & MASK32, tensors >> 32))
 
 
 def random_bits(key: int, index: Tensor) -> Tensor:
