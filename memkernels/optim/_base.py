@@ -35,6 +35,7 @@ from ._diagnostics import Diagnostics
 from ._estimates import HVP_MODES, estimate, hvp_scale, hvp_scale_at, on, probe_pass, resolve_auto
 from ._layout import check_disjoint
 from ._prev_grads import PrevGrads
+from ._sampling import TRAJECTORY, SampledGradients
 from ._schedule import TRAJECTORY_RATIO, Schedule
 from ._warn import warn
 
@@ -66,8 +67,10 @@ hvp (str, optional): how H d is estimated: "probe" (one extra gradient at theta 
     trajectory, with a warning once (default: "auto").
 hvp_every (int, optional): k: the probe or exact estimate is made every k steps and reused in between
     (state "hvp"); an O(k lr) error in H d keeps the step O(lr^2) for a fixed k (default: 1).
-track_memory (bool, optional): reduce the diagnostics of memory_stats() in every step; always on under
-    a nonzero memory_correction (default: False).
+track_memory (bool or int, optional): reduce the diagnostics of memory_stats() in every step (True), or in
+    one step of every k (an integer k >= 1: the first step, then every k-th), for k-th of the cost where
+    logging every k steps is enough; a sampled trajectory estimate keeps the step before's gradient. A group
+    with a nonzero memory_correction, and device mode, measure every step (default: False).
 maximize (bool, optional): ascend the objective instead of descending it (default: False).
 memoryless (bool, optional): step with the memoryless update F(theta, ..., theta) in place of the update
     with memory, the approximation the theory compares with (default: False).
@@ -110,12 +113,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if cls.__doc__ and "Args:" in cls.__doc__:
             cls.__doc__ = cls.__doc__.rstrip() + "\n" + textwrap.indent(COMMON_ARGS, " " * 8)
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool, backend: str,
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool | int, backend: str,
                  state_dtype: torch.dtype, state_rounding: str, seed: int) -> None:
         if defaults["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {defaults['hvp']!r}")
         backends.requested(backend)  # an unknown name fails here, an unavailable one at the first step
-        self.track_memory, self.backend, self.seed = bool(track_memory), backend, _compact.check_seed(seed)
+        self.track_memory, self.track_every = tracking(track_memory)
+        self.backend, self.seed = backend, _compact.check_seed(seed)
         defaults = dict(defaults, state_dtype=state_dtype, state_rounding=state_rounding)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -149,9 +153,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._kept: dict[int, _reuse.Kept] = {}  # per group, the plan the next step may reuse
         self._diagnostics = Diagnostics()
         self._prev_grads = PrevGrads()
+        self._sampled = SampledGradients()
         self._probes = _hvp.Probes()
         self._warned: set[str] = set()
-        self._steps = 0  # steps taken by this object (paces the regime check off the CPU)
+        self._steps = 0  # steps taken by this object (paces the regime check off the CPU and track_memory=k)
+        self._measured: set[int] = set()  # the groups whose diagnostics this step reduces
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -180,6 +186,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
             raise ValueError(f"capturable=True measures memory with hvp='trajectory' or 'probe' and hvp_every=1, "
                              f"got hvp={group['hvp']!r}, hvp_every={every} (the exact estimate needs autograd, "
                              "and a captured graph replays the same work every step)")
+        if self.track_every > 1 and every > 1 and group["memory_correction"] == 0.0:
+            raise ValueError(f"track_memory={self.track_every} measures one step in {self.track_every} and "
+                             f"hvp_every={every} reuses an estimate between steps: without a memory_correction, "
+                             "use hvp_every=1 (each measured step estimates H d)")
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         """The step count and the op's states (its spec's; one absent where its scalar is 0), zeros in the
@@ -208,14 +218,25 @@ class MemoryOptimizer(torch.optim.Optimizer):
         whose limit is counted there."""
         return group["memory_correction"] != 0.0 or self.track_memory
 
+    def measuring(self, group: dict) -> bool:
+        """This step measures the group: every step of a measuring group, but one in track_every of a group
+        that only tracks (host mode: device mode has no step count on the host, and a graph replays one step)."""
+        if group["memory_correction"] != 0.0 or self.track_every == 1 or self.device_mode(group):
+            return self.measures(group)
+        return self._steps % self.track_every == 0
+
     def hvp_mode(self, group: dict, closure: Callable | None) -> str | None:
         """How this step estimates H d for the group (None: it does not measure memory).
 
         "auto" is the probe when step() gets a closure (sound with minibatches) and the trajectory otherwise.
         """
-        if not self.measures(group):
+        if not self.measuring(group):
             return None
         return resolve_auto(group["hvp"], closure, self._warned)
+
+    def samples(self, group: dict) -> bool:
+        """The group measures one step in track_every (host mode, no correction): _sampling.py."""
+        return self.track_every > 1 and group["memory_correction"] == 0.0 and not self.device_mode(group)
 
     @property
     def _keys(self) -> tuple[str, ...]:
@@ -251,9 +272,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._transient()
 
     def memory_stats(self) -> list[dict[str, float]]:
-        """Per group, the last step's memory diagnostics (docs/THEORY.md section 6; README: what they mean).
+        """Per group, the last measured step's memory diagnostics, "step" its count (docs/THEORY.md section 6;
+        README: what they mean).
 
-        Needs track_memory=True or a memory_correction: groups without either report zeros.
+        Needs track_memory or a memory_correction: groups without either report zeros. No host read happens
+        before this call.
         """
         if not any(self.measures(g) for g in self.param_groups):
             raise RuntimeError("memory_stats() needs the optimizer built with track_memory=True "
@@ -279,6 +302,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 self.check_group(group)
         modes = [self.hvp_mode(group, closure) for group in self.param_groups]
+        self._measured = {gi for gi, group in enumerate(self.param_groups) if self.measuring(group)}
         if "probe" in modes and closure is None:
             raise ValueError("hvp='probe' needs step(closure): the closure re-evaluates the loss "
                              "and its gradient at the probe point")
@@ -295,17 +319,19 @@ class MemoryOptimizer(torch.optim.Optimizer):
         from changed; new states are made, not stored."""
         plan = _Plan([], {}, getattr(self, "grad_scale", None), getattr(self, "found_inf", None), [])
         for gi, group in enumerate(self.param_groups):
-            flags = _reuse.flags(group, modes[gi], plan.grad_scale is not None)
+            sampled = modes[gi] == "trajectory" and self.samples(group)  # planned as the steps between samples
+            mode = None if sampled else modes[gi]
+            flags = _reuse.flags(group, mode, plan.grad_scale is not None)
             kept = self._kept.get(gi)
             buckets = None
             if kept is not None and not self.device_mode(group):
                 buckets = _reuse.reuse(kept, group, flags, self.state, self._prev_grads)
             if buckets is None:
                 kept = None
-                buckets, created = plan_group(self, gi, group, modes[gi], plan.grad_scale is not None)
+                buckets, created = plan_group(self, gi, group, mode, plan.grad_scale is not None)
                 plan.created.update(created)
-            plan.buckets.extend(buckets)
             plan.groups.append((gi, flags, kept, buckets))
+            plan.buckets.extend(self._sampled.measured(buckets, plan.grad_scale) if sampled else buckets)
         for bucket in plan.buckets:
             self._call(bucket, plan.grad_scale, plan.found_inf)
         return plan
@@ -370,8 +396,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         the step has not made yet are stood in for by tensors of their dtypes."""
         for bucket in buckets:
             kwargs = bucket.kwargs
-            kind = (bucket.gi, bucket.params[0].device, bucket.numel, bucket.hvp, bucket.estimate, bucket.fresh_refs,
-                    bucket.keep_refs, *(lst[0].dtype for lst in (bucket.params, bucket.grads, *bucket.lists) if lst),
+            kind = (bucket.gi, bucket.params[0].device, bucket.numel, bucket.hvp, bucket.gi in self._measured,
+                    bucket.estimate, bucket.fresh_refs, bucket.keep_refs, *(lst[0].dtype for lst in (bucket.params, bucket.grads, *bucket.lists) if lst),
                     *sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool) or v is None),
                     *sorted(k for k, v in kwargs.items() if isinstance(v, float) and v == 0.0))
             if kind in self._prepared:
@@ -396,7 +422,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         estimate(self.op, plan.buckets, closure, self.direction, self._probes)
         for p, state in plan.created.items():  # everything checked, every kernel built, the estimates made
             self.state[p] = state
-        self._diagnostics.start_step()
+        self._diagnostics.start_step(self._measured)
         for bucket in plan.buckets:
             self._run_call(bucket, plan.found_inf)
         self._diagnostics.all_reduce()
@@ -404,6 +430,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self._remember_lr(group)
         for gi, flags, kept, buckets in plan.groups:
             group = self.param_groups[gi]
+            if (self.samples(group) and (self._steps + 1) % self.track_every == 0 and closure is None
+                    and group["hvp"] in TRAJECTORY):
+                self._sampled.keep(buckets, plan.grad_scale)
             kept = None if self.device_mode(group) else _reuse.keep(group, flags, buckets, self._keys, kept)
             if kept is not None:
                 self._kept[gi] = kept
@@ -446,8 +475,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                      bucket.numel)
 
     def _sums(self, bucket: Bucket) -> Tensor | None:
-        """The diagnostics tensor the bucket's kernel adds to, where its group measures memory."""
-        if not self.measures(bucket.group):
+        """The diagnostics tensor the bucket's kernel adds to, where its group measures memory this step."""
+        if bucket.gi not in self._measured:
             return None
         return self._diagnostics.sums_for(bucket.gi, bucket.params[0].device, bucket.shard_groups)
 
@@ -460,6 +489,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
             group["prev_lr"].copy_(lr)
         else:
             group["prev_lr"] = lr.detach().clone()
+
+
+def tracking(track_memory: bool | int) -> tuple[bool, int]:
+    """track_memory as (whether the optimizer tracks, one step in how many): True is every step, as 1 is."""
+    if isinstance(track_memory, bool):
+        return track_memory, 1
+    if isinstance(track_memory, int) and track_memory >= 0:
+        return track_memory > 0, max(track_memory, 1)
+    raise ValueError(f"track_memory must be a bool or an integer k >= 1 (measure one step in k), got {track_memory!r}")
 
 
 def _evaluate(closure: Callable[[], Any] | None) -> Any:

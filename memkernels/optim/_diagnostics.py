@@ -47,11 +47,14 @@ class Diagnostics:
     def count_skip(self, gi: int, device: torch.device) -> None:
         self.skipped[gi, device] = self.skipped.get((gi, device), 0) + 1
 
-    def start_step(self) -> None:
-        """Zero the sums for a new step (mutated, not reassigned: dynamo drops attribute writes)."""
-        for sums in self.sums.values():
-            sums.zero_()
-        self.meta.clear()
+    def start_step(self, groups: set[int]) -> None:
+        """Zero the sums of the groups this step measures (mutated, not reassigned: dynamo drops attribute
+        writes); the others keep their last measured step's."""
+        for (gi, _, _), sums in self.sums.items():
+            if gi in groups:
+                sums.zero_()
+        for gi in groups:
+            self.meta.pop(gi, None)
 
     def record(self, gi: int, step: int | Tensor, prefactor: float, numel: int) -> None:
         """A bucket of group gi reduced numel more elements at this step (step: the count after it)."""
