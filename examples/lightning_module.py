@@ -43,9 +43,10 @@ class DigitsMLP(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> mk.AdamW:
-        # track_memory=True: memory_stats() at alpha = 0 too (a correction always tracks)
+        # track_memory=10: memory_stats() at alpha = 0 too, measured in one step of 10 (a correction measures
+        # every step)
         return mk.AdamW(self.parameters(), lr=self.hparams.lr, memory_correction=self.hparams.alpha,
-                        track_memory=True)
+                        track_memory=10)
 
     def on_train_end(self) -> None:
         # The optimizer Lightning stepped, unwrapped: its last step's memory diagnostics (README: what they mean).
