@@ -315,7 +315,8 @@ def _impl(op: str):
         check_modes(op, params, grad_refs, diagnostics, **kwargs)
         stochastic = rounds_stochastically(state_lists, grad_refs, **kwargs)
         kwargs["compensations"] = kwargs["compensations"] or []
-        bf16_params = bool(kwargs["compensations"]) or kwargs["param_rounding"] == "stochastic"
+        bf16_params = not kwargs["probe"] and (bool(kwargs["compensations"])
+                                               or kwargs["param_rounding"] == "stochastic")
         name, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type, stochastic=stochastic,
                                         bf16_params=bf16_params)
         if not kernel.bf16_params:

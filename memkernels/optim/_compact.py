@@ -7,8 +7,9 @@ param's dtype, and the estimate and the copied gradient in the compute dtype. Wi
 every bfloat16 write rounds by ops/rounding.py under the key tensor_key(seed, step, tensor): step is the count
 the step makes (1 for the first), tensor = (the param's index in the optimizer's param list, groups in order)
 * SLOTS + the list's column in the op's rounding_keys (its states in spec order, then the previous gradient,
-the kept estimate, then the param itself, written stochastically with param_rounding="stochastic"). Neither depends on how params are bucketed nor on the backend, so a rerun with the
-same seed gives the same bits on any backend that rounds stochastically.
+the kept estimate, then the param itself, with param_rounding="stochastic"). Neither depends on how params are
+bucketed nor on the backend, so a rerun with the same seed gives the same bits on any backend that rounds
+stochastically.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._ops import PARAM_ROUNDINGS
 from ..ops.rounding import tensor_keys
 from ..reference import compute_dtype
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-PARAM_ROUNDINGS = ("nearest", "stochastic")
 ROUNDINGS = ("stochastic", "nearest")
 SLOTS = 8  # key columns reserved per param: more than any op's states + 3 (_ops.KEY_COLUMNS)
 

@@ -213,7 +213,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     """
     element = ELEMENTS[op]
     n_states = len(SPECS[op].states)
-    refs = 2 + n_states  # the columns of addresses: params, grads, the states, grad_refs, origins, hvps[, compensations]
+    refs = 2 + n_states  # addresses' columns: params, grads, the states, grad_refs, origins, hvps[, compensations]
     # One tuple constant, not *flags: its items keep their constant types (a star call passes plain bools), so
     # numba compiles the step for these flags and drops their dead branches before LLVM sees them.
     step, step_flags = element.step, (*flags, correct, has_ref or reuse_hvp)
