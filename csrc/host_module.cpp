@@ -12,7 +12,7 @@
 // does it: load_grad / load_ref, theta from origin, hvp estimated from grad_ref or a
 // kept one. Returns every per-element output of math.h's Step (and the hvp the step
 // used); with probe=True, those of the probe pass instead. Given keys (int64, a tensor's row of rounding_keys:
-// the op's states, grad_refs, hvps) and float32 arrays, also "bf16": each state, g (a grad_ref written) and hvp
+// the op's states, grad_refs, hvps, params) and float32 arrays, also "bf16": each state, g (a grad_ref written) and hvp
 // (a kept estimate stored) as the stochastic step writes them to bfloat16 lists (rounding.h's rounded_write under
 // the list's key, KeyCols), element i at index + i: the bits (uint16), None for an absent state.
 // Also bound: rounding.h's random_bits and round_bf16 over arrays (bind_rounding).
@@ -185,7 +185,7 @@ py::dict run(const Inputs& in, const typename Op::Args& a) {
   if (!in.keys.is_none()) {
     ka.emplace(in.keys);
     if (ka->ndim() != 1 || ka->shape(0) != mk::KeyCols<NS>::kWidth) {
-      throw std::invalid_argument("keys must be 1-d: a key per state, then grad_refs' and hvps'");
+      throw std::invalid_argument("keys must be 1-d: a key per state, then grad_refs', hvps' and params'");
     }
     keys = ka->data();
     for (int k = 0; k < mk::KeyCols<NS>::kWidth; ++k) {

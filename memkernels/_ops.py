@@ -39,13 +39,18 @@ CORRECTION_LIMIT = 0.5
 # - hvps: kept estimates of H d; a step that estimates H d from grad_refs stores it there, and with
 #   reuse_hvp=True a step reads it from there instead (grad_refs empty).
 # - rounding_keys: int64 [len(params), KEY_COLUMNS[op]], each a rounding.tensor_key in [0, 2**32): every bfloat16
-#   write of the states (columns in the spec's order), grad_refs and hvps (the last two columns) rounds
+#   write of the states (columns in the spec's order), grad_refs and hvps (the next two columns) rounds
 #   stochastically under its tensor's key (docs/DESIGN.md, "Compact states"); None: round to nearest even.
+#   The last column is the params', read with param_rounding="stochastic".
+# - compensations: bfloat16 params' Kahan compensations (bfloat16, param-shaped): a step writes each param by
+#   reference.kahan and keeps what the write lost there (docs/DESIGN.md, "Compact states").
+# - param_rounding: "nearest", or "stochastic": a step writes bfloat16 params by rounding.round_bf16 under the
+#   params' keys (not with compensations). A probe pass writes theta + tau d to nearest either way.
 _COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., bool maximize=False, "
            "bool memoryless=False, bool update_grad_refs=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
            "Tensor? step_scalars=None, Tensor(o!)[]? origins=None, Tensor(k!)[]? hvps=None, bool reuse_hvp=False, "
            "bool probe=False, Tensor? probe_tau=None, Tensor(n!)? probe_norms=None, Tensor? rounding_keys=None, "
-           "str backend=\"auto\""
+           "Tensor(w!)[]? compensations=None, str param_rounding=\"nearest\", str backend=\"auto\""
            % CORRECTION_LIMIT)
 
 # The per-step scalars in the order of the optional `step_scalars` tensor (float64, on the params' device). When
@@ -53,8 +58,9 @@ _COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., 
 # step can move lr and the coefficients without recompiling or syncing.
 STEP_SCALARS = {name: spec.step_scalars for name, spec in SPECS.items()}
 
-# op name -> the columns of rounding_keys: the op's states, grad_refs, hvps
-KEY_COLUMNS = {name: len(spec.states) + 2 for name, spec in SPECS.items()}
+# op name -> the columns of rounding_keys: the op's states, grad_refs, hvps, params
+KEY_COLUMNS = {name: len(spec.states) + 3 for name, spec in SPECS.items()}
+PARAM_ROUNDINGS = ("nearest", "stochastic")
 
 # op name -> (state list names, scalar part of the schema)
 SCHEMAS = {name: (spec.state_lists, spec.scalar_schema()) for name, spec in SPECS.items()}
@@ -151,16 +157,18 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   diagnostics: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
                   step_scalars: Tensor | None = None, *, origins: Sequence[Tensor] | None = None,
                   hvps: Sequence[Tensor] | None = None, probe_tau: Tensor | None = None,
-                  probe_norms: Tensor | None = None, rounding_keys: Tensor | None = None) -> None:
+                  probe_norms: Tensor | None = None, rounding_keys: Tensor | None = None,
+                  compensations: Sequence[Tensor] | None = None) -> None:
     where = f"memkernels.{op}_"
-    origins, hvps = origins or (), hvps or ()
+    origins, hvps, compensations = origins or (), hvps or (), compensations or ()
     if len(grads) != len(params):
         raise ValueError(f"{where}: grads has {len(grads)} tensors, params has {len(params)}")
     optional = SPECS[op].optional_state_keys
     for name, lst in states.items():
         if len(lst) != len(params) and not (name[:-1] in optional and len(lst) == 0):
             raise ValueError(f"{where}: {name} has {len(lst)} tensors, params has {len(params)}")
-    for name, lst in (("grad_refs", grad_refs), ("origins", origins), ("hvps", hvps)):
+    for name, lst in (("grad_refs", grad_refs), ("origins", origins), ("hvps", hvps),
+                      ("compensations", compensations)):
         if len(lst) not in (0, len(params)):
             raise ValueError(f"{where}: {name} has {len(lst)} tensors, expected 0 or {len(params)}")
     if not params:
@@ -168,7 +176,11 @@ def check_tensors(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     device, dtype = params[0].device, params[0].dtype
     if dtype not in PARAM_DTYPES:
         raise TypeError(f"{where}: params[0] has dtype {dtype}; supported: {PARAM_DTYPES}")
-    lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs, "origins": origins, "hvps": hvps}
+    if compensations and (dtype != torch.bfloat16 or compensations[0].dtype != torch.bfloat16):
+        raise TypeError(f"{where}: compensations are the Kahan compensations of bfloat16 params and are bfloat16; "
+                        f"got {compensations[0].dtype} beside {dtype} params")
+    lists = {"params": params, "grads": grads, **states, "grad_refs": grad_refs, "origins": origins, "hvps": hvps,
+             "compensations": compensations}
     if not _all_ok(lists, device, dtype):  # find and name the culprit
         for name, lst in lists.items():
             list_dtype = lst[0].dtype if lst else None
@@ -225,26 +237,40 @@ def _check_keys(where: str, op: str, n: int, device: torch.device, keys: Tensor 
     if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.shape != shape or keys.device != device:
         got = f"{keys.dtype} {tuple(keys.shape)} on {keys.device}" if isinstance(keys, Tensor) else type(keys).__name__
         raise ValueError(f"{where}: rounding_keys must be an int64 tensor of shape {shape} on {device} (a key per "
-                         f"tensor of each state, grad_refs and hvps), got {got}")
+                         f"tensor of each state, grad_refs, hvps and params), got {got}")
     if device.type == "cpu" and keys.numel() and not bool(((keys >= 0) & (keys <= 0xFFFFFFFF)).all()):
         raise ValueError(f"{where}: rounding_keys must be in [0, 2**32) (rounding.tensor_key's values)")
 
 
 def rounds_stochastically(state_lists: Sequence[Sequence[Tensor]], grad_refs: Sequence[Tensor], *,
                           rounding_keys: Tensor | None, update_grad_refs: bool, hvps: Sequence[Tensor] | None,
-                          reuse_hvp: bool, probe: bool, **_: object) -> bool:
-    """The call has keys and writes a bfloat16 tensor: a state, a grad_ref it updates or an estimate it keeps."""
+                          reuse_hvp: bool, probe: bool, param_rounding: str, **_: object) -> bool:
+    """The call has keys and writes a bfloat16 tensor: a state, a grad_ref it updates or an estimate it keeps,
+    or its params with param_rounding="stochastic" (check_modes: bfloat16 ones)."""
     if rounding_keys is None or probe:
         return False
+    if param_rounding == "stochastic":
+        return True
     written = [*state_lists, grad_refs if update_grad_refs else (), hvps if hvps and not reuse_hvp else ()]
     return any(lst and lst[0].dtype == torch.bfloat16 for lst in written)
 
 
-def check_modes(op: str, grad_refs: Sequence[Tensor], diagnostics: Tensor | None, *, correction: float,
-                origins: Sequence[Tensor] | None, hvps: Sequence[Tensor] | None, reuse_hvp: bool, probe: bool,
-                probe_tau: Tensor | None, **_: object) -> None:
+def check_modes(op: str, params: Sequence[Tensor], grad_refs: Sequence[Tensor], diagnostics: Tensor | None, *,
+                correction: float, origins: Sequence[Tensor] | None, hvps: Sequence[Tensor] | None, reuse_hvp: bool,
+                probe: bool, probe_tau: Tensor | None, rounding_keys: Tensor | None,
+                compensations: Sequence[Tensor] | None, param_rounding: str, **_: object) -> None:
     """Which optional arguments each mode needs (counts and tensors are check_tensors' job)."""
     where = f"memkernels.{op}_"
+    if param_rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"{where}: param_rounding must be one of {PARAM_ROUNDINGS}, got {param_rounding!r}")
+    if param_rounding == "stochastic":
+        if compensations:
+            raise ValueError(f"{where}: param_rounding='stochastic' with compensations: a bfloat16 param is written "
+                             "by one of them, Kahan's compensated write or stochastic rounding")
+        if params[0].dtype != torch.bfloat16:
+            raise ValueError(f"{where}: param_rounding='stochastic' needs bfloat16 params, got {params[0].dtype}")
+        if rounding_keys is None:
+            raise ValueError(f"{where}: param_rounding='stochastic' needs rounding_keys (the params' column)")
     if probe and not (origins and probe_tau is not None and diagnostics is None and not reuse_hvp):
         raise ValueError(f"{where}: probe=True needs origins and probe_tau, and takes no diagnostics or reuse_hvp")
     if reuse_hvp and not (hvps and not grad_refs):
@@ -282,12 +308,23 @@ def _impl(op: str):
             check_tensors(op, params, grads, dict(zip(state_names, state_lists)), grad_refs, diagnostics,
                           kwargs["grad_scale"], kwargs["found_inf"], kwargs["step_scalars"],
                           origins=kwargs["origins"], hvps=kwargs["hvps"], probe_tau=kwargs["probe_tau"],
-                          probe_norms=kwargs["probe_norms"], rounding_keys=kwargs["rounding_keys"])
+                          probe_norms=kwargs["probe_norms"], rounding_keys=kwargs["rounding_keys"],
+                          compensations=kwargs["compensations"])
         if not params:
             return
-        check_modes(op, grad_refs, diagnostics, **kwargs)
+        check_modes(op, params, grad_refs, diagnostics, **kwargs)
         stochastic = rounds_stochastically(state_lists, grad_refs, **kwargs)
-        name, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type, stochastic=stochastic)
+        kwargs["compensations"] = kwargs["compensations"] or []
+        bf16_params = not kwargs["probe"] and (bool(kwargs["compensations"])
+                                               or kwargs["param_rounding"] == "stochastic")
+        name, kernel = backends.resolve(op, kwargs.pop("backend"), params[0].device.type, stochastic=stochastic,
+                                        bf16_params=bf16_params)
+        if not kernel.bf16_params:
+            if bf16_params:
+                raise ValueError(f"backend {name}: kahan / stochastic parameter rounding is not implemented yet; "
+                                 "kahan=False and param_rounding='nearest', or backend='triton' (CUDA tensors) or "
+                                 "'numba' (CPU)")
+            del kwargs["compensations"], kwargs["param_rounding"]
         keys = kwargs.pop("rounding_keys")
         if kernel.stochastic_rounding:
             kwargs["rounding_keys"] = keys if stochastic else None

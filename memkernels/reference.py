@@ -110,6 +110,22 @@ def probe(p: Tensor, d: Tensor, tau: float) -> Probe:
     return Probe(p + tau * d, p * p, d * d)
 
 
+def kahan(p: Tensor, p_new: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """A bfloat16 param's compensated write, in float32: the param to store, q (bfloat16 to nearest even,
+    so exact in the param), and the new compensation c, what q lost (stored in bfloat16, to nearest).
+
+    p is the param loaded, p_new the step's float32 result (everything it computed, the correction
+    included), c the compensation the last write kept. A plain bfloat16 write loses every update below half
+    an ulp of p, so the param stalls; here y, the update plus what earlier writes lost, accumulates in c
+    until p + y reaches a bfloat16 neighbour, and q + c follows the float32 trajectory without a float32
+    copy of the params (compensated summation; docs/DESIGN.md, "Compact states").
+    """
+    y = (p_new - p) + c
+    q = (p + y).to(torch.bfloat16).float()
+    c = y - (q - p)
+    return q, c
+
+
 def decay_term(weight_decay: float, p: Tensor) -> Tensor | float:
     """weight_decay * p, or 0 when weight_decay == 0: 0 * inf is NaN, and torch.optim skips the term there."""
     return weight_decay * p if weight_decay != 0 else 0.0

@@ -559,6 +559,7 @@ def test_device_derivation_takes_the_spec_order(op):
     spec's step scalars in order is refused, naming both orders."""
     from memkernels.backends.triton import elements
     from memkernels.ops import SPECS
+    from memkernels._ops import KEY_COLUMNS
 
     host._check_order(SPECS[op], elements.OPS[op])
     other = {"adamw": "lion", "lion": "sgd", "sgd": "adamw"}[op]
@@ -663,7 +664,7 @@ _COMPILE = textwrap.dedent('''
                 kw[name] = torch.tensor(kw[name], dtype=torch.float64)
         kw["probe_norms"] = torch.zeros(2, dtype=torch.float64) if kw["probe_norms"] else None
         if kw.pop("rounding_keys", False):
-            kw["rounding_keys"] = torch.zeros(len(lists[0]), len(SPECS[op].states) + 2, dtype=torch.int64)
+            kw["rounding_keys"] = torch.zeros(len(lists[0]), KEY_COLUMNS[op], dtype=torch.int64)
         diag = torch.zeros(NDIAG, dtype=torch.float64) if kw.pop("diag") else None
         host.launch(SPECS[op], *lists, diag, **kw)
 

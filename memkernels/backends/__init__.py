@@ -33,17 +33,21 @@ class BackendUnavailable(RuntimeError):
 
 
 def register(backend: str, op: str, device_types: tuple[str, ...], *, device_step_scalars: bool = False,
-             prepares: bool = False, stochastic_rounding: bool = False) -> Callable[[Callable], Callable]:
+             prepares: bool = False, stochastic_rounding: bool = False,
+             bf16_params: bool = False) -> Callable[[Callable], Callable]:
     """device_step_scalars: the kernel takes `step_scalars` and reads it on the device (no host sync);
     other kernels get its values as floats, which memkernels._ops reads on the host.
     prepares: called inside preparing(), the kernel compiles or loads what the call needs and writes nothing;
     the ops do not call other kernels there.
     stochastic_rounding: the kernel takes `rounding_keys` and rounds its bfloat16 writes by them; the ops refuse
-    a stochastic call to other kernels, and "auto" passes them over for one."""
+    a stochastic call to other kernels, and "auto" passes them over for one.
+    bf16_params: the kernel takes `compensations` and `param_rounding` and writes bfloat16 params by them (Kahan's
+    compensated write, or stochastic rounding under the params' keys); likewise refused and passed over."""
     def deco(fn: Callable) -> Callable:
         fn.device_step_scalars = device_step_scalars
         fn.prepares = prepares
         fn.stochastic_rounding = stochastic_rounding
+        fn.bf16_params = bf16_params
         for device_type in device_types:
             _kernels[(op, backend, device_type)] = fn
         return fn
@@ -122,9 +126,11 @@ def add_one(counts: list) -> None:
         torch._foreach_add_(counts, 1.0)
 
 
-def resolve(op: str, backend: str, device_type: str, *, stochastic: bool = False) -> tuple[str, Callable]:
+def resolve(op: str, backend: str, device_type: str, *, stochastic: bool = False,
+            bf16_params: bool = False) -> tuple[str, Callable]:
     """The backend and kernel that run op on device_type tensors. stochastic: the call rounds bfloat16 writes
-    stochastically, which "auto" gives only to a kernel that can (a warning names each one passed over)."""
+    stochastically; bf16_params: it writes bfloat16 params compensated (Kahan) or stochastically. "auto" gives
+    such a call only to a kernel that can (a warning names each one passed over)."""
     backend = requested(backend)
     if backend != "auto":
         state = load(backend)
@@ -136,11 +142,14 @@ def resolve(op: str, backend: str, device_type: str, *, stochastic: bool = False
     for name in PREFERENCE.get(device_type, ("reference",)):
         state = load(name)
         kernel = _kernels.get((op, name, device_type))
-        if kernel is not None and stochastic and not kernel.stochastic_rounding:
-            if (name, "stochastic") not in _warned:
-                _warned.add((name, "stochastic"))
-                warnings.warn(f"memkernels: backend {name!r} skipped on {device_type}: stochastic rounding of bf16 "
-                              "states is not implemented there yet", RuntimeWarning, stacklevel=4)
+        missing = None if kernel is None else (
+            "kahan / stochastic parameter rounding" if bf16_params and not kernel.bf16_params else
+            "stochastic rounding of bf16 states" if stochastic and not kernel.stochastic_rounding else None)
+        if missing is not None:
+            if (name, missing) not in _warned:
+                _warned.add((name, missing))
+                warnings.warn(f"memkernels: backend {name!r} skipped on {device_type}: {missing} is not implemented "
+                              "there yet", RuntimeWarning, stacklevel=4)
             continue
         if kernel is not None:
             return name, kernel

@@ -2,6 +2,8 @@
 
 Half-precision tensors are computed in fp32 and rounded once on write-back: to nearest even, or, given
 rounding_keys, a bfloat16 state, grad_ref or kept estimate stochastically (ops/rounding.py) under its tensor's key.
+A step writes bfloat16 params to nearest, by reference.kahan given compensations, or stochastically under the
+params' key with param_rounding="stochastic".
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ def _store(dst: Tensor, value: Tensor, key: int | None) -> None:
 
 def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
          grad_scale, found_inf, origins, hvps, reuse_hvp, probe, probe_tau, probe_norms, hvp_scale,
-         rounding_keys=None, **scalars) -> None:
+         rounding_keys=None, compensations=(), param_rounding="nearest", **scalars) -> None:
     if found_inf is not None and found_inf.item() != 0.0:
         return  # AMP found an inf: skip the step exactly, as torch's fused path does
-    n = len(spec.states)  # keys' columns: the states, grad_refs, hvps
-    keys = rounding_keys.tolist() if rounding_keys is not None else [[None] * (n + 2)] * len(params)
+    n = len(spec.states)  # keys' columns: the states, grad_refs, hvps, params
+    keys = rounding_keys.tolist() if rounding_keys is not None else [[None] * (n + 3)] * len(params)
     inv_scale = reference.inv_scale(grad_scale)
     totals = [0.0] * (2 if probe else reference.NDIAG)
     for i, p in enumerate(params):
@@ -57,7 +59,12 @@ def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, ma
                 _store(hvps[i], hvp, keys[i][n + 1])
         states = [lst[i].to(dtype) if lst else None for lst in state_lists]
         step = spec.step(theta, g, *states, hvp, **scalars)
-        p.copy_(step.p)
+        if compensations:
+            q, c = reference.kahan(theta, step.p, compensations[i].to(dtype))
+            p.copy_(q)
+            compensations[i].copy_(c)
+        else:
+            _store(p, step.p, keys[i][n + 2] if param_rounding == "stochastic" else None)
         present = [(lst, keys[i][j]) for j, lst in enumerate(state_lists) if lst]
         for (lst, key), new in zip(present, step.states):
             _store(lst[i], new, key)
@@ -80,4 +87,4 @@ def _kernel(spec: OpSpec) -> Callable[..., None]:
 
 
 for _spec in SPECS.values():
-    register("reference", _spec.name, ("cpu", "cuda"), stochastic_rounding=True)(_kernel(_spec))
+    register("reference", _spec.name, ("cpu", "cuda"), stochastic_rounding=True, bf16_params=True)(_kernel(_spec))

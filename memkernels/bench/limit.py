@@ -53,7 +53,8 @@ PROBE_PASS = Traffic(2, 2)  # the probe: read p g, write the origin and p + tau 
 SIGN = Traffic(3, 2)  # Lion and heavy ball: read p g m, write p m
 ADAMW_8BIT = Traffic(2, 1, read8=2, written8=2)  # 8-bit m and v (their block scales are negligible)
 LION_8BIT = Traffic(2, 1, read8=1, written8=1)
-ADAMW_KAHAN_BF16 = Traffic(0, 0, read16=5, written16=4)  # bf16 p g m v and the Kahan compensation
+ADAMW_KAHAN_BF16 = Traffic(0, 0, read16=5, written16=4)  # bf16 p g m v and the Kahan compensation (torch-optimi;
+# also mk.AdamW(kahan=True, state_dtype=torch.bfloat16): 18 bytes a parameter)
 LION_KAHAN_BF16 = Traffic(0, 0, read16=4, written16=3)
 
 

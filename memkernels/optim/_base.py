@@ -84,6 +84,14 @@ state_rounding (str, optional): how bfloat16 states are written: "stochastic" (u
     increments survive on average; not with capturable=True; backends numba, triton and reference) or "nearest"
     (round to nearest even: an increment below half an ulp is lost, so EMAs with beta near 1 stall)
     (default: "stochastic").
+kahan (bool, optional): bfloat16 params without float32 master weights: each step writes a param by compensated
+    (Kahan) summation, keeping what the bfloat16 write lost in the state "compensation" (bfloat16, param-shaped,
+    2 bytes per parameter) and adding it to the next update, so updates far below a param's precision are not
+    lost; params must be bfloat16; not with param_rounding="stochastic" (default: False).
+param_rounding (str, optional): how bfloat16 params are written: "nearest" (round to nearest even: an update
+    below half an ulp is lost, so a param stalls) or "stochastic" (unbiased, under the seed like the states';
+    not with capturable=True or kahan=True) (default: "nearest"). Both need backend numba, triton or reference
+    ("auto" passes over cuda for them, with a warning).
 seed (int, optional): the stochastic rounding's seed (not per group): a step's bits are a function of the
     seed, the step count and the param's index, the same on every backend (default: 0).
 backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda > triton > reference
@@ -94,7 +102,9 @@ backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda
 Checkpoints: load_state_dict keeps this optimizer's state_dtype and state_rounding per group and casts the
 loaded states to them, as torch.optim casts states to the param's dtype: a bfloat16-state checkpoint loads into
 a float32-state optimizer and back, and a torch.optim.AdamW checkpoint into AdamW(state_dtype=torch.bfloat16)
-(its float32 states rounded to nearest once).
+(its float32 states rounded to nearest once). kahan and param_rounding are this optimizer's too: a checkpoint
+without "compensation" (float32 params, or kahan=False) loads into a kahan optimizer, whose first step makes it
+zero; one with it loads into an optimizer without kahan, which drops it.
 """
 
 
@@ -114,13 +124,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
             cls.__doc__ = cls.__doc__.rstrip() + "\n" + textwrap.indent(COMMON_ARGS, " " * 8)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, track_memory: bool | int, backend: str,
-                 state_dtype: torch.dtype, state_rounding: str, seed: int) -> None:
+                 state_dtype: torch.dtype, state_rounding: str, seed: int, kahan: bool = False,
+                 param_rounding: str = "nearest") -> None:
         if defaults["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {defaults['hvp']!r}")
         backends.requested(backend)  # an unknown name fails here, an unavailable one at the first step
         self.track_memory, self.track_every = tracking(track_memory)
         self.backend, self.seed = backend, _compact.check_seed(seed)
-        defaults = dict(defaults, state_dtype=state_dtype, state_rounding=state_rounding)
+        defaults = dict(defaults, state_dtype=state_dtype, state_rounding=state_rounding, kahan=kahan,
+                        param_rounding=param_rounding)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self.check_group(group)
@@ -164,6 +176,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict) -> None:
         """Raise ValueError naming a bad hyperparameter of this group."""
         _compact.check_group(group)
+        _compact.check_params(group)
         if group["hvp"] not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {group['hvp']!r}")
         if not math.isfinite(real("memory_correction", group["memory_correction"])):
@@ -193,11 +206,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         """The step count and the op's states (its spec's; one absent where its scalar is 0), zeros in the
-        group's state dtype."""
+        group's state dtype, and with kahan the param's compensation (zeros)."""
         dtype = _compact.state_dtype(p, group)
-        return {"step": self.new_step(p, group),
-                **{s.key: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                   for s in SPECS[self.op].states if not (s.absent_when_zero and group[s.absent_when_zero] == 0.0)}}
+        state = {"step": self.new_step(p, group),
+                 **{s.key: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    for s in SPECS[self.op].states if not (s.absent_when_zero and group[s.absent_when_zero] == 0.0)}}
+        if group["kahan"]:
+            state["compensation"] = _compact.new_compensation(p)
+        return state
 
     def static_kwargs(self, group: dict) -> dict[str, Any]:
         """The op's hyperparameters that do not change from step to step (all but STEP_SCALARS)."""
@@ -253,12 +269,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return torch.tensor(0.0, device=p.device if group["capturable"] else "cpu")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's, keeping each group's state_dtype and state_rounding and casting the loaded states to
-        them (COMMON_ARGS, Checkpoints)."""
-        storage = [(g["state_dtype"], g["state_rounding"]) for g in self.param_groups]
+        """torch.optim's, keeping each group's state_dtype, state_rounding, kahan and param_rounding and casting
+        the loaded states to them (COMMON_ARGS, Checkpoints)."""
+        kept = ("state_dtype", "state_rounding", "kahan", "param_rounding")
+        storage = [{key: g[key] for key in kept} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, (dtype, rounding) in zip(self.param_groups, storage):
-            group["state_dtype"], group["state_rounding"] = dtype, rounding
+        for group, options in zip(self.param_groups, storage):
+            group.update(options)
             for p in group["params"]:
                 if p in self.state:
                     _compact.cast_loaded(self.state[p], p, group, self.state_keys)
@@ -351,10 +368,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
                       hvps=bucket.hvps, reuse_hvp=not bucket.estimate, backend=self.backend)
         if bucket.n is None:
             kwargs.update(step_scalars=self._step_scalars(bucket), found_inf=found_inf)
+        kwargs.update(compensations=bucket.compensations, param_rounding=group["param_rounding"])
         if _compact.stochastic(group):
             if bucket.n is None:  # capturable is refused by check_group: torch.compile's tracing
-                raise ValueError("state_rounding='stochastic' cannot be traced by torch.compile (its keys come from "
-                                 "the step count on the host); use state_rounding='nearest' or an eager step")
+                raise ValueError("state_rounding='stochastic' or param_rounding='stochastic' cannot be traced by "
+                                 "torch.compile (its keys come from the step count on the host); use 'nearest' "
+                                 "(kahan=True for bfloat16 params) or an eager step")
             kwargs["rounding_keys"] = _compact.keys(self.seed, bucket.n + 1, bucket.indices,
                                                     _ops.KEY_COLUMNS[self.op], bucket.params[0].device)
         bucket.kwargs = kwargs
@@ -381,7 +400,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 _ops.check_scalars(self.op, bucket.kwargs)
                 continue
             _ops.check_tensors(self.op, bucket.params, bucket.grads, dict(zip(_ops.SCHEMAS[self.op][0], bucket.lists)),
-                               bucket.grad_refs, None, plan.grad_scale, plan.found_inf, hvps=bucket.hvps)
+                               bucket.grad_refs, None, plan.grad_scale, plan.found_inf, hvps=bucket.hvps,
+                               compensations=bucket.compensations)
             if not compiling:  # the op checks and resolves again as it runs, outside the graph
                 _ops.check_scalars(self.op, bucket.kwargs)
                 backends.resolve(self.op, self.backend, bucket.params[0].device.type)

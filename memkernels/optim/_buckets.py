@@ -62,6 +62,7 @@ class Bucket:
     ref: tuple[list[Tensor], float] | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     lists: list[list[Tensor]] = dataclasses.field(default_factory=list)
+    compensations: list[Tensor] = dataclasses.field(default_factory=list)  # kahan: the params' compensations
     ratio: float | Tensor = 1.0
     skip: Tensor | None = None
     checked: bool = False
@@ -99,6 +100,8 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
             state = created[p] = opt.new_state(p, group)
         elif "step" not in state:  # e.g. loaded from torch.optim.SGD or lion_pytorch, which keep no count
             state = created[p] = {**state, "step": opt.new_step(p, group)}
+        if group["kahan"] and "compensation" not in state:  # e.g. loaded from a checkpoint without kahan
+            state = created[p] = {**state, "compensation": _compact.new_compensation(p)}
         if capturable and state["step"].device != p.device:  # e.g. from a host-mode checkpoint
             state = created[p] = {**state, "step": state["step"].to(p.device)}
         mode: Mode = "copy"
@@ -132,6 +135,8 @@ def plan_group(opt: MemoryOptimizer, gi: int, group: dict, hvp: str | None,
             _plan_reuse(bucket, created)
     for bucket in buckets.values():
         bucket.lists = [[bucket.local(s[k]) for s in bucket.states if k in s] for k in opt.state_keys]
+        if group["kahan"]:
+            bucket.compensations = [bucket.local(s["compensation"]) for s in bucket.states]
     return list(buckets.values()), created
 
 

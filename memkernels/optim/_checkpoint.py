@@ -36,12 +36,12 @@ def adopt(state: dict, name: str, state_keys: tuple[str, ...], optional_state_ke
 def _check(st: dict, index: int, name: str, state_keys: tuple[str, ...],
            optional_state_keys: tuple[str, ...]) -> None:
     """A ValueError naming the key when a loaded state is another optimizer's or lacks a tensor."""
-    kept = {"step", "prev_grad", "hvp", *state_keys}
+    kept = {"step", "prev_grad", "hvp", "compensation", *state_keys}
     foreign = sorted(set(st) - kept)
     if foreign:
         raise ValueError(f"state {index} holds {foreign}, which {name} does not keep (it keeps {sorted(kept)}): "
                          "a state_dict of another optimizer")
-    for key in (*state_keys, "prev_grad", "hvp"):
+    for key in (*state_keys, "prev_grad", "hvp", "compensation"):
         value = st.get(key)
         if value is None and key in state_keys and key not in optional_state_keys and st:
             raise ValueError(f"state {index} lacks {key!r}, a tensor {name} needs")

@@ -7,8 +7,9 @@ param's dtype, and the estimate and the copied gradient in the compute dtype. Wi
 every bfloat16 write rounds by ops/rounding.py under the key tensor_key(seed, step, tensor): step is the count
 the step makes (1 for the first), tensor = (the param's index in the optimizer's param list, groups in order)
 * SLOTS + the list's column in the op's rounding_keys (its states in spec order, then the previous gradient,
-then the kept estimate). Neither depends on how params are bucketed nor on the backend, so a rerun with the
-same seed gives the same bits on any backend that rounds stochastically.
+the kept estimate, then the param itself, with param_rounding="stochastic"). Neither depends on how params are
+bucketed nor on the backend, so a rerun with the same seed gives the same bits on any backend that rounds
+stochastically.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._ops import PARAM_ROUNDINGS
 from ..ops.rounding import tensor_keys
 from ..reference import compute_dtype
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 ROUNDINGS = ("stochastic", "nearest")
-SLOTS = 8  # key columns reserved per param: more than any op's states + 2 (_ops.KEY_COLUMNS)
+SLOTS = 8  # key columns reserved per param: more than any op's states + 3 (_ops.KEY_COLUMNS)
 
 
 def check_group(group: dict) -> None:
@@ -45,6 +47,28 @@ def check_group(group: dict) -> None:
                          "capturable=False")
 
 
+def check_params(group: dict) -> None:
+    """A ValueError naming kahan or param_rounding where the group cannot write its params so."""
+    kahan, rounding = group["kahan"], group["param_rounding"]
+    if not isinstance(kahan, bool):
+        raise ValueError(f"kahan must be a bool, got {kahan!r}")
+    if rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {rounding!r}")
+    if kahan and rounding == "stochastic":
+        raise ValueError("kahan=True with param_rounding='stochastic': both keep small updates of bfloat16 params "
+                         "(a compensation buffer, or unbiased rounding); choose one")
+    option = "kahan=True" if kahan else "param_rounding='stochastic'" if rounding == "stochastic" else None
+    if option is None:
+        return
+    for p in group["params"]:
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"{option} needs bfloat16 parameters (it is how they keep updates below their "
+                             f"precision); a parameter of shape {tuple(p.shape)} is {p.dtype}")
+    if group["capturable"] and rounding == "stochastic":
+        raise ValueError("param_rounding='stochastic' with capturable=True: the rounding keys come from the step "
+                         "count on the host, which device mode never reads; use kahan=True or capturable=False")
+
+
 def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
@@ -56,7 +80,8 @@ def compact(group: dict) -> bool:
 
 
 def stochastic(group: dict) -> bool:
-    return compact(group) and group["state_rounding"] == "stochastic"
+    """The group's calls round something stochastically (its states or its params), so they need keys."""
+    return (compact(group) and group["state_rounding"] == "stochastic") or group["param_rounding"] == "stochastic"
 
 
 def state_dtype(p: Tensor, group: dict) -> torch.dtype:
@@ -69,12 +94,20 @@ def buffer_dtype(p: Tensor, group: dict) -> torch.dtype:
     return torch.bfloat16 if compact(group) else compute_dtype(p)
 
 
+def new_compensation(p: Tensor) -> Tensor:
+    """A bfloat16 param's Kahan compensation before its first compensated write: zeros of its dtype."""
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def cast_loaded(state: dict, p: Tensor, group: dict, state_keys: Sequence[str]) -> None:
-    """A loaded state's tensors in the group's dtypes (torch.optim has cast them to the param's dtype)."""
+    """A loaded state's tensors in the group's dtypes (torch.optim has cast them to the param's dtype); a
+    compensation dropped where the group does not write its params by Kahan's summation."""
+    if not group["kahan"]:
+        state.pop("compensation", None)
     if not compact(group):
         return
     for key, value in state.items():
-        if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+        if key not in ("step", "compensation") and isinstance(value, Tensor) and value.is_floating_point():
             state[key] = value.to(state_dtype(p, group) if key in state_keys else buffer_dtype(p, group))
 
 

@@ -40,14 +40,16 @@ class Lion(MemoryOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, smoothing: float = 0.0, memory_correction: float = 0.0,
                  correction_limit: float = CORRECTION_LIMIT, hvp: str = "auto", hvp_every: int = 1,
-                 track_memory: bool = False, maximize: bool = False, memoryless: bool = False,
+                 track_memory: bool | int = False, maximize: bool = False, memoryless: bool = False,
                  capturable: bool = False, backend: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 state_rounding: str = "stochastic", seed: int = 0) -> None:
+                 state_rounding: str = "stochastic", seed: int = 0, kahan: bool = False,
+                 param_rounding: str = "nearest") -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, smoothing=smoothing,
                         memory_correction=memory_correction, correction_limit=correction_limit, hvp=hvp,
                         hvp_every=hvp_every, maximize=maximize, memoryless=memoryless, capturable=capturable)
         super().__init__(params, defaults, track_memory=track_memory, backend=backend, state_dtype=state_dtype,
-                         state_rounding=state_rounding, seed=seed)
+                         state_rounding=state_rounding, seed=seed, kahan=kahan,
+                         param_rounding=param_rounding)
 
     def check_group(self, group: dict) -> None:
         super().check_group(group)

@@ -37,12 +37,14 @@ MK_HD uint16_t round_bf16(float x, uint32_t bits) {
 }
 
 // rounding_keys' columns for an op of NS states (memkernels._ops.KEY_COLUMNS): its states in spec order (an
-// absent one keeps its column), then grad_refs, then hvps.
+// absent one keeps its column), then grad_refs, then hvps, then params (param_rounding="stochastic", which
+// the CUDA backend refuses: no CUDA code reads that column yet).
 template <int NS>
 struct KeyCols {
   static constexpr int kGradRef = NS;
   static constexpr int kHvp = NS + 1;
-  static constexpr int kWidth = NS + 2;
+  static constexpr int kParam = NS + 2;
+  static constexpr int kWidth = NS + 3;
 };
 
 // A stochastic bfloat16 write, as backends/reference.py's _store makes it: x rounded by the bits of element

@@ -27,7 +27,7 @@ else:
     from .host import add_one, first_calls
 
     for _name in SPECS:
-        register("numba", _name, ("cpu",), prepares=True, stochastic_rounding=True)(host.OPS[_name])
+        register("numba", _name, ("cpu",), prepares=True, stochastic_rounding=True, bf16_params=True)(host.OPS[_name])
     register_count_adder(add_one)
     adamw, lion, sgd = host.OPS["adamw"], host.OPS["lion"], host.OPS["sgd"]  # by name, for numba_status and tests
 

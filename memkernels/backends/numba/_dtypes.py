@@ -79,6 +79,12 @@ def _f32_to_bf16(typingctx, value):
     return types.uint16(types.float32), codegen
 
 
+@njit(forceinline=True)
+def bf16_nearest(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), as a float32 (exact)."""
+    return _bf16_to_f32(_f32_to_bf16(x))
+
+
 @intrinsic
 def _f16_to_f32(typingctx, bits):
     _check(bits, types.int16, "float16 bits")

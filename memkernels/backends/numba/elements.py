@@ -39,6 +39,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import njit
 
+from ._dtypes import bf16_nearest
 from ._log1p import log1p
 
 # numpy error model: x / 0 is inf or NaN, not an exception. Not cached on their own: see kernels.py.
@@ -391,6 +392,15 @@ def ademamix_direction(p, g, c):
 def probe(p, d, tau):
     """reference.probe: (theta + tau d, theta^2, d^2)."""
     return p + tau * d, p * p, d * d
+
+
+@_jit
+def kahan(p, p_new, c):
+    """reference.kahan on float32 values: q (exact in bfloat16) and the new compensation."""
+    y = (p_new - p) + c
+    q = bf16_nearest(p + y)
+    c = y - (q - p)
+    return q, c
 
 
 def adamw_log_penalty(decoupled: bool, eps_inside_sqrt: bool, memoryless: bool) -> bool:

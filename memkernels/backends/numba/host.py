@@ -160,7 +160,7 @@ def _skipped(found_inf: Tensor | None) -> bool:
 
 def _step_or_probe(op: str, flags: tuple[bool, ...], direction_flags: tuple[bool, ...], params, grads, state_lists,
                    grad_refs, diagnostics, scalars, *, correction, update_grad_refs, origins, hvps, reuse_hvp, probe,
-                   probe_norms, inv_scale, rounding_keys) -> None:
+                   probe_norms, inv_scale, rounding_keys, compensations, param_rounding) -> None:
     """The op's probe pass (probe) or step: its kernel for these flags, on these lists."""
     scaled = inv_scale != 1.0
     numels = tuple(p.numel() for p in params)
@@ -172,12 +172,21 @@ def _step_or_probe(op: str, flags: tuple[bool, ...], direction_flags: tuple[bool
     has_ref = bool(grad_refs)
     kernel = kernels.step_kernel(op, flags, correction != 0.0, bool(origins), has_ref, has_ref and update_grad_refs,
                                  reuse_hvp, bool(hvps) and not reuse_hvp, diagnostics is not None, scaled,
-                                 bool(origins) and _streams(numels, params), rounding_keys is not None)
+                                 bool(origins) and _streams(numels, params), rounding_keys is not None,
+                                 *_param_write(compensations, param_rounding))
     carriers = (*_carriers((params, grads), params), _state_carriers(state_lists),
                 *_carriers((grad_refs, origins, hvps), params))
     keys = _NO_KEYS if rounding_keys is None else np.ascontiguousarray(rounding_keys.numpy())
-    _run(kernel, op, (params, grads, *state_lists, grad_refs, origins, hvps), carriers, numels, diagnostics, scalars,
-         keys)
+    lists = (params, grads, *state_lists, grad_refs, origins, hvps, *((compensations,) if compensations else ()))
+    _run(kernel, op, lists, carriers, numels, diagnostics, scalars, keys)
+
+
+def _param_write(compensations: list[Tensor], param_rounding: str) -> tuple[bool, ...]:
+    """The step kernel's flags kahan and stochastic_params; none where both are off, so the kernel of that call
+    is the one of before (the same cache entry)."""
+    if compensations:
+        return (True, False)
+    return (False, True) if param_rounding == "stochastic" else ()
 
 
 def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
@@ -186,7 +195,7 @@ def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
     n_states = len(spec.states)
 
     def op(params, grads, *lists, maximize, update_grad_refs, grad_scale, found_inf, origins, hvps, reuse_hvp,
-           probe, probe_norms, rounding_keys=None, **k) -> None:
+           probe, probe_norms, rounding_keys=None, compensations=(), param_rounding="nearest", **k) -> None:
         state_lists, (grad_refs, diagnostics) = lists[:n_states], lists[n_states:]
         if _skipped(found_inf):
             return
@@ -200,7 +209,8 @@ def host_op(spec: OpSpec, part: HostOp) -> Callable[..., None]:
         _step_or_probe(spec.name, flags, direction_flags, params, grads, state_lists, grad_refs, diagnostics,
                        _rounded(part.scalars(k, d, common, dtype), dtype), correction=k["correction"],
                        update_grad_refs=update_grad_refs, origins=origins, hvps=hvps, reuse_hvp=reuse_hvp,
-                       probe=probe, probe_norms=probe_norms, inv_scale=inv_scale, rounding_keys=rounding_keys)
+                       probe=probe, probe_norms=probe_norms, inv_scale=inv_scale, rounding_keys=rounding_keys,
+                       compensations=compensations, param_rounding=param_rounding)
 
     op.__name__ = op.__qualname__ = spec.name
     return op

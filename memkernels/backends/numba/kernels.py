@@ -20,7 +20,9 @@ pool per op call, however many tensors, and small tensors share the threads. The
 `stochastic` flag) also reads `keys`, one row per tensor with the key of each list it writes (the
 states, grad_refs, hvps: _ops.KEY_COLUMNS), and stores every bfloat16 element by
 _rounding.round_bf16 under its list's key at its index in the tensor (start + i); without the flag
-`keys` is empty and never read, and the stores round to nearest even.
+`keys` is empty and never read, and the stores round to nearest even. Bfloat16 params are written
+compensated (`kahan`: elements.kahan, the compensations in the last column of addresses, of the params'
+dtype) or stochastically under the params' key (`stochastic_params`); both flags off, the store of before.
 The inner loop runs over a chunk's views from index 0, which LLVM vectorizes (a
 loop from lo to hi does not: numba's negative-index handling hides that the
 index is non-negative), and the element math is force-inlined into it (a call
@@ -201,7 +203,8 @@ _ZEROS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 @kernels(parallel=True)
 def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: bool, has_ref: bool, write_ref: bool,
-                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool, stochastic: bool):
+                reuse_hvp: bool, store_hvp: bool, diagnose: bool, scaled: bool, stream_params: bool, stochastic: bool,
+                kahan: bool = False, stochastic_params: bool = False):
     """The step of op (its elements.ELEMENTS entry, which takes `flags`) on every tensor of the call.
 
     The kernel takes the op's states as a tuple of dtype carriers, one per state of the op's spec in its
@@ -210,7 +213,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     """
     element = ELEMENTS[op]
     n_states = len(SPECS[op].states)
-    refs = 2 + n_states  # the columns of addresses: params, grads, the states, grad_refs, origins, hvps
+    refs = 2 + n_states  # addresses' columns: params, grads, the states, grad_refs, origins, hvps[, compensations]
     # One tuple constant, not *flags: its items keep their constant types (a star call passes plain bools), so
     # numba compiles the step for these flags and drops their dead branches before LLVM sees them.
     step, step_flags = element.step, (*flags, correct, has_ref or reuse_hvp)
@@ -235,6 +238,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                 h_ = view(addresses[row, refs + 2], start, n, hvps)
                 theta_ = view(addresses[row, refs + 1], start, n, origins) if has_origin else p_
                 out_ = scratch(n, params) if stream_params else p_
+                c_ = view(addresses[row, refs + 3], start, n, params) if kahan else p_
                 partial = zeros_like(c.zero)
                 exponents, product = _penalty.no_exponents(c.zero), c.one
                 for i in range(n):
@@ -251,7 +255,14 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                         theta = load(theta_, i, c.zero)
                         states_in = loads(s_, i, c.zero)
                     p, new_states, g_raw, diag = step(theta, g, states_in, hvp, c, step_flags)
-                    store(out_, i, p)
+                    if kahan:
+                        p, compensation = elements.kahan(theta, p, load(c_, i, c.zero))
+                        store(c_, i, compensation)
+                        store(out_, i, p)
+                    elif stochastic_params:
+                        _rounding.store_rounded(out_, i, p, keys[row, n_states + 2], start + i)
+                    else:
+                        store(out_, i, p)
                     if stochastic:
                         _rounding.stores_rounded(s_, i, new_states, keys, row, 0, start + i)
                     else:

@@ -32,6 +32,19 @@ def random_bits(key, index):
 
 
 @triton.jit
+def round_nearest_bf16(x):
+    """fp32 -> bf16 rounded to nearest even in integer arithmetic (NaN stays NaN).
+
+    The interpreter's own fp32 -> bf16 conversion truncates; compiled code uses
+    the hardware conversion, which rounds to nearest even.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
 def round_bf16(x, bits):
     """rounding.round_bf16: x a float32 tensor, bits tl.uint32 of its shape; a bfloat16 tensor."""
     top = (x.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)) >> 16

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ...ops import SPECS
+from . import _rounding
 
 
 # ------------------------------------------------------------------ shared math
@@ -73,6 +74,15 @@ def diagnostics(F, u, M, lr, penalty, sign_flips, limited):
 @triton.jit
 def probe(p, d, tau):
     return p + tau * d, p * p, d * d
+
+
+@triton.jit
+def kahan(p, p_new, c):
+    """reference.kahan: q (exact in bfloat16) and the new compensation."""
+    y = (p_new - p) + c
+    q = _rounding.round_nearest_bf16(p + y).to(tl.float32)
+    c = y - (q - p)
+    return q, c
 
 
 @triton.jit

@@ -91,17 +91,19 @@ def launch(spec: OpSpec, params: Sequence[Tensor], grads: Sequence[Tensor], *lis
            maximize: bool, memoryless: bool, update_grad_refs: bool, grad_scale: Tensor | None,
            found_inf: Tensor | None, origins: Sequence[Tensor], hvps: Sequence[Tensor], reuse_hvp: bool,
            probe: bool, probe_tau: Tensor | None, probe_norms: Tensor | None, rounding_keys: Tensor | None = None,
-           **scalars: Any) -> None:
+           compensations: Sequence[Tensor] = (), param_rounding: str = "nearest", **scalars: Any) -> None:
     """The op's kernel: one launch over every tensor of the call. lists: the op's state lists, grad_refs and
     diagnostics, as the op passes them; the table's columns are params, grads, the states, grad_refs, origins
-    and hvps. rounding_keys: a stochastic step's keys (memkernels._ops), None to round to nearest."""
+    and hvps (and a step's compensations). rounding_keys: a stochastic step's keys (memkernels._ops), None to
+    round to nearest."""
     *state_lists, grad_refs, diagnostics = lists
     device = _check_device(spec.name, params)
     numels = [p.numel() for p in params]
     blocks = block_map(numels, BLOCK, device)
     if blocks.numel() == 0:
         return  # every tensor is empty
-    columns = (params, grads, *state_lists, grad_refs, origins, hvps)
+    kahan = bool(compensations) and not probe
+    columns = (params, grads, *state_lists, grad_refs, origins, hvps, *((compensations,) if kahan else ()))
     table, aligned = pointer_table(columns, numels, device)
     grad_scale, found_inf = _on(grad_scale, device), _on(found_inf, device)
     if step_scalars is not None and not step_scalars.is_contiguous():
@@ -126,7 +128,8 @@ def launch(spec: OpSpec, params: Sequence[Tensor], grads: Sequence[Tensor], *lis
             HAS_TAU=probe_tau is not None, NORMS=probe_norms is not None, DIAG=diagnostics is not None,
             MEMORYLESS=memoryless, CORRECTION=correction != 0.0, MAXIMIZE=maximize,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, ALIGNED=aligned,
-            SOFT_BF16=interpreting(), STOCHASTIC=rounding_keys is not None, NCOL=len(columns) + 1, BLOCK=BLOCK,
+            SOFT_BF16=interpreting(), STOCHASTIC=rounding_keys is not None, KAHAN=kahan,
+            STOCHASTIC_PARAMS=param_rounding == "stochastic" and not probe, NCOL=len(columns) + 1, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
 
 
@@ -142,5 +145,5 @@ for _spec in SPECS.values():
     if _spec.name not in elements.OPS:
         raise RuntimeError(f"the op {_spec.name!r} of memkernels.ops has no Triton element functions (elements.OPS)")
     _check_order(_spec, elements.OPS[_spec.name])
-    register("triton", _spec.name, DEVICE_TYPES, device_step_scalars=True, stochastic_rounding=True)(
+    register("triton", _spec.name, DEVICE_TYPES, device_step_scalars=True, stochastic_rounding=True, bf16_params=True)(
         functools.partial(launch, _spec))

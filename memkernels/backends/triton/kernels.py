@@ -36,9 +36,13 @@ A stochastic step (STOCHASTIC) rounds every bfloat16 write of a state, a
 grad_ref and a kept estimate by _rounding.round_bf16 under its list's key at
 the element's index in its tensor (start + i), as numba does: the keys arrive
 as an int64 tensor (rounding_keys: per tensor, the op's states in spec order,
-then grad_refs, then hvps: the table's columns from 2 without the origins),
-read like the pointer table, so one compiled variant serves every key. Without
-it the keys are never read and the stores are those of before.
+then grad_refs, then hvps, then params: _ops.KEY_COLUMNS), read like the
+pointer table, so one compiled variant serves every key. Without it the keys are
+never read and the stores are those of before.
+
+Bfloat16 params are written by elements.kahan (KAHAN: the compensations in a
+column after hvps) or stochastically under the params' key (STOCHASTIC_PARAMS);
+with neither, the table and the store are those of before.
 """
 from __future__ import annotations
 
@@ -73,22 +77,9 @@ def _load(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> bf16 rounded to nearest even in integer arithmetic (NaN stays NaN).
-
-    The interpreter's own fp32 -> bf16 conversion truncates; compiled code uses
-    the hardware conversion, which rounds to nearest even.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(x != x, x.to(tl.bfloat16), rounded)
-
-
-@triton.jit
 def _store(ptrs, x, mask, DT: tl.constexpr, MASKED: tl.constexpr, SOFT_BF16: tl.constexpr):
     if DT == tl.bfloat16 and SOFT_BF16:
-        y = _round_bf16(x)
+        y = _rounding.round_nearest_bf16(x)
     else:
         y = x.to(DT)
     if MASKED:
@@ -264,16 +255,18 @@ def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys,
                H: tl.constexpr, HAS_REF: tl.constexpr, UPDATE_REFS: tl.constexpr, HAS_ORIGIN: tl.constexpr,
                STORE_HVP: tl.constexpr, REUSE_HVP: tl.constexpr, DIAG: tl.constexpr, MEMORYLESS: tl.constexpr,
                CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
-               SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+               SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, KAHAN: tl.constexpr, STOCHASTIC_PARAMS: tl.constexpr,
+               NCOL: tl.constexpr, BLOCK: tl.constexpr):
     """backends/reference.py's step on one tile: theta (from the origins after a probe pass), g, the states
-    and H d in, the op's STEP, its results out. keys: the tensor's row of rounding_keys (read if STOCHASTIC)."""
-    r_col: tl.constexpr = NCOL - 4  # grad_refs, then origins, hvps and the numel
+    and H d in, the op's STEP, its results out. keys: the tensor's row of rounding_keys (read if STOCHASTIC or
+    STOCHASTIC_PARAMS)."""
+    r_col: tl.constexpr = NCOL - 4 - KAHAN  # grad_refs, then origins, hvps, [compensations] and the numel
     mask = tl.arange(0, BLOCK) < n_el - start
     p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
     if HAS_ORIGIN:
-        p = _load(_tile(table, row, r_col + 1, start, P, ALIGNED, BLOCK), mask, MASKED)
+        theta = _load(_tile(table, row, r_col + 1, start, P, ALIGNED, BLOCK), mask, MASKED)
     else:
-        p = _load(p_ptrs, mask, MASKED)
+        theta = _load(p_ptrs, mask, MASKED)
     g = _load_grad(_tile(table, row, 1, start, P, ALIGNED, BLOCK), mask, inv_scale, MASKED, HAS_SCALE, MAXIMIZE)
     state_ptrs, states = _load_states(table, row, start, mask, STATES, MASKED, ALIGNED, BLOCK)
     NEED_M: tl.constexpr = (HAS_REF or REUSE_HVP) and (CORRECTION or DIAG)
@@ -284,11 +277,19 @@ def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys,
         if NEED_M:
             hvp = estimate
 
-    p, states, g_ref, terms = STEP(p, g, states, hvp, s, n, FLAGS, MEMORYLESS, CORRECTION)
+    p, states, g_ref, terms = STEP(theta, g, states, hvp, s, n, FLAGS, MEMORYLESS, CORRECTION)
     if DIAG:
         _diagnostics(diagnostics, terms, mask, MASKED, CORRECTION)
 
-    _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
+    if KAHAN:
+        c_ptrs = _tile(table, row, r_col + 3, start, P, ALIGNED, BLOCK)
+        q, compensation = elements.kahan(theta, p, _load(c_ptrs, mask, MASKED))
+        _store(c_ptrs, compensation, mask, P, MASKED, SOFT_BF16)
+        _store(p_ptrs, q, mask, P, MASKED, SOFT_BF16)
+    elif STOCHASTIC_PARAMS:
+        _store_rounded(p_ptrs, p, mask, keys, r_col, start, P, MASKED, SOFT_BF16, True, BLOCK)
+    else:
+        _store(p_ptrs, p, mask, P, MASKED, SOFT_BF16)
     for k in tl.static_range(len(STATES)):
         _store_rounded(state_ptrs[k], states[k], mask, keys, STATES[k][0] - 2, start, STATES[k][1], MASKED, SOFT_BF16,
                        STOCHASTIC, BLOCK)
@@ -308,7 +309,8 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
                         PROBE: tl.constexpr, HAS_TAU: tl.constexpr, NORMS: tl.constexpr, DIAG: tl.constexpr,
                         MEMORYLESS: tl.constexpr, CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
                         HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ALIGNED: tl.constexpr,
-                        SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                        SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, KAHAN: tl.constexpr,
+                        STOCHASTIC_PARAMS: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     """s, n: the op's static and per-step fp32 scalars (namedtuples, elements.py); the float64 ones are the static
     scalars DERIVED combines with the step scalars (weight_decay64 is 0 for an op without decay)."""
     row, start, go = _program(blocks, found_inf, HAS_INF)
@@ -319,7 +321,7 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
         hvp_scale = n.hvp_scale
         if HAS_TAU and not PROBE:
             hvp_scale = _inverse_tau(probe_tau)
-        keys = rounding_keys + row * (NCOL - 4)  # this tensor's row: its states', grad_refs' and hvps' keys
+        keys = rounding_keys + row * (NCOL - 3 - KAHAN)  # this tensor's row: _ops.KEY_COLUMNS
         row = row * NCOL
         n_el = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
@@ -334,8 +336,10 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
         elif start + BLOCK <= n_el:
             _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys, s, n, STEP, FLAGS, STATES,
                        False, P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
-                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, NCOL, BLOCK)
+                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, KAHAN, STOCHASTIC_PARAMS, NCOL,
+                       BLOCK)
         else:
             _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys, s, n, STEP, FLAGS, STATES,
                        True, P, R, H, HAS_REF, UPDATE_REFS, HAS_ORIGIN, STORE_HVP, REUSE_HVP, DIAG, MEMORYLESS,
-                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, NCOL, BLOCK)
+                       CORRECTION, MAXIMIZE, HAS_SCALE, ALIGNED, SOFT_BF16, STOCHASTIC, KAHAN, STOCHASTIC_PARAMS, NCOL,
+                       BLOCK)
