@@ -235,13 +235,17 @@ def convergence_relative(result: dict[str, Any], out: Path) -> Path:
         for y, name in enumerate(names):
             pct = summary["rows"].get(name, {}).get("held_out_vs_baseline_pct")
             if pct is None:
-                ax.text(0.02, y, "not run" if name not in summary["unavailable"] else "unavailable", fontsize=6,
-                        va="center", transform=ax.get_yaxis_transform(), color="gray")
+                why = summary["unavailable"].get(name, "not run")
+                note = "no correction (a peer)" if why.startswith("a peer") else why.split(":")[0]
+                ax.text(0.5, y, note, fontsize=6, ha="center", va="center", transform=ax.get_yaxis_transform(),
+                        color="gray")
                 continue
             ax.barh(y, pct, color="tab:blue" if abs(pct) <= threshold else "tab:red")
+            ax.text(pct, y, f" {pct:+.2f}% ", fontsize=6, va="center", ha="left" if pct >= 0 else "right")
         for x in (-threshold, threshold):
             ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
         ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.set_ylim(-0.7, len(names) - 0.3)
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.set_xlabel(f"held-out loss vs fp32 states, % (dashed: ±{threshold:g}%)", fontsize=7)
         ax.set_title(f"{task}, {setting}", fontsize=8)
@@ -256,14 +260,16 @@ def convergence_curves(result: dict[str, Any], out: Path) -> Path:
     fig, panels = _panels(result, 5.5, 3.6)
     styles = {r["name"]: (f"C{i}", "--" if r["peer"] else "-") for i, r in enumerate(result["rows"])}
     for task, setting, ax in panels:
-        late = []
+        late, last = [], 0
         for name, s in result["summary"][task][setting]["rows"].items():
             points = [(x, y) for x, y in zip(s["curve"]["steps"], s["curve"]["held_out_loss"]) if y is not None]
             if points:
                 color, line = styles[name]
                 ax.plot(*zip(*points), line, color=color, linewidth=1, marker=".", markersize=3, label=name)
                 late += [y for x, y in points if x >= points[-1][0] / 2]
+                last = max(last, points[-1][0])
         if late:
+            ax.set_xlim(0.45 * last, 1.02 * last)
             low, high = min(late), max(late)
             ax.set_ylim(low - 0.05 * (high - low) - 1e-3 * low, high + 0.05 * (high - low) + 1e-3 * high)
         ax.set_xlabel("step", fontsize=7)
