@@ -141,6 +141,10 @@ def _memkernels(**options: Any) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
+def _torch(params: list, alpha: float, seed: int, backend: str) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, **ADAMW_HYPER)
+
+
 def _optimi_kahan(params: list, alpha: float, seed: int, backend: str) -> torch.optim.Optimizer:
     import optimi
     return optimi.AdamW(params, **ADAMW_HYPER, kahan_sum=True)
@@ -154,8 +158,7 @@ ROWS = (
     Row("bf16 params, nearest", BF16, _memkernels(state_dtype=BF16)),
     Row("bf16 params + Kahan", BF16, _memkernels(state_dtype=BF16, kahan=True)),
     Row("bf16 params + stochastic rounding", BF16, _memkernels(state_dtype=BF16, param_rounding="stochastic")),
-    Row("torch.optim.AdamW (fp32)", torch.float32, lambda ps, alpha, seed, backend: torch.optim.AdamW(ps, **ADAMW_HYPER),
-        peer=True),
+    Row("torch.optim.AdamW (fp32)", torch.float32, _torch, peer=True),
     Row("torch-optimi AdamW, bf16 + Kahan", BF16, _optimi_kahan, peer=True),
 )
 RUN_ERRORS = (ImportError, TypeError, ValueError, RuntimeError, NotImplementedError)  # a row that cannot run
@@ -232,6 +235,27 @@ def summarize(runs: list[dict[str, Any]], unavailable: dict[str, dict[str, dict[
 
 # ------------------------------------------------------------------ the suite
 
+def run_row(cfg: ConvergenceConfig, task: Task, row: Row, alpha: float, tick: Callable[[int], object]
+            ) -> tuple[list[dict[str, Any]], str | None]:
+    """A row's runs over the seeds, or the reason it cannot run (a peer has no correction; an option or library
+    missing here raises on the first seed)."""
+    if row.peer and alpha:
+        tick(len(cfg.seeds))
+        return [], "a peer: it has no memory correction"
+    runs = []
+    for i, seed in enumerate(cfg.seeds):
+        try:
+            result = train(cfg, task, row, alpha, seed)
+        except RUN_ERRORS as exc:
+            tick(len(cfg.seeds) - i)
+            return runs, f"unavailable: {type(exc).__name__}: {exc}"
+        curve = result["curve"]
+        runs.append({"seed": seed, "finite": all(map(math.isfinite, curve["train_loss"] + curve["held_out_loss"])),
+                     **result})
+        tick(1)
+    return runs, None
+
+
 def run(cfg: ConvergenceConfig, *, tick: Callable[[int], object] = lambda n: None,
         total: Callable[[int], object] = lambda n: None) -> dict[str, Any]:
     if not cfg.seeds or cfg.mnist_epochs < 1 or cfg.lm_steps < 1 or cfg.curve_points < 0:
@@ -247,22 +271,11 @@ def run(cfg: ConvergenceConfig, *, tick: Callable[[int], object] = lambda n: Non
         for name, build in builders.items():
             task = build()
             for setting, alpha in SETTINGS.items():
-                missing = unavailable.setdefault(name, {}).setdefault(setting, {})
                 for row in ROWS:
-                    if row.peer and alpha:
-                        missing[row.name] = "a peer: it has no memory correction"
-                    for seed in cfg.seeds:
-                        if row.name not in missing:
-                            try:
-                                result = train(cfg, task, row, alpha, seed)
-                            except RUN_ERRORS as exc:  # the row's options or library are not here
-                                missing[row.name] = f"unavailable: {type(exc).__name__}: {exc}"
-                            else:
-                                finite = all(map(math.isfinite, result["curve"]["train_loss"]
-                                                 + result["curve"]["held_out_loss"]))
-                                runs.append({"task": name, "setting": setting, "row": row.name, "seed": seed,
-                                             "finite": finite, **result})
-                        tick(1)
+                    mine, why = run_row(cfg, task, row, alpha, tick)
+                    runs += [{"task": name, "setting": setting, "row": row.name, **r} for r in mine]
+                    if why is not None:
+                        unavailable.setdefault(name, {}).setdefault(setting, {})[row.name] = why
     return {"suite": "convergence", "machine": machine, "config": asdict(cfg),
             "settings": SETTINGS, "rows": [{"name": r.name, "param_dtype": str(r.param_dtype), "peer": r.peer}
                                            for r in ROWS],

@@ -486,9 +486,8 @@ def convergence_section(result: dict[str, Any], images: list[str]) -> list[str]:
                 pct = s["held_out_vs_baseline_pct"]
                 within = ("" if name == result["baseline"] or pct is None
                           else "yes" if abs(pct) <= result["threshold_pct"] else "no")
-                rows.append([name, setting, _loss(s["train_loss"], s["train_loss_sd"]),
-                             _loss(s["held_out_loss"], s["held_out_loss_sd"]) + ("" if s["finite"] else " (not finite)"),
-                             _pct(pct), within])
+                held = _loss(s["held_out_loss"], s["held_out_loss_sd"]) + ("" if s["finite"] else " (not finite)")
+                rows.append([name, setting, _loss(s["train_loss"], s["train_loss_sd"]), held, _pct(pct), within])
         lines += ["", f"**{task}**", ""]
         lines += _table(["row", "correction", "training loss", "held-out loss", "held-out vs fp32 states",
                          f"within {result['threshold_pct']:g}%"], rows)
