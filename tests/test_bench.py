@@ -34,6 +34,7 @@ from memkernels.optim import AdamW
 from memkernels.coefficients import ema_age_at
 
 PNG = b"\x89PNG\r\n\x1a\n"
+KAHAN_ROW = "AdamW, bf16 params + Kahan"
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +92,14 @@ def test_speed_rows(out):
     assert sets["large tensor"]["params"] == 4096 and sets["GPT-2 small"]["tensors"] == 148
     assert sets["small model"]["tensors"] == 148
     rows = result["rows"]
+    # the Kahan row runs once kahan=True lands; until then it says why (test_bf16_rows_and_both_bytes_columns)
+    waiting = {KAHAN_ROW} & {v for v in speed.VARIANTS if f"{v} (memkernels reference)" in result["unavailable"]}
     for shape_set in sets.values():
         assert shape_set["bandwidth"]["kernel"] == "triad" and shape_set["bandwidth"]["gb_s"] > 0
         mine = [r for r in rows if r["shape_set"] == shape_set["name"]]
         timed = {(r["name"], r["backend"]) for r in mine}
-        assert {(v, "reference") for v in speed.VARIANTS} <= timed  # every variant of the forced backend
+        assert {(v, "reference") for v in speed.VARIANTS if v not in waiting} <= timed  # every variant of the
+        # forced backend
         assert {("AdamW", "torch.optim fused"), ("AdamW", "torch.optim foreach"), ("Lion", "lion_pytorch")} <= timed
         assert any(r["name"] == "heavy ball" and r["backend"].startswith("torch.optim SGD") for r in mine)
         for r in mine:
@@ -711,8 +715,6 @@ def test_cli_peers_option(tmp_path):
 
 
 # ------------------------------------------------------------------ bf16 rows, bytes per parameter, memory table
-
-KAHAN_ROW = "AdamW, bf16 params + Kahan"
 
 
 def test_bf16_rows_and_both_bytes_columns(out):

@@ -28,7 +28,7 @@ import torch
 from . import peers
 from .holdings import held_bytes
 from .machine import describe
-from .speed import VARIANTS, Stepping, _memkernels_optimizer, _prepare, resolve_device, selected_backends
+from .speed import Stepping, _memkernels_optimizer, _prepare, resolve_device, selected_backends, variants
 
 MEMKERNELS_ROWS = ("AdamW", "AdamW, bf16 states", "AdamW + trajectory correction",
                    "AdamW + trajectory correction, bf16 states", "AdamW, bf16 params + Kahan")
@@ -79,9 +79,10 @@ def rows(cfg: MemoryConfig, device: torch.device) -> tuple[list[Row], dict[str, 
            for flag in ("fused", "foreach")]
     status = selected_backends(cfg, device)
     for backend in (b for b, state in status.items() if state == "ok"):
+        mine = variants(backend, status)  # the speed suite's rule: no bf16 spec rows beside a compiled backend
         out += [Row(name, f"memkernels {backend}",
                     lambda ps, name=name, backend=backend: _memkernels_optimizer(name, ps, backend),
-                    VARIANTS[name].dtype) for name in MEMKERNELS_ROWS]
+                    mine[name].dtype) for name in MEMKERNELS_ROWS if name in mine]
     out += [Row(p.optimizer, p.implementation, p.make, p.dtype, p.library)
             for p in peers.rows(device, cfg.peers) if p.optimizer == "AdamW"]
     return out, {b: state for b, state in status.items() if state != "ok"}
