@@ -46,7 +46,8 @@ def info() -> str:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
-        "bench", help="speed vs anchors, optimizer memory, order of accuracy, implicit regularization: JSON, PNGs, report.md",
+        "bench", help="speed vs anchors, optimizer memory, order of accuracy, implicit regularization: JSON, PNGs, "
+                      "report.md",
         description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -62,10 +63,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--backends", nargs="+", choices=backends.BACKENDS,
                        help="memkernels backends the speed and memory suites run (default: every one available)")
     bench.add_argument("--size", type=int, help="parameters of the speed suite's large tensor")
-    bench.add_argument("--device", default="auto", help="speed and memory suites' device: auto (CUDA if present), cpu, cuda")
+    bench.add_argument("--device", default="auto",
+                       help="speed and memory suites' device: auto (CUDA if present), cpu, cuda")
     bench.add_argument("--peers", nargs="+", choices=PEER_LIBRARIES + ("none",),
-                       help="other libraries whose optimizers the speed and memory suites run beside torch's (default: all, "
-                            "none with --full; one that cannot run is listed with why)")
+                       help="other libraries whose optimizers the speed and memory suites run beside torch's "
+                            "(default: all, none with --full; one that cannot run is listed with why)")
     bench.add_argument("--math-backend", default="reference", choices=("auto",) + backends.BACKENDS,
                        help="backend of the theory and implicit suites' optimizers, whose tensors are tiny "
                             "(default: reference, the executable spec)")

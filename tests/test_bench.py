@@ -794,21 +794,20 @@ def test_held_bytes_by_hand():
 
 
 def test_memory_table(out):
-    """Every row of the table measured, or listed with why; what the optimizer holds includes its state, and the
-    peak includes what it holds; torch's fused AdamW: exactly its two fp32 states and a step count."""
+    """Every row of the table measured, or listed with why; what the optimizer holds includes its state, and so
+    does the peak; torch's fused AdamW: exactly its two fp32 states and a step count; memkernels bf16: two bf16."""
     result = load(out, "memory")
     cfg = memory.MemoryConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
     table, _ = memory.rows(cfg, torch.device("cpu"))
     measured = {(r["name"], r["implementation"]) for r in result["rows"]}
     keys = {(row.name, row.implementation) for row in table}
-    missing = {(k.rsplit(" (", 1)[0], k.rsplit(" (", 1)[1][:-1]) for k in result["unavailable"]}
+    missing = {(r["name"], r["implementation"]) for r in result["unavailable"]}
     assert measured | missing == keys and not measured & missing
-    assert all(why for why in result["unavailable"].values())
-    names = {(r.name, r.implementation) for r in table}
+    assert all(r["why"] for r in result["unavailable"])
     assert {("AdamW", "torch.optim fused"), ("AdamW", "memkernels reference"), ("AdamW, bf16 states",
             "memkernels reference"), ("AdamW + trajectory correction, bf16 states", "memkernels reference"),
             (KAHAN_ROW, "memkernels reference"), ("AdamW", "bitsandbytes AdamW8bit (8-bit states)"),
-            ("AdamW", "torch-optimi AdamW, bf16 + Kahan summation")} <= names
+            ("AdamW", "torch-optimi AdamW, bf16 + Kahan summation")} <= keys
     for r in result["rows"]:
         assert 0 < r["state_bytes_per_param"] <= r["held_bytes_per_param"], r
         assert r["step_allocated_per_param"] >= 0 and r["peak_bytes_per_param"] >= r["state_bytes_per_param"], r
@@ -818,11 +817,17 @@ def test_memory_table(out):
     compact = next(r for r in result["rows"] if (r["name"], r["implementation"]) == ("AdamW, bf16 states",
                                                                                       "memkernels reference"))
     assert compact["state_bytes_per_param"] == (4 * size + 4) / size
+    kahan = next(r for r in result["rows"] + result["unavailable"]
+                 if (r["name"], r["implementation"]) == (KAHAN_ROW, "memkernels reference"))
+    if "why" in kahan:  # until kahan=True lands: the optimizer's own refusal
+        assert "kahan" in kahan["why"]
+    else:  # bf16 m, v and compensation
+        assert kahan["param_dtype"] == "bfloat16" and kahan["state_bytes_per_param"] == (6 * size + 4) / size
     report = (out / "report.md").read_text()
     section = report[report.index("## Optimizer memory"):report.index("## Theory")]
     assert "| optimizer | implementation | params | state B/param |" in section and "](memory.png)" in section
-    for key, why in result["unavailable"].items():
-        assert f"not measured: {why}" in section
+    for r in result["unavailable"]:
+        assert f"| {r['name']} | {r['implementation']} |  | not measured: {r['why']} |" in section
     assert (out / "memory.png").read_bytes()[:8] == PNG
 
 

@@ -169,11 +169,11 @@ def run(cfg: MemoryConfig, *, tick: Callable[[int], object] = lambda n: None,
     device = resolve_device(cfg.device)
     table, skipped = rows(cfg, device)
     total(len(table))
-    measured, unavailable = [], {}
+    measured, unavailable = [], []
     for row in table:
         result = measure(row, cfg, device)
         if isinstance(result, str):
-            unavailable[f"{row.name} ({row.implementation})"] = result
+            unavailable.append({"name": row.name, "implementation": row.implementation, "why": result})
         else:
             measured.append(result)
         gc.collect()

@@ -228,8 +228,8 @@ def memory_section(result: dict[str, Any], images: list[str]) -> list[str]:
     rows = [[r["name"], r["implementation"], r["param_dtype"], f"{r['state_bytes_per_param']:.2f}",
              f"{r['held_bytes_per_param']:.2f}", f"{r['peak_bytes_per_param']:.2f}",
              f"{r['step_allocated_per_param']:.2f}"] for r in result["rows"]]
-    rows += [[name.rsplit(" (", 1)[0], name.rsplit(" (", 1)[1].rstrip(")"), "", f"not measured: {why}", "", "", ""]
-             for name, why in result["unavailable"].items()]
+    rows += [[r["name"], r["implementation"], "", f"not measured: {r['why']}", "", "", ""]
+             for r in result["unavailable"]]
     lines += _table(["optimizer", "implementation", "params", "state B/param", "held B/param (persistent)",
                      "peak B/param during a step", "allocated by the step B/param"], rows)
     skipped = [f"{name} ({why})" for name, why in result["backends"].items()]
