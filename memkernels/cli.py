@@ -1,4 +1,5 @@
-"""The `memkernels` command: `bench` (speed, theory, implicit-regularization and convergence suites) and `info`."""
+"""The `memkernels` command: `bench` (speed, optimizer memory, theory, implicit-regularization and convergence
+suites) and `info`."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,8 @@ def info() -> str:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
-        "bench", help="speed vs anchors, order of accuracy, implicit regularization: JSON, PNGs, report.md",
+        "bench", help="speed vs anchors, optimizer memory, order of accuracy, implicit regularization: JSON, PNGs, "
+                      "report.md",
         description="Run the benchmark suites and write <suite>.json, PNG plots and report.md into --out.")
     mode = bench.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -58,16 +60,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                       help="seconds: checks that the harness runs; its figures mean nothing")
     bench.set_defaults(mode="quick")
     bench.add_argument("--suite", nargs="+", choices=(*SUITES, "all"),
-                       help="which suites to run (default: speed, theory and implicit; all adds convergence, which "
-                            "takes minutes even with --quick)")
+                       help="which suites to run (default: speed, memory, theory and implicit; all adds "
+                            "convergence, which takes minutes even with --quick)")
     bench.add_argument("--out", default="bench-out", help="output folder (default: ./bench-out)")
     bench.add_argument("--backends", nargs="+", choices=backends.BACKENDS,
-                       help="memkernels backends the speed suite times (default: every one available)")
+                       help="memkernels backends the speed and memory suites run (default: every one available)")
     bench.add_argument("--size", type=int, help="parameters of the speed suite's large tensor")
-    bench.add_argument("--device", default="auto", help="speed suite device: auto (CUDA if present), cpu, cuda")
+    bench.add_argument("--device", default="auto",
+                       help="speed and memory suites' device: auto (CUDA if present), cpu, cuda")
     bench.add_argument("--peers", nargs="+", choices=PEER_LIBRARIES + ("none",),
-                       help="other libraries whose optimizers the speed suite times beside torch's (default: all, "
-                            "none with --full; one that cannot run is listed with why)")
+                       help="other libraries whose optimizers the speed and memory suites run beside torch's "
+                            "(default: all, none with --full; one that cannot run is listed with why)")
     bench.add_argument("--math-backend", default="reference", choices=("auto",) + backends.BACKENDS,
                        help="backend of the theory and implicit suites' optimizers, whose tensors are tiny "
                             "(default: reference, the executable spec)")

@@ -27,12 +27,14 @@ import pytest
 
 import torch
 
-from memkernels.bench import implicit, limit, peers, run, speed, timing
+from memkernels.bench import holdings, implicit, limit, memory, peers, run, speed, timing
 from memkernels.bench.report import noisy, summary_lines
 from memkernels.cli import main
+from memkernels.optim import AdamW
 from memkernels.coefficients import ema_age_at
 
 PNG = b"\x89PNG\r\n\x1a\n"
+KAHAN_ROW = "AdamW, bf16 params + Kahan"
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +92,14 @@ def test_speed_rows(out):
     assert sets["large tensor"]["params"] == 4096 and sets["GPT-2 small"]["tensors"] == 148
     assert sets["small model"]["tensors"] == 148
     rows = result["rows"]
+    # the Kahan row runs once kahan=True lands; until then it says why (test_bf16_rows_and_both_bytes_columns)
+    waiting = {KAHAN_ROW} & {v for v in speed.VARIANTS if f"{v} (memkernels reference)" in result["unavailable"]}
     for shape_set in sets.values():
         assert shape_set["bandwidth"]["kernel"] == "triad" and shape_set["bandwidth"]["gb_s"] > 0
         mine = [r for r in rows if r["shape_set"] == shape_set["name"]]
         timed = {(r["name"], r["backend"]) for r in mine}
-        assert {(v, "reference") for v in speed.VARIANTS} <= timed  # every variant of the forced backend
+        assert {(v, "reference") for v in speed.VARIANTS if v not in waiting} <= timed  # every variant of the
+        # forced backend
         assert {("AdamW", "torch.optim fused"), ("AdamW", "torch.optim foreach"), ("Lion", "lion_pytorch")} <= timed
         assert any(r["name"] == "heavy ball" and r["backend"].startswith("torch.optim SGD") for r in mine)
         for r in mine:
@@ -112,7 +117,7 @@ def test_speed_rows(out):
                 assert "paired_ratio" not in r
                 continue
             paired = r["paired_ratio"]
-            assert paired["anchor"] == anchors[r["name"].split(" + ")[0]]["backend"]
+            assert paired["anchor"] == anchors[speed.optimizer_of(r["name"])]["backend"]
             assert len(paired["ratios"]) == r["repeats"] and all(x > 0 for x in paired["ratios"])
             assert paired["median"] == statistics.median(paired["ratios"])
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
@@ -120,7 +125,10 @@ def test_speed_rows(out):
                                "AdamW + trajectory + diagnostics": 32,
                                "AdamW + trajectory + diagnostics, grads in place": 36,
                                "AdamW + probe correction": 48, "AdamW + probe, hvp_every=4": 37, "Lion": 20,
-                               "heavy ball": 20}
+                               "heavy ball": 20, "AdamW, bf16 states": 20, "AdamW, bf16 states, nearest": 20,
+                               "AdamW + trajectory correction, bf16 states": 24,
+                               **({"AdamW, bf16 params + Kahan": 18} if "AdamW, bf16 params + Kahan" in
+                                  bytes_per_param else {})}
     assert result["backends"] == {"reference": "ok"}
     for module, anchor in (("bitsandbytes", "AdamW (bitsandbytes AdamW32bit)"),
                            ("deepspeed", "AdamW (DeepSpeedCPUAdam)")):
@@ -704,3 +712,132 @@ def test_cli_peers_option(tmp_path):
     assert run.configs("full")["speed"].peers == ()  # at full size only where asked for
     with pytest.raises(ValueError, match="peers must be chosen"):
         run.configs("tiny", peers=["tensorflow"])
+
+
+# ------------------------------------------------------------------ bf16 rows, bytes per parameter, memory table
+
+
+def test_bf16_rows_and_both_bytes_columns(out):
+    """The bf16-state rows are timed against torch fused AdamW; the Kahan row is timed or says why not; every row
+    has its byte model and its measured touched bytes in the JSON, the terminal summary and the report."""
+    result = load(out, "speed")
+    rows = result["rows"]
+    for name in ("AdamW, bf16 states", "AdamW, bf16 states, nearest", "AdamW + trajectory correction, bf16 states"):
+        mine = [r for r in rows if r["name"] == name]
+        assert len(mine) == len(result["shape_sets"]), name
+        assert all(r["paired_ratio"]["anchor"] == "torch.optim fused" for r in mine)
+    kahan = f"{KAHAN_ROW} (memkernels reference)"
+    if kahan in result["unavailable"]:  # until kahan=True lands: the optimizer's own refusal
+        assert "kahan" in result["unavailable"][kahan] and f"{kahan}: " in (out / "report.md").read_text()
+    else:
+        assert {r["bytes_per_param"] for r in rows if r["name"] == KAHAN_ROW} == {18}
+    for r in rows:
+        assert r["touched_bytes_per_param"] > 0
+    report = (out / "report.md").read_text()
+    assert "| B/param moved (model) | B/param touched (measured) |" in report
+    lines = summary_lines(out)
+    assert "moved" in lines[1] and "touched" in lines[1]
+    for line, r in zip(lines[2:], [r for r in rows if r.get("paired_ratio")]):
+        assert f" {r['bytes_per_param']:.4g} " in line and f" {r['touched_bytes_per_param']:.1f} " in line
+
+
+def test_touched_bytes_are_the_distinct_tensors_of_a_step(out):
+    """The tiny run's measured column against a count by hand: params, grads and states of the row's dtypes, each
+    tensor's 4-byte step count besides."""
+    result = load(out, "speed")
+    sets = {s["name"]: s for s in result["shape_sets"]}
+    # (param + grad + states) bytes per parameter, and whether its state has a step count per tensor
+    by_hand = {("AdamW", "torch.optim fused"): 4 + 4 + 4 + 4, ("AdamW", "reference"): 4 + 4 + 4 + 4,
+               ("AdamW, bf16 states", "reference"): 4 + 4 + 2 + 2,
+               ("AdamW + trajectory correction", "reference"): 4 + 4 + 4 + 4 + 4,  # + the kept gradient
+               ("AdamW + trajectory correction, bf16 states", "reference"): 4 + 4 + 2 + 2 + 2}  # + a bf16 copy
+    for r in result["rows"]:
+        if (r["name"], r["backend"]) in by_hand:
+            tensors = sets[r["shape_set"]]["tensors"]
+            expected = by_hand[(r["name"], r["backend"])] + 4 * tensors / r["params"]
+            assert r["touched_bytes_per_param"] == pytest.approx(expected, rel=1e-12), r["name"]
+
+
+def adamw_steps(opt, params, steps=3):
+    """`steps` steps, each on a new gradient tensor, zero_grad(set_to_none=True) after each."""
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_held_bytes_by_hand():
+    """torch.optim.AdamW: 8 bytes of state per fp32 parameter (+ a 4-byte step per tensor); memkernels with bf16
+    states: 4; its trajectory correction keeps the last gradient as its state (+4: it is that tensor); a storage
+    seen through two views counts once; the parameters never count."""
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20, 10))]
+    numel = 500
+    torch_adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    adamw_steps(torch_adamw, params)
+    assert holdings.held_bytes(torch_adamw.state, params) == 8 * numel + 4 * 2
+    assert holdings.held_bytes(torch_adamw, params) == 8 * numel + 4 * 2
+    compact = AdamW(params, lr=1e-3, state_dtype=torch.bfloat16, backend="reference")
+    adamw_steps(compact, params)
+    assert holdings.held_bytes(compact.state, params) == 2 * 2 * numel + 4 * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the trajectory note
+        trajectory = AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend="reference")
+        adamw_steps(trajectory, params)
+        for p in params:  # what touched_bytes counts as the step's own gradient
+            p.grad = torch.randn_like(p)
+    assert holdings.held_bytes(trajectory.state, params) == 3 * 4 * numel + 4 * 2
+    assert holdings.touched_bytes(trajectory, params) == (4 + 4) * numel + 3 * 4 * numel + 4 * 2
+    base = torch.zeros(10)
+    assert holdings.held_bytes({"a": base, "b": [base[2:5], base.view(2, 5)]}, []) == 40
+    assert holdings.held_bytes({"a": base, "p": params[0]}, params) == 40
+
+
+def test_memory_table(out):
+    """Every row of the table measured, or listed with why; what the optimizer holds includes its state, and so
+    does the peak; torch's fused AdamW: exactly its two fp32 states and a step count; memkernels bf16: two bf16."""
+    result = load(out, "memory")
+    cfg = memory.MemoryConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    table, _ = memory.rows(cfg, torch.device("cpu"))
+    measured = {(r["name"], r["implementation"]) for r in result["rows"]}
+    keys = {(row.name, row.implementation) for row in table}
+    missing = {(r["name"], r["implementation"]) for r in result["unavailable"]}
+    assert measured | missing == keys and not measured & missing
+    assert all(r["why"] for r in result["unavailable"])
+    assert {("AdamW", "torch.optim fused"), ("AdamW", "memkernels reference"), ("AdamW, bf16 states",
+            "memkernels reference"), ("AdamW + trajectory correction, bf16 states", "memkernels reference"),
+            (KAHAN_ROW, "memkernels reference"), ("AdamW", "bitsandbytes AdamW8bit (8-bit states)"),
+            ("AdamW", "torch-optimi AdamW, bf16 + Kahan summation")} <= keys
+    for r in result["rows"]:
+        assert 0 < r["state_bytes_per_param"] <= r["held_bytes_per_param"], r
+        assert r["step_allocated_per_param"] >= 0 and r["peak_bytes_per_param"] >= r["state_bytes_per_param"], r
+    size = cfg.size
+    fused = next(r for r in result["rows"] if r["implementation"] == "torch.optim fused")
+    assert fused["state_bytes_per_param"] == fused["held_bytes_per_param"] == (8 * size + 4) / size
+    compact = next(r for r in result["rows"] if (r["name"], r["implementation"]) == ("AdamW, bf16 states",
+                                                                                      "memkernels reference"))
+    assert compact["state_bytes_per_param"] == (4 * size + 4) / size
+    kahan = next(r for r in result["rows"] + result["unavailable"]
+                 if (r["name"], r["implementation"]) == (KAHAN_ROW, "memkernels reference"))
+    if "why" in kahan:  # until kahan=True lands: the optimizer's own refusal
+        assert "kahan" in kahan["why"]
+    else:  # bf16 m, v and compensation
+        assert kahan["param_dtype"] == "bfloat16" and kahan["state_bytes_per_param"] == (6 * size + 4) / size
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Optimizer memory"):report.index("## Theory")]
+    assert "| optimizer | implementation | params | state B/param |" in section and "](memory.png)" in section
+    for r in result["unavailable"]:
+        assert f"| {r['name']} | {r['implementation']} |  | not measured: {r['why']} |" in section
+    assert (out / "memory.png").read_bytes()[:8] == PNG
+
+
+def test_the_cpu_peak_counts_what_a_step_allocates():
+    """allocated_during against allocations known by hand: 4 MB held across a 2 MB temporary, then freed."""
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(500_000)  # 2 MB more
+        del b
+        return a
+
+    assert memory.allocated_during(step, torch.device("cpu")) == 6_000_000
+    assert memory.allocated_during(lambda: None, torch.device("cpu")) == 0

@@ -51,6 +51,10 @@ TRAJECTORY = Traffic(5, 3)  # + read the previous gradient, kept as a tensor of 
 STORING = Traffic(5, 4)  # the same, also writing what the next step reads (a gradient copy, an estimate of H d)
 PROBE_PASS = Traffic(2, 2)  # the probe: read p g, write the origin and p + tau d
 SIGN = Traffic(3, 2)  # Lion and heavy ball: read p g m, write p m
+ADAMW_BF16 = Traffic(2, 1, read16=2, written16=2)  # fp32 p g, bf16 m v (state_dtype=torch.bfloat16)
+# + the previous gradient: a bf16 buffer read and rewritten with this gradient (an fp32 gradient is not kept as a
+# bf16 state, optim/_prev_grads.py), as many bytes as a kept fp32 gradient read
+TRAJECTORY_BF16 = Traffic(2, 1, read16=3, written16=3)
 ADAMW_8BIT = Traffic(2, 1, read8=2, written8=2)  # 8-bit m and v (their block scales are negligible)
 LION_8BIT = Traffic(2, 1, read8=1, written8=1)
 ADAMW_KAHAN_BF16 = Traffic(0, 0, read16=5, written16=4)  # bf16 p g m v and the Kahan compensation (torch-optimi;

@@ -285,4 +285,24 @@ def convergence(result: dict[str, Any], out: Path) -> list[Path]:
     return [convergence_relative(result, out), convergence_curves(result, out)]
 
 
-DRAW = {"speed": speed, "theory": theory, "implicit": implicit, "convergence": convergence}
+
+
+def memory(result: dict[str, Any], out: Path) -> list[Path]:
+    """Per optimizer, its state, what it holds and its peak during a step, in bytes per parameter."""
+    rows = result["rows"][::-1]
+    fig = _figure(7.5, 1.2 + 0.3 * max(len(rows), 1))
+    ax = fig.add_subplot(1, 1, 1)
+    kinds = (("state_bytes_per_param", "state", "tab:blue"), ("held_bytes_per_param", "held", "tab:orange"),
+             ("peak_bytes_per_param", "peak during a step", "tab:red"))
+    for j, (key, label, color) in enumerate(kinds):
+        ax.barh([i + (j - 1) * 0.27 for i in range(len(rows))], [r[key] for r in rows], height=0.27, color=color,
+                label=label)
+    ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['implementation']})" for r in rows], fontsize=6)
+    ax.set_xlabel("bytes per parameter (measured)", fontsize=8)
+    ax.set_title(f"optimizer memory, {result['device']}", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(True, axis="x", alpha=0.3)
+    return [_save(fig, out / "memory.png")]
+
+
+DRAW = {"speed": speed, "memory": memory, "theory": theory, "implicit": implicit, "convergence": convergence}

@@ -13,9 +13,9 @@ from typing import Any
 from .machine import summary
 from .timing import median_iqr
 
-SUITES = ("speed", "theory", "implicit", "convergence")
-TITLES = {"speed": "Speed", "theory": "Theory: order of accuracy", "implicit": "Implicit regularization",
-          "convergence": "Convergence of compact states"}
+SUITES = ("speed", "memory", "theory", "implicit", "convergence")
+TITLES = {"speed": "Speed", "memory": "Optimizer memory", "theory": "Theory: order of accuracy",
+          "implicit": "Implicit regularization", "convergence": "Convergence of compact states"}
 
 
 def clean(value: Any) -> Any:
@@ -98,6 +98,14 @@ def pct_limit(row: dict[str, Any]) -> str:
     return "over: noise" if beat_limit(row) else f"{row['pct_limit']:.0f}%"
 
 
+def per_param(row: dict[str, Any], key: str) -> str:
+    """Bytes per parameter as printed: the byte model's whole or fractional bytes, a measured count to 0.1."""
+    value = row.get(key)
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if key.startswith("touched") else f"{value:.4g}"
+
+
 def noise_verdict(rows: list[dict[str, Any]]) -> str | None:
     """The run's verdict: None when no row is noisy."""
     flagged = sum(noisy(r) for r in rows)
@@ -120,14 +128,16 @@ def summary_lines(out: Path) -> list[str]:
     ways = max((len(implementation(r)) for r in rows), default=14)
     skipped = f"; {len(result['unavailable'])} rows could not run (report.md says why)" if result["unavailable"] else ""
     lines = [f"speed ({result['device']}): paired ratio = this row's time / its counterpart's in the same rounds "
-             f"(below 1 is faster); % of limit = a pass over memory with the row's byte model / the row's time"
-             f"{skipped}",
+             f"(below 1 is faster); % of limit = a pass over memory with the row's byte model / the row's time; "
+             f"B/param moved = the byte model's reads + writes per parameter and step, touched = the measured bytes "
+             f"of the distinct tensors a step reads or writes, per parameter{skipped}",
              f"{'shape set':<{sets}}  {'optimizer':<{names}}  {'implementation':<{ways}} {'median ms':>10} "
-             f"{'% of limit':>11}  paired ratio (to)"]
+             f"{'% of limit':>11} {'moved':>6} {'touched':>8}  paired ratio (to)"]
     for r in rows:
         flag = "  noisy" if noisy(r) else ""
         lines.append(f"{r['shape_set']:<{sets}}  {r['name']:<{names}}  {implementation(r):<{ways}} "
-                     f"{r['median_ms']:>10.3f} {pct_limit(r):>11}  "
+                     f"{r['median_ms']:>10.3f} {pct_limit(r):>11} {per_param(r, 'bytes_per_param'):>6} "
+                     f"{per_param(r, 'touched_bytes_per_param'):>8}  "
                      f"{r['paired_ratio']['median']:.3f} ({r['paired_ratio']['anchor']}){flag}")
     verdict = noise_verdict(result["rows"])
     return lines + ([verdict] if verdict else [])
@@ -155,11 +165,12 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
         if shape_set.get("limit_status", "ok") != "ok":
             lines[-1:-1] = [f"No limit in this run ({shape_set['limit_status']})."]
         rows = [[r["name"], implementation(r), _num(r["median_ms"]), _num(r["iqr_ms"], 2), _num(r["gb_s"]),
-                 pct_limit(r), _paired(r.get("paired_ratio")), _num(r["ratio_to_torch_fused"]),
-                 "noisy" if noisy(r) else ""]
+                 pct_limit(r), per_param(r, "bytes_per_param"), per_param(r, "touched_bytes_per_param"),
+                 _paired(r.get("paired_ratio")), _num(r["ratio_to_torch_fused"]), "noisy" if noisy(r) else ""]
                 for r in result["rows"] if r["shape_set"] == shape_set["name"]]
         lines += _table(["optimizer", "implementation", "median ms", "IQR ms", "GB/s", "% of limit",
-                         "paired ratio (counterpart)", "median / torch fused AdamW", "noise"], rows)
+                         "B/param moved (model)", "B/param touched (measured)", "paired ratio (counterpart)",
+                         "median / torch fused AdamW", "noise"], rows)
     missing = [f"{name}: {why}" for name, why in result["unavailable"].items()]
     if missing:
         lines += ["", "Not timed: " + "; ".join(missing) + "."]
@@ -205,6 +216,27 @@ def _training_table(training: dict[str, Any] | None) -> list[str]:
     for name, why in training["unavailable"].items():
         lines += ["", f"*{name}*: not timed ({why})."]
     return lines
+
+
+# ------------------------------------------------------------------ memory
+
+def memory_section(result: dict[str, Any], images: list[str]) -> list[str]:
+    cfg = result["config"]
+    lines = [f"Device: {result['device']}. Each optimizer over one tensor of {cfg['size']:,} parameters after "
+             f"{cfg['steps']} steps on a new gradient each (zero_grad(set_to_none=True) after each), in bytes per "
+             f"parameter, measured from the tensors it holds; peak from {result['peak_source']}.", ""]
+    rows = [[r["name"], r["implementation"], r["param_dtype"], f"{r['state_bytes_per_param']:.2f}",
+             f"{r['held_bytes_per_param']:.2f}", f"{r['peak_bytes_per_param']:.2f}",
+             f"{r['step_allocated_per_param']:.2f}"] for r in result["rows"]]
+    rows += [[r["name"], r["implementation"], "", f"not measured: {r['why']}", "", "", ""]
+             for r in result["unavailable"]]
+    lines += _table(["optimizer", "implementation", "params", "state B/param", "held B/param (persistent)",
+                     "peak B/param during a step", "allocated by the step B/param"], rows)
+    skipped = [f"{name} ({why})" for name, why in result["backends"].items()]
+    if skipped:
+        lines += ["", "memkernels backends not measured: " + "; ".join(skipped) + "."]
+    lines += ["", *(f"- {note}" for note in result["notes"])]
+    return lines + _images(images)
 
 
 # ------------------------------------------------------------------ theory
@@ -474,13 +506,13 @@ def convergence_section(result: dict[str, Any], images: list[str]) -> list[str]:
     ]
     for task, settings in result["summary"].items():
         rows = []
-        for setting, summary in settings.items():
+        for setting, outcome in settings.items():
             for row in result["rows"]:
                 name = row["name"]
-                if name in summary["unavailable"]:
-                    rows.append([name, setting, "", summary["unavailable"][name], "", ""])
+                if name in outcome["unavailable"]:
+                    rows.append([name, setting, "", outcome["unavailable"][name], "", ""])
                     continue
-                s = summary["rows"].get(name)
+                s = outcome["rows"].get(name)
                 if s is None:
                     continue
                 pct = s["held_out_vs_baseline_pct"]
@@ -496,8 +528,8 @@ def convergence_section(result: dict[str, Any], images: list[str]) -> list[str]:
     return lines + _images(images)
 
 
-SECTIONS = {"speed": speed_section, "theory": theory_section, "implicit": implicit_section,
-            "convergence": convergence_section}
+SECTIONS = {"speed": speed_section, "memory": memory_section, "theory": theory_section,
+            "implicit": implicit_section, "convergence": convergence_section}
 
 
 def render(out: Path) -> str:

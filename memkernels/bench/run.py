@@ -7,34 +7,37 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import convergence, implicit, plots, report, speed, theory_suite
+from . import convergence, implicit, memory, plots, report, speed, theory_suite
 from . import peers as peer_libraries
 
 SUITES = report.SUITES
-DEFAULT_SUITES = ("speed", "theory", "implicit")  # convergence takes minutes even at --quick: asked for by name
+DEFAULT_SUITES = ("speed", "memory", "theory", "implicit")  # convergence takes minutes even at --quick: by name
 MODES = ("quick", "full", "tiny")
-MODULES = {"speed": speed, "theory": theory_suite, "implicit": implicit, "convergence": convergence}
+MODULES = {"speed": speed, "memory": memory, "theory": theory_suite, "implicit": implicit, "convergence": convergence}
 
 
 def configs(mode: str, *, device: str = "auto", backends: Sequence[str] | None = None, size: int | None = None,
             math_backend: str = "reference", peers: Sequence[str] | None = None) -> dict[str, Any]:
-    """Each suite's configuration for a mode; size, backends and peers apply to the speed suite, math_backend to
-    the theory, implicit and convergence suites."""
+    """Each suite's configuration for a mode; size applies to the speed suite, backends and peers to the speed
+    and memory suites, math_backend to the theory, implicit and convergence suites."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     speed_cfg = speed.SpeedConfig.preset(mode, device)
+    memory_cfg = memory.MemoryConfig.preset(mode, device)
     if size is not None:
         if size < 1:
             raise ValueError(f"--size must be a positive number of parameters, got {size}")
         speed_cfg = dataclasses.replace(speed_cfg, large=size)
     if backends:
         speed_cfg = dataclasses.replace(speed_cfg, backends=tuple(backends))
+        memory_cfg = dataclasses.replace(memory_cfg, backends=tuple(backends))
     if peers is not None:
         unknown = sorted(set(peers) - set(peer_libraries.LIBRARIES))
         if unknown:
             raise ValueError(f"peers must be chosen from {peer_libraries.LIBRARIES}, got {unknown}")
         speed_cfg = dataclasses.replace(speed_cfg, peers=tuple(peers))
-    return {"speed": speed_cfg, "theory": theory_suite.TheoryConfig.preset(mode, math_backend),
+        memory_cfg = dataclasses.replace(memory_cfg, peers=tuple(peers))
+    return {"speed": speed_cfg, "memory": memory_cfg, "theory": theory_suite.TheoryConfig.preset(mode, math_backend),
             "implicit": implicit.ImplicitConfig.preset(mode, math_backend),
             "convergence": convergence.ConvergenceConfig.preset(mode, math_backend)}
 

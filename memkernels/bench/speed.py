@@ -23,7 +23,9 @@ import torch
 from .. import backends
 from ..optim import SGD, AdamW, Lion
 from . import peers, training
-from .limit import ADAMW, PROBE_PASS, SIGN, STORING, TRAJECTORY, Pool, Traffic, bytes_per_step, reference_pass
+from .holdings import touched_bytes
+from .limit import (ADAMW, ADAMW_BF16, ADAMW_KAHAN_BF16, PROBE_PASS, SIGN, STORING, TRAJECTORY, TRAJECTORY_BF16, Pool,
+                    Traffic, bytes_per_step, reference_pass)
 from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
@@ -33,7 +35,10 @@ class Variant(NamedTuple):
     """A memkernels row: its op, docs/DESIGN.md's bytes per parameter and step (fp32 everything), whether its
     step takes a closure, its gradients ("new" tensors every step, the row's own tensors "reused" every step, or
     "any" tensors that hold the stored values), the steps one timed call makes (a whole hvp_every period, so
-    every call does the same work) and the passes over memory of one call (limit.py's reference)."""
+    every call does the same work), the passes over memory of one call (limit.py's reference) and the dtype of
+    its parameters and gradients (other than float32: copies of its own, as a peer's that steps in bf16), and
+    whether the reference backend times it beside a compiled one (the spec's bf16 rounding is torch ops, seconds
+    a step at the quick sizes, which would say nothing about speed)."""
 
     op: str
     bytes_per_param: float
@@ -41,6 +46,8 @@ class Variant(NamedTuple):
     grads: str = "any"
     steps: int = 1
     passes: tuple[Traffic, ...] = ()
+    dtype: torch.dtype = torch.float32
+    beside_compiled: bool = True
 
 
 def _variant(op: str, passes: tuple[Traffic, ...], steps: int = 1, **how: Any) -> Variant:
@@ -62,6 +69,14 @@ VARIANTS: dict[str, Variant] = {
     # hvp_every=4: one probe step storing its estimate and three that read it (as the trajectory reads g_prev)
     "AdamW + probe, hvp_every=4": _variant("adamw", (PROBE_PASS, STORING) + (TRAJECTORY,) * 3, closure=True,
                                            steps=4),
+    # state_dtype=torch.bfloat16: fp32 params and grads, bf16 m and v, written by stochastic rounding (the default)
+    "AdamW, bf16 states": _variant("adamw", (ADAMW_BF16,), beside_compiled=False),
+    "AdamW, bf16 states, nearest": _variant("adamw", (ADAMW_BF16,), beside_compiled=False),
+    "AdamW + trajectory correction, bf16 states": _variant("adamw", (TRAJECTORY_BF16,), grads="new",
+                                                           beside_compiled=False),
+    # kahan=True on bf16 params without fp32 master weights: p g m v and the compensation in bf16
+    "AdamW, bf16 params + Kahan": _variant("adamw", (ADAMW_KAHAN_BF16,), dtype=torch.bfloat16,
+                                           beside_compiled=False),
     "Lion": _variant("lion", (SIGN,)),
     "heavy ball": _variant("sgd", (SIGN,)),
 }
@@ -91,8 +106,17 @@ NOTES = [
     "where the first and second halves of its rounds disagree by more than 20%, or where the row beat its "
     "limit: the machine's speed moved during the row; rerun on an idle machine before reading it.",
     "GB/s counts the byte model (bytes per parameter and step: AdamW 28, +4 trajectory with the previous "
-    "gradient kept, +8 copied, probe 48, hvp_every=4 37, Lion 20, heavy ball 20, 8-bit AdamW 16, bf16 AdamW with "
-    "Kahan summation 18); the shape set's bandwidth line is a STREAM triad (CPU) or copy (GPU) of the same run.",
+    "gradient kept, +8 copied, probe 48, hvp_every=4 37, Lion 20, heavy ball 20, AdamW with bf16 states 20 and "
+    "24 with the trajectory correction (its previous gradient a bf16 copy: 2 bytes read, 2 written), 8-bit AdamW "
+    "16, bf16 AdamW with Kahan summation 18); the shape set's bandwidth line is a STREAM triad (CPU) or copy (GPU) "
+    "of the same run.",
+    "B/param moved (model) is that byte model: the bytes a step reads plus those it writes, per parameter (an "
+    "array read and written back counts twice). B/param touched (measured) counts the actual tensors after the "
+    "timed steps: the bytes of the distinct arrays one step reads or writes (params, gradients, every tensor in "
+    "the optimizer's state, a kept previous gradient, the probe's origins), each once, per parameter: a step's "
+    "resident footprint, not its traffic. Where a step writes only arrays it reads, in one pass, it equals the "
+    "model's reads (AdamW: 16 of 28); the probe rows' model reads params twice (two passes), the touched count "
+    "once.",
 ]
 
 
@@ -158,16 +182,36 @@ def shape_sets(cfg: SpeedConfig) -> list[tuple[str, list[tuple[int, ...]], str]]
 
 
 @dataclass
+class Stepping:
+    """A row's call and what it steps on: its optimizer and its parameters (for the bytes a step touches)."""
+
+    call: Callable[[], object]
+    optimizer: torch.optim.Optimizer
+    params: list
+
+    def __call__(self) -> object:
+        return self.call()
+
+    @classmethod
+    def plain(cls, optimizer: torch.optim.Optimizer, params: list) -> "Stepping":
+        return cls(optimizer.step, optimizer, params)
+
+
+@dataclass
 class Candidate:
-    """One timed row before timing: what it is and one step of it (None if it cannot run here)."""
+    """One timed row before timing: what it is and its built call (None if it cannot run here)."""
 
     name: str
     backend: str
     kind: str  # "memkernels", "anchor" (a counterpart) or "peer" (another library's optimizer)
     passes: tuple[Traffic, ...]  # its byte model: the passes over memory of one call
     steps: int = 1  # optimizer steps per call of `step`; times and ratios are per optimizer step
-    step: Callable[[], object] | None = None
+    stepping: Stepping | None = None
     status: str = "ok"
+
+    @property
+    def step(self) -> Callable[[], object] | None:
+        return None if self.stepping is None else self.stepping.call
 
     @property
     def bytes_per_param(self) -> float:
@@ -192,9 +236,25 @@ def selected_backends(cfg: SpeedConfig, device: torch.device) -> dict[str, str]:
     return out
 
 
+def variants(backend: str, backend_status: dict[str, str]) -> dict[str, Variant]:
+    """The rows a timed backend runs: every variant, but the reference backend beside a compiled one only those
+    that are cheap in torch ops."""
+    beside = backend == "reference" and sum(state == "ok" for state in backend_status.values()) > 1
+    return {name: v for name, v in VARIANTS.items() if v.beside_compiled or not beside}
+
+
 def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.optim.Optimizer:
     if variant == "AdamW":
         return AdamW(params, lr=1e-3, backend=backend)
+    if variant == "AdamW, bf16 states":
+        return AdamW(params, lr=1e-3, state_dtype=torch.bfloat16, backend=backend)
+    if variant == "AdamW, bf16 states, nearest":
+        return AdamW(params, lr=1e-3, state_dtype=torch.bfloat16, state_rounding="nearest", backend=backend)
+    if variant == "AdamW + trajectory correction, bf16 states":
+        return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", state_dtype=torch.bfloat16,
+                     backend=backend)
+    if variant == "AdamW, bf16 params + Kahan":
+        return AdamW(params, lr=1e-3, kahan=True, backend=backend)
     if variant == "AdamW + diagnostics":
         return AdamW(params, lr=1e-3, track_memory=True, backend=backend)
     if variant == "AdamW + trajectory correction":
@@ -241,8 +301,7 @@ def anchors(device: torch.device) -> list[tuple[str, str, tuple[Traffic, ...], C
     ]
 
 
-def _prepare(make: Callable[[], Callable[[], object]], library: str | None = None
-             ) -> tuple[Callable[[], object] | None, str]:
+def _prepare(make: Callable[[], Stepping], library: str | None = None) -> tuple[Stepping | None, str]:
     """Build a row and run its first step (state allocation, JIT compilation) outside the timing; where that
     fails, the reason (with the library's version)."""
     try:
@@ -271,22 +330,22 @@ def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: t
     for backend, state in backend_status.items():
         if state != "ok":
             continue
-        for name, variant in VARIANTS.items():
+        for name, variant in variants(backend, backend_status).items():
             row = Candidate(name, backend, "memkernels", variant.passes, variant.steps)
             if not backends.has_kernel(variant.op, backend, device.type):
                 row.status = f"backend {backend} has no {variant.op} kernel for {device.type}"
             else:
-                row.step, row.status = _prepare(lambda: _stepper(name, variant, params, stored, backend))
+                row.stepping, row.status = _prepare(lambda: _stepper(name, variant, params, stored, backend))
             rows.append(row)
     for name, anchor, passes, factory in anchors(device):
         row = Candidate(name, anchor, "anchor", passes)
-        row.step, row.status = _prepare(lambda: factory(params).step)
+        row.stepping, row.status = _prepare(lambda: Stepping.plain(factory(params), params))
         rows.append(row)
     for peer in peers.rows(device, peer_libraries):
         row = Candidate(peer.optimizer, peer.implementation, "peer", peer.passes)
         mine = params if peer.dtype == torch.float32 else _own_tensors(params, stored, peer.dtype)
         with peers.quiet():
-            row.step, row.status = _prepare(lambda: peer.make(mine).step, peer.library)
+            row.stepping, row.status = _prepare(lambda: Stepping.plain(peer.make(mine), mine), peer.library)
         rows.append(row)
     return rows
 
@@ -304,9 +363,13 @@ def with_own_grads(step: Callable[[], object], params: list, stored: list, turns
     return stepped
 
 
-def _stepper(name: str, variant: Variant, params: list, stored: list, backend: str) -> Callable[[], object]:
+def _stepper(name: str, variant: Variant, params: list, stored: list, backend: str) -> Stepping:
     """A row's call: `variant.steps` optimizer steps on VARIANTS' gradients. Rows that set .grad use their own
-    tensors and never write another row's, which may be the previous gradient a trajectory row keeps."""
+    tensors and never write another row's, which may be the previous gradient a trajectory row keeps; a row in
+    another dtype steps on copies of its own."""
+    if variant.dtype != torch.float32:
+        params = _own_tensors(params, stored, variant.dtype)
+        stored = [p.grad for p in params]
     opt = _memkernels_optimizer(name, params, backend)
     if variant.grads != "any":
         step = with_own_grads(opt.step, params, stored, 2 if variant.grads == "new" else 1)
@@ -326,13 +389,13 @@ def _stepper(name: str, variant: Variant, params: list, stored: list, backend: s
             return opt.step(gradients)
 
     if variant.steps == 1:
-        return step
+        return Stepping(step, opt, params)
 
     def period() -> None:
         for _ in range(variant.steps):
             step()
 
-    return period
+    return Stepping(period, opt, params)
 
 
 def set_calls(cfg: SpeedConfig, rows: int, patterns: int, pairs: int) -> int:
@@ -344,7 +407,7 @@ def set_calls(cfg: SpeedConfig, rows: int, patterns: int, pairs: int) -> int:
 def planned_set_calls(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str]) -> int:
     """set_calls() if every row tried runs: known before any is built (a row that turns out unable to run ticks
     its share off, so a progress bar announced from this total ends on it)."""
-    mine = [v for b, state in backend_status.items() if state == "ok" for v in VARIANTS.values()
+    mine = [v for b, state in backend_status.items() if state == "ok" for v in variants(b, backend_status).values()
             if backends.has_kernel(v.op, b, device.type)]
     others = [passes for _, _, passes, _ in anchors(device)] + [p.passes for p in peers.rows(device, cfg.peers)]
     patterns = {t for v in mine for t in v.passes} | {t for passes in others for t in passes}
@@ -408,6 +471,7 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
         limit = sum(limit_ms[t][0] for t in cand.passes) / cand.steps if limits else None
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
                      "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
+                     "touched_bytes_per_param": touched_bytes(cand.stepping.optimizer, cand.stepping.params) / numel,
                      "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
                      "samples_ms": sample, "passes": [t.label() for t in cand.passes], "limit_ms": limit,
                      "pct_limit": None if limit is None else 100.0 * limit / ms})
@@ -424,10 +488,14 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
     return info, rows, unavailable
 
 
+def optimizer_of(row_name: str) -> str:
+    """The optimizer a row's name is a variant of ("AdamW + ..." and "AdamW, ...": AdamW)."""
+    return row_name.split(" + ")[0].split(", ")[0]
+
+
 def _anchor_of(row: Candidate, runnable: list[Candidate]) -> Candidate | None:
     """The first timed anchor of the row's optimizer (AdamW variants: AdamW), its counterpart."""
-    optimizer = row.name.split(" + ")[0]
-    return next((c for c in runnable if c.kind == "anchor" and c.name == optimizer), None)
+    return next((c for c in runnable if c.kind == "anchor" and c.name == optimizer_of(row.name)), None)
 
 
 RESUME_AT = 10_000_000
