@@ -92,13 +92,11 @@ def test_speed_rows(out):
     assert sets["large tensor"]["params"] == 4096 and sets["GPT-2 small"]["tensors"] == 148
     assert sets["small model"]["tensors"] == 148
     rows = result["rows"]
-    # the Kahan row runs once kahan=True lands; until then it says why (test_bf16_rows_and_both_bytes_columns)
-    waiting = {KAHAN_ROW} & {v for v in speed.VARIANTS if f"{v} (memkernels reference)" in result["unavailable"]}
     for shape_set in sets.values():
         assert shape_set["bandwidth"]["kernel"] == "triad" and shape_set["bandwidth"]["gb_s"] > 0
         mine = [r for r in rows if r["shape_set"] == shape_set["name"]]
         timed = {(r["name"], r["backend"]) for r in mine}
-        assert {(v, "reference") for v in speed.VARIANTS if v not in waiting} <= timed  # every variant of the
+        assert {(v, "reference") for v in speed.VARIANTS} <= timed  # every variant of the
         # forced backend
         assert {("AdamW", "torch.optim fused"), ("AdamW", "torch.optim foreach"), ("Lion", "lion_pytorch")} <= timed
         assert any(r["name"] == "heavy ball" and r["backend"].startswith("torch.optim SGD") for r in mine)
@@ -127,8 +125,7 @@ def test_speed_rows(out):
                                "AdamW + probe correction": 48, "AdamW + probe, hvp_every=4": 37, "Lion": 20,
                                "heavy ball": 20, "AdamW, bf16 states": 20, "AdamW, bf16 states, nearest": 20,
                                "AdamW + trajectory correction, bf16 states": 24,
-                               **({"AdamW, bf16 params + Kahan": 18} if "AdamW, bf16 params + Kahan" in
-                                  bytes_per_param else {})}
+                               "AdamW, bf16 params + Kahan": 18}
     assert result["backends"] == {"reference": "ok"}
     for module, anchor in (("bitsandbytes", "AdamW (bitsandbytes AdamW32bit)"),
                            ("deepspeed", "AdamW (DeepSpeedCPUAdam)")):
@@ -726,11 +723,7 @@ def test_bf16_rows_and_both_bytes_columns(out):
         mine = [r for r in rows if r["name"] == name]
         assert len(mine) == len(result["shape_sets"]), name
         assert all(r["paired_ratio"]["anchor"] == "torch.optim fused" for r in mine)
-    kahan = f"{KAHAN_ROW} (memkernels reference)"
-    if kahan in result["unavailable"]:  # until kahan=True lands: the optimizer's own refusal
-        assert "kahan" in result["unavailable"][kahan] and f"{kahan}: " in (out / "report.md").read_text()
-    else:
-        assert {r["bytes_per_param"] for r in rows if r["name"] == KAHAN_ROW} == {18}
+    assert {r["bytes_per_param"] for r in rows if r["name"] == KAHAN_ROW} == {18}
     for r in rows:
         assert r["touched_bytes_per_param"] > 0
     report = (out / "report.md").read_text()
@@ -817,12 +810,8 @@ def test_memory_table(out):
     compact = next(r for r in result["rows"] if (r["name"], r["implementation"]) == ("AdamW, bf16 states",
                                                                                       "memkernels reference"))
     assert compact["state_bytes_per_param"] == (4 * size + 4) / size
-    kahan = next(r for r in result["rows"] + result["unavailable"]
-                 if (r["name"], r["implementation"]) == (KAHAN_ROW, "memkernels reference"))
-    if "why" in kahan:  # until kahan=True lands: the optimizer's own refusal
-        assert "kahan" in kahan["why"]
-    else:  # bf16 m, v and compensation
-        assert kahan["param_dtype"] == "bfloat16" and kahan["state_bytes_per_param"] == (6 * size + 4) / size
+    kahan = next(r for r in result["rows"] if (r["name"], r["implementation"]) == (KAHAN_ROW, "memkernels reference"))
+    assert kahan["param_dtype"] == "bfloat16" and kahan["state_bytes_per_param"] == (6 * size + 4) / size  # m v c
     report = (out / "report.md").read_text()
     section = report[report.index("## Optimizer memory"):report.index("## Theory")]
     assert "| optimizer | implementation | params | state B/param |" in section and "](memory.png)" in section
