@@ -8,7 +8,9 @@ bit, or raise the same error, and a step that raises changes nothing (docs/DESIG
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
+import weakref
 from typing import Callable
 
 import pytest
@@ -284,3 +286,20 @@ def test_steady_steps_reuse_the_kept_plan(config: str, set_to_none: bool, plans:
     steps = _run(CONFIGS[config][0], lambda m, o: None, set_to_none, True, plans)
     assert steps[0].planned and not any(step.planned for step in steps[REUSED:])
     assert all(step.planned for step in _run(CONFIGS[config][0], lambda m, o: None, set_to_none, False, plans))
+
+
+@pytest.mark.parametrize("track_memory", [False, 3])
+def test_a_kept_plan_does_not_keep_gradients_alive(track_memory) -> None:
+    """After zero_grad() the last step's gradients are freed, as with torch.optim: the kept plan refers to them
+    weakly (a plain step holds no previous gradient; track_memory=k holds copies only into the step it samples)."""
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    opt = mk.AdamW(params, backend="reference", track_memory=track_memory, hvp="trajectory")
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert opt._kept  # the plan is kept, so the step after reuses it
+    grads = [weakref.ref(p.grad) for p in params]
+    opt.zero_grad()
+    gc.collect()
+    assert all(g() is None for g in grads)

@@ -14,8 +14,9 @@ tensor attributes): a few microseconds per parameter less than a plan and a chec
 from __future__ import annotations
 
 import dataclasses
-from itertools import chain
-from operator import attrgetter, is_, itemgetter
+import weakref
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 from typing import Callable, Sequence
 
 from torch import Tensor
@@ -69,8 +70,10 @@ class Kept:
 
     params: list[Tensor]  # the group's params
     flags: tuple  # flags(): what planning read besides the tensors
-    grads: list[Tensor | None]  # each param's grad at that step
-    buckets: list[Bucket]  # that step's buckets
+    has_grad: list[bool]  # which params had a grad at that step
+    # the trajectory's: each param's grad at that step, referred to weakly (zero_grad frees it as in torch.optim)
+    grads: list[weakref.ref | None] | None
+    buckets: list[Bucket]  # that step's buckets, without their grads
     checked: list[_Checked]  # per bucket
 
 
@@ -84,14 +87,31 @@ def keep(group: dict, group_flags: tuple, buckets: list[Bucket], keys: tuple[str
     """The plan to reuse at the next step, after a step that ran with these buckets (kept: the plan this step
     reused, whose checks still hold); None where the group's plan is made each step. keys: a state's step
     count and the op's state tensors."""
-    if kept is not None:
-        kept.grads, kept.buckets = list(map(_grad, group["params"])), buckets
-        return kept
-    if group_flags[0] not in (None, "trajectory") or any(
-            b.n is None or b.shard_groups or not _same(b.grads, list(map(_grad, b.params))) for b in buckets):
-        return None  # device mode, DTensor, or a grad copied into its param's order
-    return Kept(list(group["params"]), group_flags, list(map(_grad, group["params"])), buckets,
-                [_Checked.of(b, keys) for b in buckets])
+    if kept is None:
+        if group_flags[0] not in (None, "trajectory") or any(
+                b.n is None or b.shard_groups or not _same(b.grads, list(map(_grad, b.params))) for b in buckets):
+            return None  # device mode, DTensor, or a grad copied into its param's order
+        kept = Kept(list(group["params"]), group_flags, [], None, buckets, [_Checked.of(b, keys) for b in buckets])
+    grads = list(map(_grad, group["params"]))
+    kept.has_grad, kept.buckets = list(map(is_not, grads, repeat(None))), buckets
+    kept.grads = list(map(_weak, grads)) if group_flags[0] == "trajectory" else None
+    for bucket in buckets:
+        bucket.grads = []
+    return kept
+
+
+def _weak(t: Tensor | None) -> weakref.ref | None:
+    return None if t is None else weakref.ref(t)
+
+
+_GONE = object()  # a gradient freed since: never the same as the param's gradient now, None included
+
+
+def _strong(ref: weakref.ref | None) -> Tensor | object | None:
+    if ref is None:
+        return None
+    t = ref()
+    return _GONE if t is None else t
 
 
 def reuse(kept: Kept, group: dict, group_flags: tuple, state: dict, prev_grads: PrevGrads) -> list[Bucket] | None:
@@ -101,12 +121,12 @@ def reuse(kept: Kept, group: dict, group_flags: tuple, state: dict, prev_grads: 
     if group_flags != kept.flags or not _same(params, kept.params):
         return None
     grads = list(map(_grad, params))
-    same_grads = _same(grads, kept.grads)
-    if not same_grads and [g is None for g in grads] != [g is None for g in kept.grads]:
+    if list(map(is_not, grads, repeat(None))) != kept.has_grad:
         return None  # another set of params has grads
+    same_grads = kept.grads is not None and _same(grads, list(map(_strong, kept.grads)))
     buckets = []
     for template, checked in zip(kept.buckets, kept.checked):
-        bucket = _reused(template, checked, same_grads, state)
+        bucket = _reused(template, checked, state)
         if bucket is None or template.hvp == "trajectory" and not _previous_gradients(
                 bucket, template, checked, same_grads, prev_grads):
             return None
@@ -114,10 +134,10 @@ def reuse(kept: Kept, group: dict, group_flags: tuple, state: dict, prev_grads: 
     return buckets
 
 
-def _reused(template: Bucket, checked: _Checked, same_grads: bool, state: dict) -> Bucket | None:
+def _reused(template: Bucket, checked: _Checked, state: dict) -> Bucket | None:
     """A new bucket of the template's params with this step's grads and counts, where its check still holds."""
     params = template.params
-    grads = template.grads if same_grads else list(map(_grad, params))
+    grads = list(map(_grad, params))
     try:  # the same grad tensor may have a new layout too (.data assigned)
         if _layouts(params) != checked.layouts or _layouts(grads) != checked.layouts:
             return None
