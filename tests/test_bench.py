@@ -119,8 +119,8 @@ def test_speed_rows(out):
             assert len(paired["ratios"]) == r["repeats"] and all(x > 0 for x in paired["ratios"])
             assert paired["median"] == statistics.median(paired["ratios"])
     bytes_per_param = {r["name"]: r["bytes_per_param"] for r in rows if r["kind"] == "memkernels"}
-    assert bytes_per_param == {"AdamW": 28, "AdamW + diagnostics": 32, "AdamW + trajectory correction": 32,
-                               "AdamW + trajectory + diagnostics": 32,
+    assert bytes_per_param == {"AdamW": 28, "AdamW + diagnostics": 32, "AdamW + diagnostics, track_memory=10": 29.2,
+                               "AdamW + trajectory correction": 32, "AdamW + trajectory + diagnostics": 32,
                                "AdamW + trajectory + diagnostics, grads in place": 36,
                                "AdamW + probe correction": 48, "AdamW + probe, hvp_every=4": 37, "Lion": 20,
                                "heavy ball": 20, "AdamW, bf16 states": 20, "AdamW, bf16 states, nearest": 20,

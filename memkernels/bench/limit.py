@@ -49,6 +49,7 @@ class Traffic(NamedTuple):
 ADAMW = Traffic(4, 3)  # read p g m v, write p m v
 TRAJECTORY = Traffic(5, 3)  # + read the previous gradient, kept as a tensor of its own
 STORING = Traffic(5, 4)  # the same, also writing what the next step reads (a gradient copy, an estimate of H d)
+COPY = Traffic(1, 1)  # a gradient copied (8 bytes: read, and written to a new tensor)
 PROBE_PASS = Traffic(2, 2)  # the probe: read p g, write the origin and p + tau d
 SIGN = Traffic(3, 2)  # Lion and heavy ball: read p g m, write p m
 ADAMW_BF16 = Traffic(2, 1, read16=2, written16=2)  # fp32 p g, bf16 m v (state_dtype=torch.bfloat16)

@@ -24,8 +24,8 @@ from .. import backends
 from ..optim import SGD, AdamW, Lion
 from . import peers, training
 from .holdings import touched_bytes
-from .limit import (ADAMW, ADAMW_BF16, ADAMW_KAHAN_BF16, PROBE_PASS, SIGN, STORING, TRAJECTORY, TRAJECTORY_BF16, Pool,
-                    Traffic, bytes_per_step, reference_pass)
+from .limit import (ADAMW, ADAMW_BF16, ADAMW_KAHAN_BF16, COPY, PROBE_PASS, SIGN, STORING, TRAJECTORY,
+                    TRAJECTORY_BF16, Pool, Traffic, bytes_per_step, reference_pass)
 from .machine import describe
 from .shapes import gpt2_small
 from .timing import bandwidth_kernel, interleaved, median_iqr, paired
@@ -61,6 +61,9 @@ VARIANTS: dict[str, Variant] = {
     "AdamW + trajectory correction": _variant("adamw", (TRAJECTORY,), grads="new"),
     # track_memory without a correction: the plain step plus memory_stats' sums and the trajectory estimate
     "AdamW + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),
+    # track_memory=10: a call of ten steps, one measured (the trajectory, reading the copy the step before made)
+    "AdamW + diagnostics, track_memory=10": _variant("adamw", (ADAMW,) * 9 + (COPY, TRAJECTORY), steps=10,
+                                                     grads="new"),
     "AdamW + trajectory + diagnostics": _variant("adamw", (TRAJECTORY,), grads="new"),  # + memory_stats' sums
     # one gradient tensor rewritten in place every step: + write a copy of the previous gradient
     "AdamW + trajectory + diagnostics, grads in place": _variant("adamw", (STORING,), grads="reused"),
@@ -106,8 +109,9 @@ NOTES = [
     "where the first and second halves of its rounds disagree by more than 20%, or where the row beat its "
     "limit: the machine's speed moved during the row; rerun on an idle machine before reading it.",
     "GB/s counts the byte model (bytes per parameter and step: AdamW 28, +4 trajectory with the previous "
-    "gradient kept, +8 copied, probe 48, hvp_every=4 37, Lion 20, heavy ball 20, AdamW with bf16 states 20 and "
-    "24 with the trajectory correction (its previous gradient a bf16 copy: 2 bytes read, 2 written), 8-bit AdamW "
+    "gradient kept, +8 copied, track_memory=10 29.2, probe 48, hvp_every=4 37, Lion 20, heavy ball 20, AdamW "
+    "with bf16 states 20 and 24 with the trajectory correction (its previous gradient a bf16 copy: 2 bytes read, "
+    "2 written), 8-bit AdamW "
     "16, bf16 AdamW with Kahan summation 18); the shape set's bandwidth line is a STREAM triad (CPU) or copy (GPU) "
     "of the same run.",
     "B/param moved (model) is that byte model: the bytes a step reads plus those it writes, per parameter (an "
@@ -257,6 +261,8 @@ def _memkernels_optimizer(variant: str, params: list, backend: str) -> torch.opt
         return AdamW(params, lr=1e-3, kahan=True, backend=backend)
     if variant == "AdamW + diagnostics":
         return AdamW(params, lr=1e-3, track_memory=True, backend=backend)
+    if variant == "AdamW + diagnostics, track_memory=10":
+        return AdamW(params, lr=1e-3, track_memory=10, backend=backend)
     if variant == "AdamW + trajectory correction":
         return AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend)
     if variant.startswith("AdamW + trajectory + diagnostics"):

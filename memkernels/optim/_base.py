@@ -417,7 +417,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             kwargs = bucket.kwargs
             kind = (bucket.gi, bucket.params[0].device, bucket.numel, bucket.hvp, bucket.gi in self._measured,
-                    bucket.estimate, bucket.fresh_refs, bucket.keep_refs, *(lst[0].dtype for lst in (bucket.params, bucket.grads, *bucket.lists) if lst),
+                    bucket.estimate, bucket.fresh_refs, bucket.keep_refs,
+                    *(lst[0].dtype for lst in (bucket.params, bucket.grads, *bucket.lists) if lst),
                     *sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool) or v is None),
                     *sorted(k for k, v in kwargs.items() if isinstance(v, float) and v == 0.0))
             if kind in self._prepared:
