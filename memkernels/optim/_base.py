@@ -292,8 +292,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """Per group, the last measured step's memory diagnostics, "step" its count (docs/THEORY.md section 6;
         README: what they mean).
 
-        Needs track_memory or a memory_correction: groups without either report zeros. No host read happens
-        before this call.
+        Needs track_memory or a memory_correction: groups without either report zeros.
         """
         if not any(self.measures(g) for g in self.param_groups):
             raise RuntimeError("memory_stats() needs the optimizer built with track_memory=True "
