@@ -288,18 +288,24 @@ def test_steady_steps_reuse_the_kept_plan(config: str, set_to_none: bool, plans:
     assert all(step.planned for step in _run(CONFIGS[config][0], lambda m, o: None, set_to_none, False, plans))
 
 
-@pytest.mark.parametrize("track_memory", [False, 3])
+@pytest.mark.parametrize("track_memory", [False, 3, True])
 def test_a_kept_plan_does_not_keep_gradients_alive(track_memory) -> None:
-    """After zero_grad() the last step's gradients are freed, as with torch.optim: the kept plan refers to them
-    weakly (a plain step holds no previous gradient; track_memory=k holds copies only into the step it samples)."""
+    """After zero_grad() the gradients no state needs are freed, as with torch.optim: the kept plan refers to them
+    weakly. A plain step holds none (track_memory=k copies one only into the step it samples); the trajectory
+    (track_memory=True) keeps the last gradient as its state's prev_grad, and only that one."""
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
     opt = mk.AdamW(params, backend="reference", track_memory=track_memory, hvp="trajectory")
+    history = []
     for _ in range(4):
         for p in params:
             p.grad = torch.randn_like(p)
+        history.append([weakref.ref(p.grad) for p in params])
         opt.step()
         assert opt._kept  # the plan is kept, so the step after reuses it
-    grads = [weakref.ref(p.grad) for p in params]
     opt.zero_grad()
     gc.collect()
-    assert all(g() is None for g in grads)
+    alive = [[g() is not None for g in step] for step in history]
+    last = [track_memory is True] * len(params)
+    assert alive == [[False] * len(params)] * 3 + [last]
+    if track_memory is True:
+        assert all(opt.state[p]["prev_grad"] is g() for p, g in zip(params, history[-1]))

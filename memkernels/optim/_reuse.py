@@ -97,6 +97,8 @@ def keep(group: dict, group_flags: tuple, buckets: list[Bucket], keys: tuple[str
     kept.grads = list(map(_weak, grads)) if group_flags[0] == "trajectory" else None
     for bucket in buckets:
         bucket.grads = []
+        if bucket.keep_refs:  # last step's previous gradients, replaced in the states by this step's
+            bucket.grad_refs = []
     return kept
 
 
