@@ -327,3 +327,28 @@ def test_cuda_refuses_bf16_param_writes_by_name_and_auto_passes_it_over(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert backends.resolve(op, "auto", "cpu", bf16_params=True)[0] == "numba"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_probe_estimate_of_h_d_holds_for_bf16_params(dtype):
+    """On a quadratic, H d is known: the probe's estimate kept in the state (hvp_every=2) matches it in float64
+    for bfloat16 params too, whose probe displacement is sized for their precision (optim/_hvp.py)."""
+    torch.manual_seed(0)
+    n = 4096
+    a = torch.rand(n, dtype=torch.float64) + 0.5  # loss = 0.5 sum a theta^2: H = diag(a)
+    p = torch.nn.Parameter((0.05 * torch.randn(n)).to(dtype))
+    opt = mk.AdamW([p], lr=1e-3, weight_decay=0.0, memory_correction=-1.0, hvp="probe", hvp_every=2,
+                   backend="reference", kahan=dtype == torch.bfloat16)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (a.to(torch.float32) * p.float() ** 2).sum()
+        loss.backward()
+        return loss
+
+    closure()
+    d = (p.grad.double() / (p.grad.double().abs() + 1e-8))  # AdamW's memoryless direction g / (|g| + eps)
+    opt.step(closure)
+    estimate = opt.state[p]["hvp"].double()
+    exact = a * d
+    assert torch.linalg.norm(estimate - exact) / torch.linalg.norm(exact) < 0.05, dtype

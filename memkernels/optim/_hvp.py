@@ -3,10 +3,12 @@
 The probe is fused into the op (reference.probe): per bucket, one pass writes
 theta + tau d into the parameters and keeps theta in an origin buffer, the
 closure evaluates the gradient there, and the step reads theta back from the
-origins, so no pass restores the parameters. tau = sqrt(eps_dtype) (1 + ||theta||)
-/ ||d|| comes from the norms that the previous probe pass of the same
-parameters reduced (the first pass of a bucket gets them from torch ops), in
-float64 tensor ops on the parameters' device: the probe path reads nothing on
+origins, so no pass restores the parameters. tau = sqrt(eps) (1 + ||theta||)
+/ ||d||, eps the precision of the params' dtype (theta + tau d is stored in it:
+a bfloat16 param's rounding would swamp a displacement sized for float32),
+comes from the norms that the previous probe pass of the same parameters
+reduced (the first pass of a bucket gets them from torch ops), in float64
+tensor ops on the parameters' device: the probe path reads nothing on
 the host, so it runs in device mode (capturable=True, torch.compile) too.
 tau only sets the finite-difference scale and the step divides by the same tau,
 so a norm one step old costs nothing in accuracy.
@@ -51,7 +53,7 @@ class Probes:
         ids = tuple(id(p) for p in params)
         last = self.norms.get(key)
         norms = last[1] if last is not None and last[0] == ids else first_norms()
-        eps = max(torch.finfo(compute_dtype(p)).eps for p in params)
+        eps = max(torch.finfo(p.dtype).eps for p in params)  # theta + tau d is stored in the param's dtype
         theta, d = norms.sqrt().unbind()
         return torch.where(d > 0, eps ** 0.5 * (1.0 + theta) / d, 0.0).reshape(1)
 
