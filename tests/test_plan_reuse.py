@@ -288,13 +288,15 @@ def test_steady_steps_reuse_the_kept_plan(config: str, set_to_none: bool, plans:
     assert all(step.planned for step in _run(CONFIGS[config][0], lambda m, o: None, set_to_none, False, plans))
 
 
-@pytest.mark.parametrize("track_memory", [False, 3, True])
-def test_a_kept_plan_does_not_keep_gradients_alive(track_memory) -> None:
+@pytest.mark.parametrize("track_memory,state_dtype", [(False, torch.float32), (3, torch.float32),
+                                                     (True, torch.float32), (True, torch.bfloat16)])
+def test_a_kept_plan_does_not_keep_gradients_alive(track_memory, state_dtype) -> None:
     """After zero_grad() the gradients no state needs are freed, as with torch.optim: the kept plan refers to them
     weakly. A plain step holds none (track_memory=k copies one only into the step it samples); the trajectory
-    (track_memory=True) keeps the last gradient as its state's prev_grad, and only that one."""
+    (track_memory=True) keeps the last gradient as its state's prev_grad, and only that one, or none where it
+    copies it into a bfloat16 buffer."""
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    opt = mk.AdamW(params, backend="reference", track_memory=track_memory, hvp="trajectory")
+    opt = mk.AdamW(params, backend="reference", track_memory=track_memory, hvp="trajectory", state_dtype=state_dtype)
     history = []
     for _ in range(4):
         for p in params:
@@ -305,7 +307,7 @@ def test_a_kept_plan_does_not_keep_gradients_alive(track_memory) -> None:
     opt.zero_grad()
     gc.collect()
     alive = [[g() is not None for g in step] for step in history]
-    last = [track_memory is True] * len(params)
-    assert alive == [[False] * len(params)] * 3 + [last]
-    if track_memory is True:
+    kept = track_memory is True and state_dtype == torch.float32
+    assert alive == [[False] * len(params)] * 3 + [[kept] * len(params)]
+    if kept:
         assert all(opt.state[p]["prev_grad"] is g() for p, g in zip(params, history[-1]))

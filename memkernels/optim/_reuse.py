@@ -95,10 +95,12 @@ def keep(group: dict, group_flags: tuple, buckets: list[Bucket], keys: tuple[str
     grads = list(map(_grad, group["params"]))
     kept.has_grad, kept.buckets = list(map(is_not, grads, repeat(None))), buckets
     kept.grads = list(map(_weak, grads)) if group_flags[0] == "trajectory" else None
-    for bucket in buckets:
+    for bucket in buckets:  # what the next step reads of a template holds no gradient
         bucket.grads = []
         if bucket.keep_refs:  # last step's previous gradients, replaced in the states by this step's
             bucket.grad_refs = []
+        if bucket.prev_grad_modes:  # only whether it recorded is read (_previous_gradients)
+            bucket.prev_grad_modes = [(p, None, state, mode) for p, _, state, mode in bucket.prev_grad_modes]
     return kept
 
 
