@@ -10,14 +10,18 @@ kept estimate of H d (hvp_every > 1), Lion and heavy ball, called through the
 ops with the backend forced; the GPU backends'
 AdamW also with the per-step scalars read on the device (step_scalars, the
 capturable path) and replayed from a CUDA graph (no host overhead), and the
-Triton backend at other tile sizes.
+Triton backend at other tile sizes. Compact states (issue 20's speed targets): AdamW with bf16 m and v
+rounded stochastically and to nearest, AdamW + trajectory correction + diagnostics with bf16 states and a bf16
+previous gradient, and bf16 params with Kahan compensations, on the Triton and CUDA backends (CUDA refuses
+stochastic rounding and bf16 params: those rows show its refusal).
 
 Each row is warmed up, then timed with CUDA events around `inner` calls
 (enough for ~20 ms), repeats interleaved across rows; the median per-call time
 is reported with GB/s from the byte model of docs/DESIGN.md, the percentage of the
 copy bandwidth and the time relative to torch's fused AdamW. Rows of one
 workload share one set of params, grads and states (in-place updates keep them
-finite), so the GPU holds ~7 GiB per workload plus torch's own states.
+finite), so the GPU holds ~7 GiB per workload (256M fp32) plus torch's own states, and ~3 GiB of bf16 buffers
+for the compact-state rows (m, v, a previous gradient, params, grads and compensations: 12 bytes a parameter).
 
     python bench/gpu_bench.py --out DIR     # writes DIR/gpu_bench.json and DIR/gpu_bench.md
 """
@@ -42,6 +46,12 @@ from memkernels.reference import NDIAG
 # write p m v); adamw_reuse: a step of hvp_every > 1 that reads the kept estimate of H d instead of a gradient
 BYTES_PER_PARAM = {"copy": 8, "adamw": 28, "adamw_traj": 36, "adamw_kept": 32, "adamw_probe": 48, "adamw_reuse": 32,
                    "lion": 20, "heavy_ball": 20}
+# Compact states (docs/DESIGN.md "Compact states"), bf16 at 2 bytes: adamw_bf16: fp32 p (8) g (4), bf16 m v (8);
+# adamw_traj_bf16: + a bf16 previous gradient read and rewritten (2 + 2); adamw_kahan: bf16 p g m v and the Kahan
+# compensation, each read and (but g) written
+COMPACT_BYTES_PER_PARAM = {"adamw_bf16": 20, "adamw_traj_bf16": 24, "adamw_kahan": 18}
+MODELS = {**BYTES_PER_PARAM, **COMPACT_BYTES_PER_PARAM}
+GPU_BACKENDS = ("cuda", "triton")
 TRITON_TILES = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps) swept on the flat tensor
 BASELINE = "torch AdamW fused"
 
@@ -50,7 +60,7 @@ BASELINE = "torch AdamW fused"
 class Row:
     workload: str
     name: str
-    model: str  # key of BYTES_PER_PARAM
+    model: str  # key of MODELS
     numel: int
     fn: Callable[[], None] | None = None
     skip: str | None = None
@@ -64,7 +74,7 @@ class Row:
 
 def gbps(model: str, numel: int, ms: float) -> float:
     """Achieved GB/s (1e9 bytes) under the byte model."""
-    return BYTES_PER_PARAM[model] * numel / (ms * 1e-3) / 1e9
+    return MODELS[model] * numel / (ms * 1e-3) / 1e9
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -92,7 +102,7 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
     fused = {r.workload: r.ms for r in rows if r.name == BASELINE and r.ms}
     out = []
     for r in rows:
-        entry = {"workload": r.workload, "row": r.name, "bytes_per_param": BYTES_PER_PARAM[r.model],
+        entry = {"workload": r.workload, "row": r.name, "bytes_per_param": MODELS[r.model],
                  "numel": r.numel, "ms": r.ms, "samples_ms": r.times_ms, "calls_per_sample": r.inner,
                  "gbps": None, "pct_copy": None, "vs_fused": None, "skip": r.skip}
         if r.ms:
@@ -182,6 +192,24 @@ class Tensors:
         self.numel = sum(p.numel() for p in self.params)
 
 
+class CompactTensors:
+    """One workload's bf16 buffers for the compact-state rows, from its fp32 ones: m, v and a previous gradient
+    (beside the fp32 params), params and grads with their Kahan compensations (sharing m and v), rounding keys."""
+
+    def __init__(self, t: Tensors, seed: int) -> None:
+        from memkernels import _ops
+        from memkernels.ops.rounding import tensor_keys
+
+        def bf16(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return [x.to(torch.bfloat16) for x in tensors]
+
+        self.exp_avgs, self.exp_avg_sqs, self.grad_refs = bf16(t.exp_avgs), bf16(t.exp_avg_sqs), bf16(t.grad_refs)
+        self.params, self.grads = bf16(t.params), bf16(t.grads)
+        self.compensations = [torch.zeros_like(p) for p in self.params]
+        n, columns = len(t.params), _ops.KEY_COLUMNS["adamw"]
+        self.keys = tensor_keys(seed, 1, torch.arange(n * columns, dtype=torch.int64).view(n, columns)).to(t.device)
+
+
 ADAMW = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, bias_correction1=1 - 0.9 ** 10,
              bias_correction2=1 - 0.999 ** 10, mean_age1=2.9, mean_age2=4.4)
 LION = dict(lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.01, smoothing=0.0, ema_weight=0.2, age_weight=0.5)
@@ -218,6 +246,48 @@ def op_rows(workload: str, t: Tensors, backend: str, label: str | None = None) -
     return [Row(workload, f"{label} {name}", model, t.numel, fn) for name, model, fn in calls]
 
 
+def compact_rows(workload: str, t: Tensors, c: CompactTensors, backend: str) -> list[Row]:
+    """AdamW with bf16 states through one backend's ops: rounded stochastically (the optimizers' default) and to
+    nearest, with the trajectory correction and diagnostics as the AdamW+traj+diag row (a bf16 previous gradient
+    read and rewritten, states rounded stochastically), and on bf16 params with Kahan compensations (states
+    rounded stochastically). A row the backend's kernel lacks the capability for shows the op's refusal."""
+    from memkernels import backends
+
+    label = f"memkernels {backend}"
+    try:
+        kernel = backends.resolve("adamw", backend, t.device.type)[1]
+    except backends.BackendUnavailable as exc:
+        return [Row(workload, f"{label} bf16 states", "adamw_bf16", t.numel, skip=f"skipped: {exc}")]
+    ops = torch.ops.memkernels
+    P, G, D = t.params, t.grads, t.diagnostics
+    M, V, R, K = c.exp_avgs, c.exp_avg_sqs, c.grad_refs, c.keys
+    calls = [  # name, byte model, the kernel capabilities it needs, the call
+        ("AdamW bf16 states (stochastic)", "adamw_bf16", ("stochastic_rounding",),
+         lambda: ops.adamw_(P, G, M, V, [], None, backend=backend, **ADAMW, rounding_keys=K)),
+        ("AdamW bf16 states (nearest)", "adamw_bf16", (),
+         lambda: ops.adamw_(P, G, M, V, [], None, backend=backend, **ADAMW)),
+        ("AdamW+traj bf16 states", "adamw_traj_bf16", ("stochastic_rounding",),
+         lambda: ops.adamw_(P, G, M, V, R, D, backend=backend, **ADAMW, **TRAJECTORY, rounding_keys=K)),
+        ("AdamW bf16 params + Kahan", "adamw_kahan", ("bf16_params", "stochastic_rounding"),
+         lambda: ops.adamw_(c.params, c.grads, M, V, [], None, backend=backend, **ADAMW, rounding_keys=K,
+                            compensations=c.compensations)),
+    ]
+    rows = []
+    for name, model, needs, fn in calls:
+        row = Row(workload, f"{label} {name}", model, t.numel, fn)
+        rows.append(_refused(row) if not all(getattr(kernel, need) for need in needs) else row)
+    return rows
+
+
+def _refused(row: Row) -> Row:
+    """The row's call once, to record the op's refusal by name as its skip (a refused step changes nothing)."""
+    try:
+        row.fn()
+    except ValueError as exc:
+        row.fn, row.skip = None, f"skipped: {(str(exc).splitlines() or [''])[0]}"
+    return row
+
+
 def step_scalars_rows(workload: str, t: Tensors) -> list[Row]:
     """AdamW rows of the GPU backends with the per-step scalars read on the device (capturable steps)."""
     from memkernels import _ops, backends
@@ -227,7 +297,7 @@ def step_scalars_rows(workload: str, t: Tensors) -> list[Row]:
     values = {**ADAMW, "hvp_scale": TRAJECTORY["hvp_scale"]}
     step = torch.tensor([values[k] for k in _ops.STEP_SCALARS["adamw"]], dtype=torch.float64, device=t.device)
     rows = []
-    for name in (b for b in backends.BACKENDS if b in ("cuda", "triton")):
+    for name in (b for b in backends.BACKENDS if b in GPU_BACKENDS):
         label = f"memkernels {name} (step_scalars)"
         try:
             backends.resolve("adamw", name, t.device.type)
@@ -341,6 +411,8 @@ def copy_row(workload: str, numel: int, device: torch.device) -> Row:
 
 
 def run_workload(name: str, shapes: list[tuple[int, ...]], args: argparse.Namespace) -> list[Row]:
+    from memkernels import backends
+
     device = torch.device(args.device)
     t = Tensors(shapes, seed=len(name), device=device)
     rows: list[Row] = [copy_row(name, t.numel, device)] if name == "flat" else []
@@ -348,6 +420,9 @@ def run_workload(name: str, shapes: list[tuple[int, ...]], args: argparse.Namesp
     if name == "gpt2":
         rows.append(lion_pytorch_row(name, t))
     rows += backend_rows(name, t)
+    compact = CompactTensors(t, seed=len(name))
+    for backend in (b for b in backends.BACKENDS if b in GPU_BACKENDS):
+        rows += compact_rows(name, t, compact, backend)
     rows += step_scalars_rows(name, t)
     for backend in ("triton", "cuda"):
         if any(r.name.startswith(f"memkernels {backend} ") for r in rows if not r.skip):
@@ -357,7 +432,7 @@ def run_workload(name: str, shapes: list[tuple[int, ...]], args: argparse.Namesp
     measure(rows, args.repeats, args.target_ms, device)
     for row in rows:
         row.fn = None  # drop the closures (buffers, optimizer states, graphs) before the next workload
-    del t
+    del t, compact
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -384,7 +459,7 @@ def write_report(args: argparse.Namespace, rows: Sequence[Row], started: float) 
     summary = summarize(rows)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == "cuda" else None
     report = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
-              "bytes_per_param": BYTES_PER_PARAM, "rows": summary, "seconds": time.perf_counter() - started,
+              "bytes_per_param": MODELS, "rows": summary, "seconds": time.perf_counter() - started,
               "max_memory_allocated_gib": peak}
     (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary)

@@ -829,3 +829,64 @@ def test_bench_smoke_on_cpu(gpu_bench, tmp_path, monkeypatch):
     rows = gpu_bench.run_workload("gpt2", [(33, 3), (7,)], args)  # the GPT-2 path: lion-pytorch row included
     assert any(r.name.startswith("lion-pytorch") for r in rows)
     assert all(r.ms is not None or r.skip for r in rows)
+
+
+COMPACT_ROWS = {"AdamW bf16 states (stochastic)": "adamw_bf16", "AdamW bf16 states (nearest)": "adamw_bf16",
+                "AdamW+traj bf16 states": "adamw_traj_bf16", "AdamW bf16 params + Kahan": "adamw_kahan"}
+
+
+def _bench_compact(gpu_bench, backend: str):
+    t = gpu_bench.Tensors([(BLOCK + 3,), (5, 7)], seed=3, device=torch.device(DEVICE))
+    c = gpu_bench.CompactTensors(t, seed=3)
+    return t, c, gpu_bench.compact_rows("flat", t, c, backend)
+
+
+def test_bench_compact_rows_step_as_the_reference(gpu_bench):
+    """Each compact-state row's call is valid: it runs through the Triton interpreter and the reference backend
+    and moves its params (a bfloat16 param with Kahan: p + c, the value it stands for), and both backends end
+    where the other does after the four rows in turn."""
+    def value(row, t, c):
+        if row.model == "adamw_kahan":
+            return [p.float() + k.float() for p, k in zip(c.params, c.compensations)]
+        return [p.clone() for p in t.params]
+
+    ends = {}
+    for backend in ("triton", "reference"):
+        t, c, rows = _bench_compact(gpu_bench, backend)
+        assert {r.name: r.model for r in rows} == {f"memkernels {backend} {n}": m for n, m in COMPACT_ROWS.items()}
+        for row in rows:
+            assert row.skip is None, row.skip
+            before = value(row, t, c)
+            row.fn()
+            after = value(row, t, c)
+            assert all(not torch.equal(a, b) and bool(b.isfinite().all()) for a, b in zip(before, after)), row.name
+        assert all(x.dtype == torch.bfloat16 for x in (*c.exp_avgs, *c.exp_avg_sqs, *c.grad_refs, *c.compensations))
+        ends[backend] = [*t.params, *c.params, *c.compensations, *c.exp_avgs, *c.exp_avg_sqs, *c.grad_refs]
+    for mine, ref in zip(ends["triton"], ends["reference"], strict=True):
+        if mine.dtype == torch.bfloat16:  # a float32 step a last bit apart may round to the next bfloat16
+            torch.testing.assert_close(mine.float(), ref.float(), rtol=2 ** -7, atol=1e-9)
+        else:
+            torch.testing.assert_close(mine, ref)
+
+
+def test_bench_compact_rows_show_cudas_refusal(gpu_bench, monkeypatch):
+    """CUDA cannot run here: a kernel registered as CUDA's, without stochastic rounding or bf16 params, stands in.
+    Its refused rows say what is missing and touch nothing; the nearest row reaches the kernel."""
+    calls = []
+    stand_in = backends.register("cuda", "adamw", ())(lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(backends._kernels, ("adamw", "cuda", DEVICE), stand_in)
+    t, c, rows = _bench_compact(gpu_bench, "cuda")
+    skips = {r.name.removeprefix("memkernels cuda "): r.skip for r in rows}
+    assert set(skips) == set(COMPACT_ROWS) and skips["AdamW bf16 states (nearest)"] is None
+    for name in ("AdamW bf16 states (stochastic)", "AdamW+traj bf16 states"):
+        assert skips[name].startswith("skipped: backend cuda: stochastic rounding of bf16 states is not implemented")
+    assert skips["AdamW bf16 params + Kahan"].startswith(
+        "skipped: backend cuda: kahan / stochastic parameter rounding is not implemented")
+    assert calls == [] and all(r.fn is None for r in rows if r.skip)
+    fresh_t, fresh_c, _ = _bench_compact(gpu_bench, "reference")  # the same seed: the tensors before any call
+    for mine, fresh in zip([*t.params, *c.params, *c.compensations, *c.exp_avgs, *c.exp_avg_sqs, *c.grad_refs],
+                           [*fresh_t.params, *fresh_c.params, *fresh_c.compensations, *fresh_c.exp_avgs,
+                            *fresh_c.exp_avg_sqs, *fresh_c.grad_refs], strict=True):
+        assert torch.equal(mine, fresh)
+    next(r for r in rows if not r.skip).fn()
+    assert len(calls) == 1 and "rounding_keys" not in calls[0]
