@@ -8,7 +8,6 @@ import math
 import statistics
 
 import pytest
-import torch
 
 from memkernels.bench import convergence, run
 from memkernels.cli import main

@@ -559,7 +559,6 @@ def test_device_derivation_takes_the_spec_order(op):
     spec's step scalars in order is refused, naming both orders."""
     from memkernels.backends.triton import elements
     from memkernels.ops import SPECS
-    from memkernels._ops import KEY_COLUMNS
 
     host._check_order(SPECS[op], elements.OPS[op])
     other = {"adamw": "lion", "lion": "sgd", "sgd": "adamw"}[op]
@@ -638,6 +637,7 @@ _COMPILE = textwrap.dedent('''
     from memkernels.backends.triton import host, kernels as K
     from memkernels.reference import NDIAG
     from memkernels.ops import SPECS
+    from memkernels._ops import KEY_COLUMNS
 
     TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.bfloat16: "bf16",
              torch.float16: "fp16"}
