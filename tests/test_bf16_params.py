@@ -331,8 +331,8 @@ def test_cuda_refuses_bf16_param_writes_by_name_and_auto_passes_it_over(monkeypa
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_probe_estimate_of_h_d_holds_for_bf16_params(dtype):
-    """On a quadratic, H d is known: the probe's estimate kept in the state (hvp_every=2) matches it in float64
-    for bfloat16 params too, whose probe displacement is sized for their precision (optim/_hvp.py)."""
+    """On a quadratic, H d is known: the probe's estimate kept in the state (hvp_every=2) matches it in float64,
+    and for bfloat16 params is not swamped by their rounding (its displacement is sized for them, optim/_hvp.py)."""
     torch.manual_seed(0)
     n = 4096
     a = torch.rand(n, dtype=torch.float64) + 0.5  # loss = 0.5 sum a theta^2: H = diag(a)
@@ -351,4 +351,7 @@ def test_the_probe_estimate_of_h_d_holds_for_bf16_params(dtype):
     opt.step(closure)
     estimate = opt.state[p]["hvp"].double()
     exact = a * d
-    assert torch.linalg.norm(estimate - exact) / torch.linalg.norm(exact) < 0.05, dtype
+    error = torch.linalg.norm(estimate - exact) / torch.linalg.norm(exact)
+    # float32: the finite difference's own error. bfloat16: the rounding of theta + tau d, with tau sized between
+    # float32's and bfloat16's precision (optim/_hvp.py); one sized for float32 alone is 96% off here
+    assert error < (1e-3 if dtype == torch.float32 else 0.5), (dtype, error)
