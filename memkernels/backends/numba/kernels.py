@@ -220,6 +220,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     flips, narrow_vectors, states_first = element.sign_flips, element.narrow_vectors, element.states_first
     log_penalty = diagnose and element.log_penalty(*flags)  # the penalty term is |g| (_penalty.py)
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
+    state_keys, other_keys = _rounding.chunk_keys(0, n_states), _rounding.chunk_keys(n_states, 3)
 
     def kernel(addresses, keys, work, params, grads, states, grad_refs, origins, hvps, sums, c):
         scale = cast_like(_SCALE, c.zero)
@@ -227,6 +228,9 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
             if narrow_vectors:
                 prefer_256_bit_vectors()  # here: numba outlines the prange body into the function LLVM vectorizes
             row, lo, count = work[chunk, 0], work[chunk, 1], work[chunk, 2]
+            if stochastic:  # the keys of the states, grad_refs, hvps and params in this chunk (_rounding.chunk_keys)
+                s_keys = state_keys(keys, row, lo)
+                ref_key, hvp_key, p_key = other_keys(keys, row, lo)
             totals = _ZEROS
             logs = (0.0, 1.0)  # the chunk's exponent sum and float64 mantissa product
             for start in range(lo, lo + count, block):
@@ -245,7 +249,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                     g = elements.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
                     if store_hvp and stochastic:
-                        _rounding.store_rounded(h_, i, hvp, keys[row, n_states + 1], start + i)
+                        _rounding.store_rounded(h_, i, hvp, hvp_key, start + i)
                     elif store_hvp:
                         store(h_, i, hvp)
                     if states_first:
@@ -260,15 +264,15 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                         store(c_, i, compensation)
                         store(out_, i, p)
                     elif stochastic_params:
-                        _rounding.store_rounded(out_, i, p, keys[row, n_states + 2], start + i)
+                        _rounding.store_rounded(out_, i, p, p_key, start + i)
                     else:
                         store(out_, i, p)
                     if stochastic:
-                        _rounding.stores_rounded(s_, i, new_states, keys, row, 0, start + i)
+                        _rounding.stores_rounded(s_, i, new_states, s_keys, start + i)
                     else:
                         stores(s_, i, new_states)
                     if write_ref and stochastic:
-                        _rounding.store_rounded(r_, i, g_raw, keys[row, n_states], start + i)
+                        _rounding.store_rounded(r_, i, g_raw, ref_key, start + i)
                     elif write_ref:
                         store(r_, i, g_raw)
                     if diagnose:
