@@ -11,10 +11,11 @@
 // The driver's per-element part is repeated here as multi_tensor.cuh's step_elements
 // does it: load_grad / load_ref, theta from origin, hvp estimated from grad_ref or a
 // kept one. Returns every per-element output of math.h's Step (and the hvp the step
-// used); with probe=True, those of the probe pass instead. Given keys (int64, a tensor's row of rounding_keys:
-// the op's states, grad_refs, hvps, params) and float32 arrays, also "bf16": each state, g (a grad_ref written) and hvp
-// (a kept estimate stored) as the stochastic step writes them to bfloat16 lists (rounding.h's rounded_write under
-// the list's key, KeyCols), element i at index + i: the bits (uint16), None for an absent state.
+// used); with probe=True, those of the probe pass instead. Given keys (int64, a tensor's row of rounding_keys: a
+// key per two writes of the op's states, grad_refs, hvps, params) and float32 arrays, also "bf16": each state, g
+// (a grad_ref written) and hvp (a kept estimate stored) as the stochastic step writes them to bfloat16 lists
+// (rounding.h's rounded_write of the list's write number, Writes), element i at index + i: the bits (uint16),
+// None for an absent state.
 // Also bound: rounding.h's random_bits and round_bf16 over arrays (bind_rounding).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -123,13 +124,13 @@ struct Rounded {
     }
   }
   void put(py::ssize_t i, const mk::Step<float, NS>& st, float hvp_used) {
-    using Key = mk::KeyCols<NS>;
+    using Write = mk::Writes<NS>;
     const std::uint64_t at = index + std::uint64_t(i);
     for (int k = 0; k < NS; ++k) {
-      if (states[k]) states[k]->mutable_data()[i] = mk::rounded_write(st.states[k], keys[k], at);
+      if (states[k]) states[k]->mutable_data()[i] = mk::rounded_write(st.states[k], keys, k, at);
     }
-    g.mutable_data()[i] = mk::rounded_write(st.g, keys[Key::kGradRef], at);
-    hvp.mutable_data()[i] = mk::rounded_write(hvp_used, keys[Key::kHvp], at);
+    g.mutable_data()[i] = mk::rounded_write(st.g, keys, Write::kGradRef, at);
+    hvp.mutable_data()[i] = mk::rounded_write(hvp_used, keys, Write::kHvp, at);
   }
   py::dict to_dict() const {
     py::tuple st(NS);
@@ -184,11 +185,11 @@ py::dict run(const Inputs& in, const typename Op::Args& a) {
   const std::int64_t* keys = nullptr;
   if (!in.keys.is_none()) {
     ka.emplace(in.keys);
-    if (ka->ndim() != 1 || ka->shape(0) != mk::KeyCols<NS>::kWidth) {
-      throw std::invalid_argument("keys must be 1-d: a key per state, then grad_refs', hvps' and params'");
+    if (ka->ndim() != 1 || ka->shape(0) != mk::Writes<NS>::kWidth) {
+      throw std::invalid_argument("keys must be 1-d: a key per two writes (states, grad_refs, hvps, params)");
     }
     keys = ka->data();
-    for (int k = 0; k < mk::KeyCols<NS>::kWidth; ++k) {
+    for (int k = 0; k < mk::Writes<NS>::kWidth; ++k) {
       if (keys[k] < 0 || keys[k] > 0xFFFFFFFFll) throw std::invalid_argument("keys must be in [0, 2**32)");
     }
     if (!std::is_same_v<T, float>) throw std::invalid_argument("keys: bfloat16 writes round float32 values");

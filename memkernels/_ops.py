@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends
 from .reference import NDIAG
-from .ops import BOUNDS, SPECS
+from .ops import BOUNDS, SPECS, rounding
 
 LIB = "memkernels"
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,9 +39,9 @@ CORRECTION_LIMIT = 0.5
 # - hvps: kept estimates of H d; a step that estimates H d from grad_refs stores it there, and with
 #   reuse_hvp=True a step reads it from there instead (grad_refs empty).
 # - rounding_keys: int64 [len(params), KEY_COLUMNS[op]], each a rounding.tensor_key in [0, 2**32): every bfloat16
-#   write of the states (columns in the spec's order), grad_refs and hvps (the next two columns) rounds
-#   stochastically under its tensor's key (docs/DESIGN.md, "Compact states"); None: round to nearest even.
-#   The last column is the params', read with param_rounding="stochastic".
+#   write of the states (spec order), grad_refs, hvps and, with param_rounding="stochastic", params rounds
+#   stochastically, writes 2j and 2j + 1 of that order under column j (rounding.key_of_write; docs/DESIGN.md,
+#   "Compact states"); None: round to nearest even.
 # - compensations: bfloat16 params' Kahan compensations (bfloat16, param-shaped): a step writes each param by
 #   reference.kahan and keeps what the write lost there (docs/DESIGN.md, "Compact states").
 # - param_rounding: "nearest", or "stochastic": a step writes bfloat16 params by rounding.round_bf16 under the
@@ -58,8 +58,9 @@ _COMMON = ("float correction=0., float correction_limit=%r, float hvp_scale=0., 
 # step can move lr and the coefficients without recompiling or syncing.
 STEP_SCALARS = {name: spec.step_scalars for name, spec in SPECS.items()}
 
-# op name -> the columns of rounding_keys: the op's states, grad_refs, hvps, params
-KEY_COLUMNS = {name: len(spec.states) + 3 for name, spec in SPECS.items()}
+# op name -> the columns of rounding_keys: one per pair of the writes the op's states, grad_refs, hvps, params
+# (ops/rounding.py, key_of_write)
+KEY_COLUMNS = {name: rounding.key_columns(len(spec.states) + 3) for name, spec in SPECS.items()}
 PARAM_ROUNDINGS = ("nearest", "stochastic")
 
 # op name -> (state list names, scalar part of the schema)

@@ -23,7 +23,7 @@ import torch
 import memkernels as mk
 from memkernels import _ops, backends, reference
 from memkernels.ops import SPECS
-from memkernels.ops.rounding import random_bits, round_bf16, tensor_keys
+from memkernels.ops.rounding import key_of_write, random_bits, round_bf16, tensor_keys
 from test_parity import BACKENDS, PROBE_GRADIENT, TAU, TRAJECTORY, make_inputs
 
 SEEDS = (0, 12345)
@@ -70,9 +70,11 @@ def _bits(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.view(torch.int16) for t in tensors]
 
 
-def _expected(write: str, inputs: dict, stepped: list[torch.Tensor], keys: torch.Tensor, from_origins: bool
+def _expected(op: str, write: str, inputs: dict, stepped: list[torch.Tensor], keys: torch.Tensor, from_origins: bool
               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The params and compensations that `write` makes from float32 step results `stepped`."""
+    """The params and compensations that `write` makes from float32 step results `stepped` (stochastic: the
+    params' write number follows the op's states, grad_refs and hvps; rounding.key_of_write)."""
+    column, shift = key_of_write(len(SPECS[op].states) + 2)
     thetas = inputs["origins"] if from_origins else inputs["params"]
     params, compensations = [], []
     for i, (theta, p_new, c) in enumerate(zip(thetas, stepped, inputs["compensations"])):
@@ -82,7 +84,7 @@ def _expected(write: str, inputs: dict, stepped: list[torch.Tensor], keys: torch
             compensations.append(c.bfloat16())
         else:
             index = torch.arange(p_new.numel(), dtype=torch.int64).reshape(p_new.shape)
-            params.append(round_bf16(p_new, random_bits(int(keys[i, -1]), index)))
+            params.append(round_bf16(p_new, random_bits(int(keys[i, column]), index) >> shift))
             compensations.append(c)
     return params, compensations
 
@@ -97,7 +99,7 @@ def test_every_backend_writes_bf16_params_as_the_reference(op, name, kwargs, ref
     keys = _keys(op, seed, len(inputs["params"]))
     expected = _call(op, "reference", inputs, kwargs, diagnostics, write, keys)
     reference_step = _call(op, "reference", inputs, kwargs, diagnostics, None, keys, torch.float32)["params"]
-    want = _expected(write, inputs, reference_step, keys, from_origins)
+    want = _expected(op, write, inputs, reference_step, keys, from_origins)
     assert all(torch.equal(a, b) for a, b in zip(_bits(expected["params"]), _bits(want[0])))
     assert all(torch.equal(a, b) for a, b in zip(_bits(expected["compensations"]), _bits(want[1])))
     moved = sum(int((a != b).sum()) for a, b in zip(expected["params"], inputs["params"]))
@@ -105,7 +107,7 @@ def test_every_backend_writes_bf16_params_as_the_reference(op, name, kwargs, ref
     for backend in BACKENDS:
         actual = _call(op, backend, inputs, kwargs, diagnostics, write, keys)
         own_step = _call(op, backend, inputs, kwargs, diagnostics, None, keys, torch.float32)["params"]
-        params, compensations = _expected(write, inputs, own_step, keys, from_origins)
+        params, compensations = _expected(op, write, inputs, own_step, keys, from_origins)
         for key, want_list in (("params", params), ("compensations", compensations)):
             for i, (a, e) in enumerate(zip(actual[key], want_list, strict=True)):
                 assert a.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), e.view(torch.int16)), \

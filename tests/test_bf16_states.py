@@ -86,9 +86,9 @@ def test_seeds_change_the_bits_and_one_seed_repeats_them(op):
     assert big and all(not torch.equal(a, b) for a, b in big)
 
 
-def test_every_list_of_every_param_at_every_step_has_its_own_key():
-    """The optimizer's keys (_compact.keys): distinct over params, lists and steps, and the same for a param
-    whatever the other params of its call (bucketing)."""
+def test_every_pair_of_lists_of_every_param_at_every_step_has_its_own_key():
+    """The optimizer's keys (_compact.keys): distinct over params, key columns (two writes each) and steps, and
+    the same for a param whatever the other params of its call (bucketing)."""
     columns = _ops.KEY_COLUMNS["ademamix"]
     calls = [_compact.keys(7, step, [0, 1, 2, 5], columns, torch.device("cpu")) for step in (1, 2, 3)]
     flat = torch.cat([k.flatten() for k in calls])

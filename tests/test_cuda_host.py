@@ -455,17 +455,21 @@ SR_MODES = ["plain", "correction_-1_probe", "correction_0.5_trajectory", "grad_s
             "origin_probe"]
 
 
-def _bf16_bits(value: torch.Tensor, key: int, start: int) -> np.ndarray:
-    """The reference's stochastic bfloat16 write of float32 values at element indices start, start + 1, ..."""
+def _bf16_bits(value: torch.Tensor, keys: np.ndarray, write: int, start: int) -> np.ndarray:
+    """The reference's stochastic bfloat16 write number `write` (rounding.key_of_write) of float32 values at
+    element indices start, start + 1, ..."""
+    column, shift = rounding.key_of_write(write)
     index = torch.arange(start, start + value.numel(), dtype=torch.int64)
-    return rounding.round_bf16(value, rounding.random_bits(key, index)).view(torch.int16).numpy().view(np.uint16)
+    bits = rounding.random_bits(int(keys[column]), index) >> shift
+    return rounding.round_bf16(value, bits).view(torch.int16).numpy().view(np.uint16)
 
 
 @pytest.mark.parametrize("mode", SR_MODES)
 @pytest.mark.parametrize("op", SPECS)
 def test_stochastic_bf16_writes_match_the_reference(host, op, mode):
     """Every state, the processed g (a grad_ref's write) and the estimated hvp (a kept estimate's write), each
-    under its list's key (KEY_COLUMNS: the states, grad_refs, hvps; random, so a wrong column fails), rounded to
+    by its write's bits (rounding.key_of_write: the states, grad_refs, hvps, two to a key; random keys and the
+    other half's bits differ, so a wrong column or half fails), rounded to
     bfloat16 as the reference rounds them: the same bits, in every setting of the op's flags, at element
     indices from 0, from a later chunk and across 2**32."""
     spec = SPECS[op]
@@ -490,12 +494,12 @@ def test_stochastic_bf16_writes_match_the_reference(host, op, mode):
                 if not here:
                     assert rounded["states"][k] is None, where
                     continue
-                expected = _bf16_bits(next(expected_states), int(keys[k]), start)
+                expected = _bf16_bits(next(expected_states), keys, k, start)
                 np.testing.assert_array_equal(rounded["states"][k], expected, err_msg=f"{where}: states[{k}]")
-            np.testing.assert_array_equal(rounded["g"], _bf16_bits(want.g, int(keys[len(spec.states)]), start),
+            np.testing.assert_array_equal(rounded["g"], _bf16_bits(want.g, keys, len(spec.states), start),
                                           err_msg=f"{where}: g")
             if hvp is not None and not flags["reuse"]:
-                np.testing.assert_array_equal(rounded["hvp"], _bf16_bits(hvp, int(keys[len(spec.states) + 1]), start),
+                np.testing.assert_array_equal(rounded["hvp"], _bf16_bits(hvp, keys, len(spec.states) + 1, start),
                                               err_msg=f"{where}: hvp")
             nearest = want.g.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             assert (rounded["g"] != nearest).any(), f"{where}: every g rounded to nearest"
@@ -506,7 +510,7 @@ def test_stochastic_writes_refuse_bad_keys(host):
     x = _inputs(np.random.default_rng(0), spec, np.float32, n_random=8, edges=False)
     kw = {**COMMON, **spec.examples}
     keys = np.arange(KEY_COLUMNS["adamw"], dtype=np.int64)
-    with pytest.raises(ValueError, match="keys must be 1-d: a key per state"):
+    with pytest.raises(ValueError, match="keys must be 1-d: a key per two writes"):
         host.adamw(x["p"], x["grad"], x["states"], keys=keys[:-1], **kw)
     with pytest.raises(ValueError, match=r"keys must be in \[0, 2\*\*32\)"):
         host.adamw(x["p"], x["grad"], x["states"], keys=keys + (1 << 32), **kw)

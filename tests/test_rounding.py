@@ -274,14 +274,37 @@ def test_random_bits_are_uniform(key):
     bits = _uniform_bits(1 << 22, key)
     low = bits & 0xFFFF
     for name, cells, ncells in (("low 16 bits' top nibble", low >> 12, 16), ("low 16 bits", low, 1 << 16),
+                                ("high 16 bits' top nibble", bits >> 28, 16), ("high 16 bits", bits >> 16, 1 << 16),
                                 *((f"byte {b}", (bits >> 8 * b) & 0xFF, 256) for b in range(4))):
         counts = torch.bincount(cells, minlength=ncells).double()
         expected = len(bits) / ncells
         chi2 = float(((counts - expected) ** 2 / expected).sum())
-        assert chi2 <= stats.chi2.isf(FALSE_ALARM / 6, ncells - 1), (name, chi2)
+        assert chi2 <= stats.chi2.isf(FALSE_ALARM / 8, ncells - 1), (name, chi2)
     ones = torch.stack([(bits >> b) & 1 for b in range(32)]).sum(1).double()
     z = (ones - len(bits) / 2) / np.sqrt(len(bits) / 4)
     assert z.abs().max() <= stats.norm.isf(FALSE_ALARM / 64), z
+
+
+@pytest.mark.parametrize("key", KEYS[1::2])
+def test_the_two_halves_round_independently(key):
+    """Writes 2j and 2j + 1 round by the low and the high 16 bits of one hash (rounding.key_of_write): the
+    halves' top bytes (the roundings' most significant bits) are independent by a chi-square over their
+    256 x 256 joint counts, and the halves uncorrelated, element by element and one element on."""
+    bits = _uniform_bits(1 << 22, key)
+    low, high = ((bits >> 8) & 0xFF), bits >> 24
+    joint = torch.bincount(low * 256 + high, minlength=1 << 16).double().reshape(256, 256)
+    expected = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True) / joint.sum()
+    chi2 = float(((joint - expected) ** 2 / expected).sum())
+    assert chi2 <= stats.chi2.isf(FALSE_ALARM / 3, 255 * 255), chi2
+    u, v = (bits & 0xFFFF).double().numpy(), (bits >> 16).double().numpy()
+    z_max = stats.norm.isf(FALSE_ALARM / 6)
+    for what, r in (("pair", np.corrcoef(u, v)[0, 1]), ("lag 1", np.corrcoef(u[:-1], v[1:])[0, 1])):
+        assert abs(r) * np.sqrt(len(u)) <= z_max, (what, r)
+
+
+def test_writes_share_a_key_in_pairs():
+    assert [rounding.key_of_write(w) for w in range(5)] == [(0, 0), (0, 16), (1, 0), (1, 16), (2, 0)]
+    assert [rounding.key_columns(w) for w in range(1, 7)] == [1, 1, 2, 2, 3, 3]
 
 
 def _stream_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:

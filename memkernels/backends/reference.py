@@ -1,7 +1,7 @@
 """The reference backend: reference.py's math looped over tensors, for any device.
 
 Half-precision tensors are computed in fp32 and rounded once on write-back: to nearest even, or, given
-rounding_keys, a bfloat16 state, grad_ref or kept estimate stochastically (ops/rounding.py) under its tensor's key.
+rounding_keys, a bfloat16 state, grad_ref or kept estimate stochastically (ops/rounding.py) by its write's bits.
 A step writes bfloat16 params to nearest, by reference.kahan given compensations, or stochastically under the
 params' key with param_rounding="stochastic".
 """
@@ -17,14 +17,16 @@ from ..ops import SPECS, OpSpec, rounding
 from . import register
 
 
-def _store(dst: Tensor, value: Tensor, key: int | None) -> None:
-    """dst = value; under a key a bfloat16 dst rounds stochastically, each element by its bits at its index in
-    memory (the offset from dst's first element: what the kernels count, whatever the layout)."""
-    if key is None or dst.dtype != torch.bfloat16 or dst.numel() == 0:
+def _store(dst: Tensor, value: Tensor, keys: list[int] | None, write: int) -> None:
+    """dst = value; given its tensor's keys a bfloat16 dst rounds stochastically by the bits of its write
+    number (rounding.key_of_write), each element by its bits at its index in memory (the offset from dst's
+    first element: what the kernels count, whatever the layout)."""
+    if keys is None or dst.dtype != torch.bfloat16 or dst.numel() == 0:
         dst.copy_(value)
         return
+    column, shift = rounding.key_of_write(write)
     index = torch.arange(dst.numel(), dtype=torch.int64, device=dst.device).as_strided(dst.shape, dst.stride())
-    dst.copy_(rounding.round_bf16(value.float(), rounding.random_bits(key, index)))
+    dst.copy_(rounding.round_bf16(value.float(), rounding.random_bits(keys[column], index) >> shift))
 
 
 def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, maximize, update_grad_refs,
@@ -32,8 +34,8 @@ def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, ma
          rounding_keys=None, compensations=(), param_rounding="nearest", **scalars) -> None:
     if found_inf is not None and found_inf.item() != 0.0:
         return  # AMP found an inf: skip the step exactly, as torch's fused path does
-    n = len(spec.states)  # keys' columns: the states, grad_refs, hvps, params
-    keys = rounding_keys.tolist() if rounding_keys is not None else [[None] * (n + 3)] * len(params)
+    n = len(spec.states)  # the writes: the states (0, ..., n - 1), grad_refs (n), hvps (n + 1), params (n + 2)
+    keys = rounding_keys.tolist() if rounding_keys is not None else [None] * len(params)
     inv_scale = reference.inv_scale(grad_scale)
     totals = [0.0] * (2 if probe else reference.NDIAG)
     for i, p in enumerate(params):
@@ -56,7 +58,7 @@ def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, ma
                 g_ref = reference.load_grad(g_ref, inv_scale, maximize)
             hvp = reference.estimate_hvp(g_ref, g, hvp_scale)
             if hvps:
-                _store(hvps[i], hvp, keys[i][n + 1])
+                _store(hvps[i], hvp, keys[i], n + 1)
         states = [lst[i].to(dtype) if lst else None for lst in state_lists]
         step = spec.step(theta, g, *states, hvp, **scalars)
         if compensations:
@@ -64,12 +66,12 @@ def _run(spec: OpSpec, params, grads, state_lists, grad_refs, diagnostics, *, ma
             p.copy_(q)
             compensations[i].copy_(c)
         else:
-            _store(p, step.p, keys[i][n + 2] if param_rounding == "stochastic" else None)
-        present = [(lst, keys[i][j]) for j, lst in enumerate(state_lists) if lst]
-        for (lst, key), new in zip(present, step.states):
-            _store(lst[i], new, key)
+            _store(p, step.p, keys[i] if param_rounding == "stochastic" else None, n + 2)
+        present = [(lst, j) for j, lst in enumerate(state_lists) if lst]
+        for (lst, write), new in zip(present, step.states):
+            _store(lst[i], new, keys[i], write)
         if update_grad_refs and grad_refs:
-            _store(grad_refs[i], step.g, keys[i][n])
+            _store(grad_refs[i], step.g, keys[i], n)
         if diagnostics is not None:
             for k, term in enumerate(step.diag):
                 totals[k] += term.double().sum().item()

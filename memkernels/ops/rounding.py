@@ -12,6 +12,14 @@ rounds: with one round, mix32(i + key) or mix32(i ^ key), the stream of one key 
 or permuted by a fixed offset, so two tensors' roundings could repeat each other element for element.
 mix32 is the "lowbias32" mixer (xorshift-multiply, two rounds); all arithmetic is modulo 2**32.
 
+Two writes, one hash: a step's bfloat16 writes of an element are numbered (the op's states in spec order, then
+the previous gradient, the kept estimate, the param: key_of_write), and writes 2j and 2j + 1 share the key of
+column j: the first rounds by the low 16 of random_bits(key, i), the second by the high 16. A rounding needs
+16 bits and the hash makes 32, and on the CPU the mixes are most of what a stochastic write adds to a step
+bound by its arithmetic (AdamW with the trajectory correction writes three bfloat16 lists: two hashes, not
+three). lowbias32's low and high halves are independent (tests/test_rounding.py), and so are the two writes'
+roundings.
+
 The rounding: the low 16 random bits are added to x's float32 bit pattern and the top 16 bits kept, so |x|
 rounds away from zero to its upper bfloat16 neighbour with probability (its distance from the lower one) /
 (their spacing), exactly in steps of 2**-16: the result is unbiased, E[round_bf16(x)] = x. The sign bit rides
@@ -96,6 +104,17 @@ def random_bits(key: int, index: Tensor) -> Tensor:
         raise ValueError("random_bits: element indices must be >= 0")
     k = key ^ mix32(index >> 32)
     return mix32(mix32(((index & MASK32) + k) & MASK32) ^ k)
+
+
+def key_of_write(write: int) -> tuple[int, int]:
+    """The key column of a step's bfloat16 write number `write` and the shift that brings its 16 random bits
+    down: writes 2j and 2j + 1 share column j (the module docstring)."""
+    return write // 2, 16 * (write % 2)
+
+
+def key_columns(writes: int) -> int:
+    """Key columns for `writes` numbered writes: one per pair."""
+    return (writes + 1) // 2
 
 
 def round_bf16(x: Tensor, bits: Tensor) -> Tensor:

@@ -6,8 +6,9 @@ previous gradient in bfloat16 (the math stays float32); otherwise states are as 
 param's dtype, and the estimate and the copied gradient in the compute dtype. With state_rounding="stochastic"
 every bfloat16 write rounds by ops/rounding.py under the key tensor_key(seed, step, tensor): step is the count
 the step makes (1 for the first), tensor = (the param's index in the optimizer's param list, groups in order)
-* SLOTS + the list's column in the op's rounding_keys (its states in spec order, then the previous gradient,
-the kept estimate, then the param itself, with param_rounding="stochastic"). Neither depends on how params are
+* SLOTS + the column in the op's rounding_keys, one per two writes (rounding.key_of_write: its states in spec
+order, then the previous gradient, the kept estimate, then the param itself, with param_rounding="stochastic").
+Neither depends on how params are
 bucketed nor on the backend, so a rerun with the same seed gives the same bits on any backend that rounds
 stochastically.
 """
@@ -25,7 +26,7 @@ from ..reference import compute_dtype
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 ROUNDINGS = ("stochastic", "nearest")
-SLOTS = 8  # key columns reserved per param: more than any op's states + 3 (_ops.KEY_COLUMNS)
+SLOTS = 8  # key columns reserved per param: more than any op's (_ops.KEY_COLUMNS)
 
 
 def check_group(group: dict) -> None:

@@ -36,21 +36,23 @@ MK_HD uint16_t round_bf16(float x, uint32_t bits) {
   return uint16_t((word + (bits & 0xFFFFu)) >> 16);
 }
 
-// rounding_keys' columns for an op of NS states (memkernels._ops.KEY_COLUMNS): its states in spec order (an
-// absent one keeps its column), then grad_refs, then hvps, then params (param_rounding="stochastic", which
-// the CUDA backend refuses: no CUDA code reads that column yet).
+// The write numbers of an op of NS states (memkernels/ops/rounding.py, key_of_write): its states in spec order
+// (an absent one keeps its number), then grad_refs, hvps and params (param_rounding="stochastic", which the
+// CUDA backend refuses: no CUDA code writes params so yet); writes 2j and 2j + 1 share key column j, so
+// rounding_keys has kWidth columns (memkernels._ops.KEY_COLUMNS).
 template <int NS>
-struct KeyCols {
+struct Writes {
   static constexpr int kGradRef = NS;
   static constexpr int kHvp = NS + 1;
   static constexpr int kParam = NS + 2;
-  static constexpr int kWidth = NS + 3;
+  static constexpr int kWidth = (NS + 4) / 2;
 };
 
-// A stochastic bfloat16 write, as backends/reference.py's _store makes it: x rounded by the bits of element
-// `index` (its offset in its tensor) under its list's key (its tensor's rounding_keys entry, column KeyCols).
-MK_HD uint16_t rounded_write(float x, int64_t key, uint64_t index) {
-  return round_bf16(x, random_bits(uint32_t(key), index));
+// A stochastic bfloat16 write, as backends/reference.py's _store makes it: x rounded by the bits of write
+// number `write` (the low or high half of the hash under keys[write / 2], its tensor's rounding_keys row) at
+// element `index` (its offset in its tensor).
+MK_HD uint16_t rounded_write(float x, const int64_t* keys, int write, uint64_t index) {
+  return round_bf16(x, random_bits(uint32_t(keys[write / 2]), index) >> (16 * (write % 2)));
 }
 
 }  // namespace memkernels

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from ...ops import rounding
 from ._dtypes import store
 from ._log1p import _as_uint
 
@@ -54,18 +55,24 @@ def random_bits(key, index):
 
 @functools.cache
 def chunk_keys(first: int, count: int):
-    """A function (keys, row, start) -> the block keys (block_key) at element `start` of row's key columns
-    first, ..., first + count - 1: a tuple of uint32, read from the keys table once per chunk. Read per element,
-    the keys and the high word's mix ran in the element loop (three mixes a write instead of two), and LLVM built
-    that loop with 256-bit vectors: stochastic bf16 AdamW ran 1.45x torch's fused step at 64M instead of 0.93x."""
+    """A function (keys, row, start) -> the block keys (block_key) at element `start` of writes first, ...,
+    first + count - 1 (rounding.key_of_write: two writes share a key column, so two entries may be the same key):
+    a tuple of uint32, read from the keys table once per chunk. Read per element, the keys and the high word's
+    mix ran in the element loop (three mixes a hash instead of two), and LLVM built that loop with 256-bit
+    vectors: stochastic bf16 AdamW ran 1.45x torch's fused step at 64M instead of 0.93x."""
     if count == 0:
         return njit(forceinline=True)(lambda keys, row, start: ())
-    head, column = chunk_keys(first, count - 1), first + count - 1
+    head, column = chunk_keys(first, count - 1), rounding.key_of_write(first + count - 1)[0]
 
     @njit(forceinline=True)
     def keys_of(keys, row, start):
         return head(keys, row, start) + (block_key(keys[row, column], start),)
     return keys_of
+
+
+def shifts(first: int, count: int) -> tuple[int, ...]:
+    """rounding.key_of_write's shifts of writes first, ..., first + count - 1: constants of a kernel."""
+    return tuple(rounding.key_of_write(w)[1] for w in range(first, first + count))
 
 
 @njit(forceinline=True)
@@ -76,35 +83,36 @@ def round_bf16(x, bits):
     return np.uint16((_as_uint(x) + (bits & _LOW16)) >> np.uint32(16))
 
 
-def store_rounded(a, i, value, key, index):
-    """a[i] = value: a bfloat16 array's (uint16 bits) by round_bf16 at element index under its block's key
-    (block_key), any other array's as _dtypes.store rounds it."""
+def store_rounded(a, i, value, key, shift, index):
+    """a[i] = value: a bfloat16 array's (uint16 bits) by round_bf16 of the random bits at element index under
+    its block's key (block_key), shifted down by `shift` (rounding.key_of_write), any other array's as
+    _dtypes.store rounds it. Two writes under one key hash the same (key, index): LLVM computes that once."""
 
 
-def stores_rounded(arrays, i, values, keys, index):
-    """store_rounded() of each value into its array of a tuple of views, each under its key of the tuple keys
-    (chunk_keys); nothing for an absent one (None), which still takes its key."""
+def stores_rounded(arrays, i, values, keys, shifts, index):
+    """store_rounded() of each value into its array of a tuple of views, each under its key and shift of the
+    tuples keys (chunk_keys) and shifts; nothing for an absent one (None), which still takes its write."""
 
 
 @overload(store_rounded)
-def _store_rounded(a, i, value, key, index):
+def _store_rounded(a, i, value, key, shift, index):
     if a.dtype == types.uint16:
-        def store_bf16(a, i, value, key, index):
-            a[i] = round_bf16(np.float32(value), block_bits(key, index))
+        def store_bf16(a, i, value, key, shift, index):
+            a[i] = round_bf16(np.float32(value), np.uint32(block_bits(key, index) >> np.uint32(shift)))
         return store_bf16
-    return lambda a, i, value, key, index: store(a, i, value)
+    return lambda a, i, value, key, shift, index: store(a, i, value)
 
 
 @overload(stores_rounded)
-def _stores_rounded(arrays, i, values, keys, index):
+def _stores_rounded(arrays, i, values, keys, shifts, index):
     if len(arrays) == 0:
-        return lambda arrays, i, values, keys, index: None
+        return lambda arrays, i, values, keys, shifts, index: None
     if arrays[0] == types.none:
-        def absent_first(arrays, i, values, keys, index):
-            stores_rounded(arrays[1:], i, values[1:], keys[1:], index)
+        def absent_first(arrays, i, values, keys, shifts, index):
+            stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], index)
         return absent_first
 
-    def first(arrays, i, values, keys, index):
-        store_rounded(arrays[0], i, values[0], keys[0], index)
-        stores_rounded(arrays[1:], i, values[1:], keys[1:], index)
+    def first(arrays, i, values, keys, shifts, index):
+        store_rounded(arrays[0], i, values[0], keys[0], shifts[0], index)
+        stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], index)
     return first

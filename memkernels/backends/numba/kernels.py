@@ -17,12 +17,13 @@ grad_refs, origins, hvps; 0 for an absent list), and runs one prange over
 into chunks of at most CHUNK elements: one call and one fork/join of the thread
 pool per op call, however many tensors, and small tensors share the threads. The arrays after
 `work` are empty and only carry each list's dtype (see _dtypes.view). A stochastic step (the
-`stochastic` flag) also reads `keys`, one row per tensor with the key of each list it writes (the
-states, grad_refs, hvps: _ops.KEY_COLUMNS), and stores every bfloat16 element by
-_rounding.round_bf16 under its list's key at its index in the tensor (start + i); without the flag
-`keys` is empty and never read, and the stores round to nearest even. Bfloat16 params are written
-compensated (`kahan`: elements.kahan, the compensations in the last column of addresses, of the params'
-dtype) or stochastically under the params' key (`stochastic_params`); both flags off, the store of before.
+`stochastic` flag) also reads `keys`, one row per tensor with a key per pair of the lists it writes (the
+states, grad_refs, hvps, params: _ops.KEY_COLUMNS), once per chunk, and stores every bfloat16 element by
+_rounding.round_bf16 of its write's bits (ops/rounding.py, key_of_write) at its index in the tensor
+(start + i); without the flag `keys` is empty and never read, and the stores round to nearest even.
+Bfloat16 params are written compensated (`kahan`: elements.kahan, the compensations in the last column of
+addresses, of the params' dtype) or stochastically by the params' write (`stochastic_params`); both flags
+off, the store of before.
 The inner loop runs over a chunk's views from index 0, which LLVM vectorizes (a
 loop from lo to hi does not: numba's negative-index handling hides that the
 index is non-negative), and the element math is force-inlined into it (a call
@@ -220,7 +221,9 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
     flips, narrow_vectors, states_first = element.sign_flips, element.narrow_vectors, element.states_first
     log_penalty = diagnose and element.log_penalty(*flags)  # the penalty term is |g| (_penalty.py)
     block = SUB_BLOCK if diagnose else SCRATCH if stream_params else CHUNK
+    # the writes (ops/rounding.py, key_of_write): the states, then grad_refs, hvps and params
     state_keys, other_keys = _rounding.chunk_keys(0, n_states), _rounding.chunk_keys(n_states, 3)
+    state_shifts, (ref_shift, hvp_shift, p_shift) = _rounding.shifts(0, n_states), _rounding.shifts(n_states, 3)
 
     def kernel(addresses, keys, work, params, grads, states, grad_refs, origins, hvps, sums, c):
         scale = cast_like(_SCALE, c.zero)
@@ -249,7 +252,7 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                     g = elements.load_grad(load(g_, i, c.zero), c.inv_scale, scaled)
                     hvp = load_hvp(r_, h_, i, g, c, has_ref, write_ref or not scaled, reuse_hvp)
                     if store_hvp and stochastic:
-                        _rounding.store_rounded(h_, i, hvp, hvp_key, start + i)
+                        _rounding.store_rounded(h_, i, hvp, hvp_key, hvp_shift, start + i)
                     elif store_hvp:
                         store(h_, i, hvp)
                     if states_first:
@@ -264,15 +267,15 @@ def step_kernel(op: str, flags: tuple[bool, ...], correct: bool, has_origin: boo
                         store(c_, i, compensation)
                         store(out_, i, p)
                     elif stochastic_params:
-                        _rounding.store_rounded(out_, i, p, p_key, start + i)
+                        _rounding.store_rounded(out_, i, p, p_key, p_shift, start + i)
                     else:
                         store(out_, i, p)
                     if stochastic:
-                        _rounding.stores_rounded(s_, i, new_states, s_keys, start + i)
+                        _rounding.stores_rounded(s_, i, new_states, s_keys, state_shifts, start + i)
                     else:
                         stores(s_, i, new_states)
                     if write_ref and stochastic:
-                        _rounding.store_rounded(r_, i, g_raw, ref_key, start + i)
+                        _rounding.store_rounded(r_, i, g_raw, ref_key, ref_shift, start + i)
                     elif write_ref:
                         store(r_, i, g_raw)
                     if diagnose:

@@ -33,10 +33,10 @@ in float64 and in the host's order. Both give the same bits; only the second
 lets a captured CUDA graph or a compiled step change lr without the host.
 
 A stochastic step (STOCHASTIC) rounds every bfloat16 write of a state, a
-grad_ref and a kept estimate by _rounding.round_bf16 under its list's key at
+grad_ref and a kept estimate by _rounding.round_bf16 of its write's bits at
 the element's index in its tensor (start + i), as numba does: the keys arrive
-as an int64 tensor (rounding_keys: per tensor, the op's states in spec order,
-then grad_refs, then hvps, then params: _ops.KEY_COLUMNS), read like the
+as an int64 tensor (rounding_keys: per tensor a key per two writes of the op's
+states in spec order, grad_refs, hvps and params: _ops.KEY_COLUMNS), read like the
 pointer table, so one compiled variant serves every key. Without it the keys are
 never read and the stores are those of before.
 
@@ -89,12 +89,13 @@ def _store(ptrs, x, mask, DT: tl.constexpr, MASKED: tl.constexpr, SOFT_BF16: tl.
 
 
 @triton.jit
-def _store_rounded(ptrs, x, mask, keys, key_col: tl.constexpr, start, DT: tl.constexpr, MASKED: tl.constexpr,
+def _store_rounded(ptrs, x, mask, keys, WRITE: tl.constexpr, start, DT: tl.constexpr, MASKED: tl.constexpr,
                    SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
-    """_store of a state, grad_refs or hvps tile; in a stochastic step a bfloat16 one is rounded by round_bf16
-    under keys[key_col], each element by its bits at its index in the tensor."""
+    """_store of a state, grad_refs, hvps or params tile; in a stochastic step a bfloat16 one is rounded by
+    round_bf16 of the bits of its write number WRITE (rounding.key_of_write: the low or high half of the hash
+    under keys[WRITE // 2]), each element by its bits at its index in the tensor."""
     if STOCHASTIC and DT == tl.bfloat16:
-        bits = _rounding.random_bits(tl.load(keys + key_col), start + tl.arange(0, BLOCK))
+        bits = _rounding.random_bits(tl.load(keys + WRITE // 2), start + tl.arange(0, BLOCK)) >> (16 * (WRITE % 2))
         y = _rounding.round_bf16(x, bits)
         if MASKED:
             tl.store(ptrs, y, mask=mask)
@@ -321,7 +322,8 @@ def multi_tensor_kernel(table, blocks, diagnostics, grad_scale, found_inf, step_
         hvp_scale = n.hvp_scale
         if HAS_TAU and not PROBE:
             hvp_scale = _inverse_tau(probe_tau)
-        keys = rounding_keys + row * (NCOL - 3 - KAHAN)  # this tensor's row: _ops.KEY_COLUMNS
+        keys = rounding_keys + row * ((NCOL - 2 - KAHAN) // 2)  # this tensor's row: _ops.KEY_COLUMNS, a key per two
+        # of its NCOL - 3 - KAHAN writes
         row = row * NCOL
         n_el = tl.load(table + row + NCOL - 1)
         inv_scale = _inv_scale(grad_scale, HAS_SCALE)
