@@ -145,13 +145,52 @@ def test_rows_with_new_gradients_keep_the_previous_one(monkeypatch):
         p.grad = g.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the trajectory note
-        steps = {name: speed._stepper(name, variant, params, stored, "reference")
+        grads = speed.GradientCopies(stored)
+        steps = {name: speed._stepper(name, variant, params, grads, "reference")
                  for name, variant in speed.VARIANTS.items() if "trajectory" in name}
     for n in range(3):
         for variant, opt in zip(steps, made):  # round-robin, as the timing runs them
             steps[variant]()
             kept = [opt.state[p]["prev_grad"] is p.grad for p in params]
             assert kept == [speed.VARIANTS[variant][1] == 32 and n > 0] * 2, variant  # none before step 1
+
+
+def test_a_shape_set_whose_rows_outgrow_memory_is_timed_in_batches(monkeypatch):
+    """With memory for one row at a time (as GPT-2 small's real shapes on a 24 GB CPU), each row is built,
+    timed with the counterparts and freed before the next: every row once, with its paired ratio and its
+    ratio to its own batch's torch fused AdamW; the counterparts' rows once; the progress bar on its plan."""
+    monkeypatch.setattr(speed, "_memory", lambda device: (0.0, 1.0))  # never room for a second row
+    built = []
+    factory = speed._memkernels_optimizer
+    monkeypatch.setattr(speed, "_memkernels_optimizer", lambda *args: built.append(factory(*args)) or built[-1])
+    cfg = dataclasses.replace(speed.SpeedConfig.preset("tiny", "cpu"), backends=("reference",), peers=())
+    status = speed.selected_backends(cfg, torch.device("cpu"))
+    planned = speed.planned_set_calls(cfg, torch.device("cpu"), status)
+    ticks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info, rows, unavailable = speed.time_shape_set(cfg, torch.device("cpu"), status, "large tensor", [(64,)],
+                                                       "64 parameters", planned, ticks.append)
+    names = [(r["name"], r["backend"]) for r in rows]
+    mine = [r for r in rows if r["kind"] == "memkernels"]
+    assert len(names) == len(set(names)) and {r["name"] for r in mine} == set(speed.VARIANTS)
+    assert info["batches"] == len(mine) == len(built) and not unavailable
+    assert sum(r["kind"] == "anchor" for r in rows) == len(speed.anchors(torch.device("cpu")))
+    assert all(r["paired_ratio"]["median"] > 0 and r["ratio_to_torch_fused"] > 0 for r in mine)
+    assert sum(ticks) == planned
+
+
+def test_rows_share_their_gradient_copies_and_a_write_into_them_is_caught():
+    """The rows of a shape set step on one set of copies (two for new tensors every step), which must stay
+    the stored values: the suite raises if a row wrote into them."""
+    stored = [torch.randn(5), torch.randn(2, 3)]
+    grads = speed.GradientCopies(stored)
+    two, one = grads.sets(2), grads.sets(1)
+    assert one[0] is two[0] and all(a is not b for a, b in zip(two[0], two[1]))
+    assert all(torch.equal(c, g) and c is not g for copies in two for c, g in zip(copies, stored))
+    assert grads.unchanged()
+    two[1][1].add_(1.0)
+    assert not grads.unchanged()
 
 
 def test_a_call_of_the_hvp_every_row_is_one_whole_period(monkeypatch):
@@ -163,7 +202,7 @@ def test_a_call_of_the_hvp_every_row_is_one_whole_period(monkeypatch):
     stored = [torch.randn(6)]
     params[0].grad = stored[0].clone()
     name = "AdamW + probe, hvp_every=4"
-    call = speed._stepper(name, speed.VARIANTS[name], params, stored, "reference")
+    call = speed._stepper(name, speed.VARIANTS[name], params, speed.GradientCopies(stored), "reference")
     for calls in (1, 2):
         call()
         assert int(made[0].state[params[0]]["step"]) == 4 * calls

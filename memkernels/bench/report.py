@@ -164,6 +164,10 @@ def speed_section(result: dict[str, Any], images: list[str]) -> list[str]:
                       f"same run): {bw['gb_s']:.1f} GB/s.", ""]
         if shape_set.get("limit_status", "ok") != "ok":
             lines[-1:-1] = [f"No limit in this run ({shape_set['limit_status']})."]
+        if shape_set.get("batches", 1) > 1:
+            lines[-1:-1] = [f"Timed in {shape_set['batches']} batches, the rows not fitting in memory together: "
+                            "each batch with the counterparts and the limits in its round-robin, a row's ratios "
+                            "to its own batch's counterparts (the counterparts' rows shown are the first batch's)."]
         rows = [[r["name"], implementation(r), _num(r["median_ms"]), _num(r["iqr_ms"], 2), _num(r["gb_s"]),
                  pct_limit(r), per_param(r, "bytes_per_param"), per_param(r, "touched_bytes_per_param"),
                  _paired(r.get("paired_ratio")), _num(r["ratio_to_torch_fused"]), "noisy" if noisy(r) else ""]

@@ -11,8 +11,10 @@ many rounds back to back with its counterpart, for its paired ratio.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
+import math
 import statistics
 import warnings
 from dataclasses import asdict, dataclass
@@ -205,7 +207,8 @@ class Stepping:
 
 @dataclass
 class Candidate:
-    """One timed row before timing: what it is and its built call (None if it cannot run here)."""
+    """One timed row before timing: what it is and, once built (build()), its call (None if it cannot run here
+    or has been freed)."""
 
     name: str
     backend: str
@@ -214,6 +217,7 @@ class Candidate:
     steps: int = 1  # optimizer steps per call of `step`; times and ratios are per optimizer step
     stepping: Stepping | None = None
     status: str = "ok"
+    make: Callable[[], tuple[Stepping | None, str]] | None = None  # builds the row (_prepare); None: cannot run
 
     @property
     def step(self) -> Callable[[], object] | None:
@@ -222,6 +226,10 @@ class Candidate:
     @property
     def bytes_per_param(self) -> float:
         return bytes_per_step(self.passes, self.steps)
+
+    def build(self) -> None:
+        if self.make is not None:
+            self.stepping, self.status = self.make()
 
 
 def selected_backends(cfg: SpeedConfig, device: torch.device) -> dict[str, str]:
@@ -332,9 +340,10 @@ def _own_tensors(params: list, stored: list, dtype: torch.dtype) -> list:
     return own
 
 
-def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: torch.device,
+def candidates(params: list[torch.Tensor], grads: "GradientCopies", device: torch.device,
                backend_status: dict[str, str], peer_libraries: tuple[str, ...] | None = None) -> list[Candidate]:
-    rows = []
+    """Every row of a shape set, not built yet (Candidate.build)."""
+    rows, stored = [], grads.stored
     for backend, state in backend_status.items():
         if state != "ok":
             continue
@@ -343,25 +352,52 @@ def candidates(params: list[torch.Tensor], stored: list[torch.Tensor], device: t
             if not backends.has_kernel(variant.op, backend, device.type):
                 row.status = f"backend {backend} has no {variant.op} kernel for {device.type}"
             else:
-                row.stepping, row.status = _prepare(lambda: _stepper(name, variant, params, stored, backend))
+                row.make = functools.partial(_prepare, functools.partial(_stepper, name, variant, params, grads,
+                                                                         backend))
             rows.append(row)
     for name, anchor, passes, factory in anchors(device):
         row = Candidate(name, anchor, "anchor", passes)
-        row.stepping, row.status = _prepare(lambda: Stepping.plain(factory(params), params))
+        row.make = functools.partial(_prepare, lambda factory=factory: Stepping.plain(factory(params), params))
         rows.append(row)
     for peer in peers.rows(device, peer_libraries):
         row = Candidate(peer.optimizer, peer.implementation, "peer", peer.passes)
-        mine = params if peer.dtype == torch.float32 else _own_tensors(params, stored, peer.dtype)
-        with peers.quiet():
-            row.stepping, row.status = _prepare(lambda: Stepping.plain(peer.make(mine), mine), peer.library)
+
+        def make(peer=peer) -> tuple[Stepping | None, str]:
+            mine = params if peer.dtype == torch.float32 else _own_tensors(params, stored, peer.dtype)
+            with peers.quiet():
+                return _prepare(lambda: Stepping.plain(peer.make(mine), mine), peer.library)
+        row.make = make
         rows.append(row)
     return rows
 
 
-def with_own_grads(step: Callable[[], object], params: list, stored: list, turns: int) -> Callable[[], object]:
-    """step() on gradients of its own, copies of `stored`: `turns` sets used in turn (2: a new tensor every
-    step, as after zero_grad(); 1: one tensor reused, as with zero_grad(set_to_none=False))."""
-    sets = itertools.cycle([[g.clone() for g in stored] for _ in range(turns)])
+class GradientCopies:
+    """Copies of a shape set's stored gradients that its rows step on, made once and shared by every row: a
+    step reads its gradients and writes none (unchanged() checks after the timing), so a row needs no copies of
+    its own, which at GPT-2 small's real shapes (124M parameters) took 1 GB a row, more than a 24 GB machine
+    holds with the compact-state rows."""
+
+    def __init__(self, stored: list[torch.Tensor]) -> None:
+        self.stored = stored
+        self._copies: list[list[torch.Tensor]] = []
+
+    def sets(self, turns: int) -> list[list[torch.Tensor]]:
+        """`turns` sets of copies, to be used in turn (2: a new tensor every step, as after zero_grad(); 1: one
+        tensor reused, as with zero_grad(set_to_none=False)); the first sets are the same for every caller."""
+        while len(self._copies) < turns:
+            self._copies.append([g.clone() for g in self.stored])
+        return self._copies[:turns]
+
+    def unchanged(self) -> bool:
+        return all(torch.equal(c, g) for copies in self._copies for c, g in zip(copies, self.stored))
+
+
+def with_own_grads(step: Callable[[], object], params: list, stored: list | GradientCopies, turns: int
+                   ) -> Callable[[], object]:
+    """step() on `turns` sets of copies of the stored gradients, used in turn (GradientCopies.sets): shared
+    ones given GradientCopies, else copies of its own."""
+    copies = stored if isinstance(stored, GradientCopies) else GradientCopies(stored)
+    sets = itertools.cycle(copies.sets(turns))
 
     def stepped() -> object:
         for p, g in zip(params, next(sets)):
@@ -371,20 +407,20 @@ def with_own_grads(step: Callable[[], object], params: list, stored: list, turns
     return stepped
 
 
-def _stepper(name: str, variant: Variant, params: list, stored: list, backend: str) -> Stepping:
-    """A row's call: `variant.steps` optimizer steps on VARIANTS' gradients. Rows that set .grad use their own
-    tensors and never write another row's, which may be the previous gradient a trajectory row keeps; a row in
-    another dtype steps on copies of its own."""
+def _stepper(name: str, variant: Variant, params: list, grads: GradientCopies, backend: str) -> Stepping:
+    """A row's call: `variant.steps` optimizer steps on VARIANTS' gradients: the rows that set .grad on the
+    shared copies (GradientCopies), a row in another dtype on copies of its own."""
     if variant.dtype != torch.float32:
-        params = _own_tensors(params, stored, variant.dtype)
-        stored = [p.grad for p in params]
+        params = _own_tensors(params, grads.stored, variant.dtype)
+        grads = GradientCopies([p.grad for p in params])
+    stored = grads.stored
     opt = _memkernels_optimizer(name, params, backend)
     if variant.grads != "any":
-        step = with_own_grads(opt.step, params, stored, 2 if variant.grads == "new" else 1)
+        step = with_own_grads(opt.step, params, grads, 2 if variant.grads == "new" else 1)
     elif not variant.closure:
         step = opt.step
     else:
-        points = [g.clone() for g in stored]
+        points = grads.sets(1)[0]
         probes = [1.01 * g for g in stored]
 
         def gradients() -> None:
@@ -437,41 +473,125 @@ def _limit_passes(patterns: list[Traffic], numel: int, device: torch.device
     return passes, "ok"
 
 
+RESERVE = 0.15  # of the device's memory, kept free beside a batch's rows: a step's temporaries, the timing
+
+
+def _memory(device: torch.device) -> tuple[float, float]:
+    """(available, total) bytes of the device's memory; the CPU's from /proc/meminfo (Linux), else unknown
+    (inf: one batch)."""
+    if device.type == "cuda":
+        return tuple(float(b) for b in torch.cuda.mem_get_info(device))
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = {line.split(":")[0]: float(line.split()[1]) * 1024 for line in handle}
+        return fields["MemAvailable"], fields["MemTotal"]
+    except (OSError, KeyError, IndexError, ValueError):
+        return math.inf, math.inf
+
+
+def _batch(queue: list[Candidate], device: torch.device) -> list[Candidate]:
+    """Build rows off the front of the queue while memory holds one more as large as the largest built (the
+    memory a build took: the row's first step, its states included), beside RESERVE: the runnable ones."""
+    batch, largest = [], 0.0
+    while queue:
+        available, total = _memory(device)
+        if batch and available - largest < RESERVE * total:
+            break
+        row = queue.pop(0)
+        row.build()
+        largest = max(largest, available - _memory(device)[0])
+        if row.step is not None:
+            batch.append(row)
+    return batch
+
+
+def _capped(tick: Callable[[int], object], planned: int) -> tuple[Callable[[int], object], Callable[[], None]]:
+    """tick() that stops at `planned` calls (a set timed in several batches makes more), and what ticks the
+    rest off at the end (calls of rows that could not run)."""
+    left = [planned]
+
+    def capped(n: int) -> None:
+        n = min(n, left[0])
+        left[0] -= n
+        if n:
+            tick(n)
+
+    return capped, lambda: capped(left[0])
+
+
 def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[str, str], name: str,
                    shapes: list[tuple[int, ...]], description: str, planned: int, tick: Callable[[int], object]
                    ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """The shape set's bandwidth and limits, its timed rows and the rows that could not run (with why); ticks
-    `planned` calls in all."""
+    `planned` calls in all.
+
+    The rows are built and timed in batches (_batch), each timed with the counterparts (built once) and the
+    bandwidth and limit passes in its round-robin: a set whose rows' states outgrow the machine together
+    (GPT-2 small's 124M parameters, 24 GB) still runs, and a row's ratios are to its own batch's
+    counterparts. The counterparts' rows and the set's bandwidth are the first batch's."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s, device=device)) for s in shapes]
     stored = [torch.randn(s, device=device) for s in shapes]
-    for p, g in zip(params, stored):
-        p.grad = g.clone()
+    grads = GradientCopies(stored)
+    for p, g in zip(params, grads.sets(1)[0]):
+        p.grad = g
     numel = sum(p.numel() for p in params)
+    ticked, finish = _capped(tick, planned)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. the trajectory-HVP note: a training caveat, not a timing one
-        cands = candidates(params, stored, device, backend_status, cfg.peers)
-        runnable = [c for c in cands if c.step is not None]
-        counterparts = {i: a for i, c in enumerate(runnable)
-                        if c.kind != "anchor" and (a := _anchor_of(c, runnable)) is not None}
-        patterns = list(dict.fromkeys(t for c in runnable for t in c.passes))
+        cands = candidates(params, grads, device, backend_status, cfg.peers)
+        patterns = list(dict.fromkeys(t for c in cands if c.make is not None for t in c.passes))
         limits, limit_status = _limit_passes(patterns, numel, device)
         bw_name, bw_fn, bw_bytes = bandwidth_kernel(numel, device)
-        tick(planned - set_calls(cfg, len(runnable), len(limits), len(counterparts)))  # what will not run
-        times = interleaved([bw_fn, *limits.values()] + [c.step for c in runnable], warmup=cfg.warmup,
-                            repeats=cfg.repeats, device=device, tick=tick)
-        ratios = {i: (a.backend, paired(runnable[i].step, repeated(a.step, runnable[i].steps), warmup=cfg.warmup,
-                                        repeats=cfg.repeats, device=device, tick=tick))
-                  for i, a in counterparts.items()}
+        fixed = [c for c in cands if c.kind == "anchor"]
+        for row in fixed:
+            row.build()
+        fixed = [c for c in fixed if c.step is not None]
+        queue = [c for c in cands if c.kind != "anchor" and c.make is not None]
+        info, rows, batches = None, [], 0
+        while queue or info is None:
+            timed = {id(c) for c in fixed + _batch(queue, device)}
+            set_info, set_rows = _time_batch(cfg, device, [c for c in cands if id(c) in timed], limits,
+                                             (bw_name, bw_fn, bw_bytes), numel, name, ticked)
+            info = info or dict(set_info, description=description, tensors=len(shapes))
+            rows += [r for r in set_rows if batches == 0 or r["kind"] != "anchor"]
+            batches += 1
+            for row in cands:
+                if row.kind != "anchor":
+                    row.stepping = None
+            gc.collect()  # free the batch's states before the next one is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if not grads.unchanged():
+        raise RuntimeError("a row of the speed suite wrote into the gradients every row steps on")
+    finish()
+    info = dict(info, limit_status=limit_status, batches=batches)
+    unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
+                   for c in cands if c.status != "ok"}
+    return info, rows, unavailable
+
+
+def _time_batch(cfg: SpeedConfig, device: torch.device, runnable: list[Candidate],
+                limits: dict[Traffic, Callable[[], object]], bandwidth: tuple[str, Callable[[], object], int],
+                numel: int, name: str, tick: Callable[[int], object]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One round-robin of the bandwidth kernel, the limits' passes and the rows, then each row paired with its
+    counterpart: the set's figures and the rows'."""
+    bw_name, bw_fn, bw_bytes = bandwidth
+    counterparts = {i: a for i, c in enumerate(runnable)
+                    if c.kind != "anchor" and (a := _anchor_of(c, runnable)) is not None}
+    times = interleaved([bw_fn, *limits.values()] + [c.step for c in runnable], warmup=cfg.warmup,
+                        repeats=cfg.repeats, device=device, tick=tick)
+    ratios = {i: (a.backend, paired(runnable[i].step, repeated(a.step, runnable[i].steps), warmup=cfg.warmup,
+                                    repeats=cfg.repeats, device=device, tick=tick))
+              for i, a in counterparts.items()}
     bw_ms, bw_iqr = median_iqr(times[0])
-    bandwidth = bw_bytes / (bw_ms * 1e-3) / 1e9
+    bandwidth_gb_s = bw_bytes / (bw_ms * 1e-3) / 1e9
     limit_ms = {t: median_iqr(sample) for t, sample in zip(limits, times[1:])}
-    info = {"name": name, "description": description, "params": numel, "tensors": len(shapes),
-            "bandwidth": {"kernel": bw_name, "gb_s": bandwidth, "median_ms": bw_ms, "iqr_ms": bw_iqr,
+    info = {"name": name, "params": numel,
+            "bandwidth": {"kernel": bw_name, "gb_s": bandwidth_gb_s, "median_ms": bw_ms, "iqr_ms": bw_iqr,
                           "bytes": bw_bytes},
             "limits": [{"passes": t.label(), "bytes_per_param": t.bytes, "median_ms": ms, "iqr_ms": iqr,
-                        "gb_s": t.bytes * numel / (ms * 1e-3) / 1e9} for t, (ms, iqr) in limit_ms.items()],
-            "limit_status": limit_status}
+                        "gb_s": t.bytes * numel / (ms * 1e-3) / 1e9} for t, (ms, iqr) in limit_ms.items()]}
     rows = []
     for i, (cand, calls) in enumerate(zip(runnable, times[1 + len(limits):])):
         sample = [ms / cand.steps for ms in calls]
@@ -481,7 +601,7 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
         rows.append({"name": cand.name, "backend": cand.backend, "kind": cand.kind, "shape_set": name,
                      "params": numel, "bytes_per_param": cand.bytes_per_param, "median_ms": ms, "iqr_ms": iqr,
                      "touched_bytes_per_param": touched_bytes(cand.stepping.optimizer, cand.stepping.params) / numel,
-                     "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth, "repeats": len(sample),
+                     "gb_s": gb_s, "pct_bandwidth": 100.0 * gb_s / bandwidth_gb_s, "repeats": len(sample),
                      "samples_ms": sample, "passes": [t.label() for t in cand.passes], "limit_ms": limit,
                      "pct_limit": None if limit is None else 100.0 * limit / ms})
         if i in ratios:
@@ -490,9 +610,7 @@ def time_shape_set(cfg: SpeedConfig, device: torch.device, backend_status: dict[
     fused = next((r["median_ms"] for r in rows if (r["name"], r["backend"]) == REFERENCE_ANCHOR), None)
     for row in rows:
         row["ratio_to_torch_fused"] = row["median_ms"] / fused if fused else None
-    unavailable = {f"{c.name} ({'memkernels ' if c.kind == 'memkernels' else ''}{c.backend})": c.status
-                   for c in cands if c.step is None}
-    return info, rows, unavailable
+    return info, rows
 
 
 def optimizer_of(row_name: str) -> str:
