@@ -3,7 +3,8 @@
 The speed suite's 15 rounds leave about +-5% on rows that sit at parity on a shared 2-core machine; this
 script runs more rounds of a few rows only, alternating their order, and prints medians and ratios. The
 trajectory rows step on a new gradient tensor every step, as after zero_grad() (the previous one is kept),
-but for the 'grads in place' row, which reuses one and copies it:
+but for the 'grads in place' row, which reuses one and copies it; the bf16-state rows are issue 20's
+(state_dtype=torch.bfloat16, stochastic rounding unless said):
 
     python bench/ab_cpu.py --params 64000000 --rounds 101
     python bench/ab_cpu.py --gpt2 --rounds 61      # the 148 tensors of GPT-2 small instead
@@ -20,13 +21,14 @@ import torch
 
 import memkernels as mk
 from memkernels.bench.shapes import gpt2_small
-from memkernels.bench.speed import with_own_grads
+from memkernels.bench.speed import GradientCopies, with_own_grads
 
 
 def rows(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], object]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the trajectory-HVP note is a training caveat, not a timing one
-        grads = [p.grad for p in params]
+        grads = GradientCopies([p.grad for p in params])
+        bf16 = dict(state_dtype=torch.bfloat16)
 
         def trajectory(turns: int, **kw) -> Callable[[], object]:  # 2: a new gradient tensor every step, 1: reused
             opt = mk.AdamW(params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend="numba", **kw)
@@ -38,6 +40,10 @@ def rows(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], object]]:
             "numba AdamW + trajectory": trajectory(2),
             "numba AdamW + trajectory + diagnostics": trajectory(2, track_memory=True),
             "numba AdamW + trajectory + diagnostics, grads in place": trajectory(1, track_memory=True),
+            "numba AdamW, bf16 states": mk.AdamW(params, lr=1e-3, backend="numba", **bf16).step,
+            "numba AdamW, bf16 states, nearest": mk.AdamW(params, lr=1e-3, backend="numba", state_rounding="nearest",
+                                                          **bf16).step,
+            "numba AdamW + trajectory, bf16 states": trajectory(2, **bf16),
             "torch SGD fused": torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True).step,
             "numba heavy ball": mk.SGD(params, lr=1e-3, momentum=0.9, backend="numba").step,
         }

@@ -17,8 +17,8 @@ the previous gradient, the kept estimate, the param: key_of_write), and writes 2
 column j: the first rounds by the low 16 of random_bits(key, i), the second by the high 16. A rounding needs
 16 bits and the hash makes 32, and on the CPU the mixes are most of what a stochastic write adds to a step
 bound by its arithmetic (AdamW with the trajectory correction writes three bfloat16 lists: two hashes, not
-three). lowbias32's low and high halves are independent (tests/test_rounding.py), and so are the two writes'
-roundings.
+three). lowbias32's low and high halves show no dependence (tests/test_rounding.py: their joint counts and
+correlations), so neither do the two writes' roundings.
 
 The rounding: the low 16 random bits are added to x's float32 bit pattern and the top 16 bits kept, so |x|
 rounds away from zero to its upper bfloat16 neighbour with probability (its distance from the lower one) /
