@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 import memkernels as mk
-from memkernels.bench.speed import _scaled_gpt2, repeated, with_own_grads
+from memkernels.bench.speed import GradientCopies, _scaled_gpt2, repeated, with_own_grads
 from memkernels.bench.timing import paired
 
 STEPS = 10  # per call: one period of track_memory=10
@@ -29,7 +29,7 @@ def caller(make: Callable[[list], torch.optim.Optimizer], shapes: list[tuple[int
     torch.manual_seed(0)
     params = [torch.nn.Parameter(0.02 * torch.randn(s)) for s in shapes]
     stored = [torch.randn(s) for s in shapes]
-    return repeated(with_own_grads(make(params).step, params, stored, 2), STEPS)
+    return repeated(with_own_grads(make(params).step, params, GradientCopies(stored), 2), STEPS)
 
 
 def main() -> None:

@@ -392,12 +392,10 @@ class GradientCopies:
         return all(torch.equal(c, g) for copies in self._copies for c, g in zip(copies, self.stored))
 
 
-def with_own_grads(step: Callable[[], object], params: list, stored: list | GradientCopies, turns: int
+def with_own_grads(step: Callable[[], object], params: list, grads: GradientCopies, turns: int
                    ) -> Callable[[], object]:
-    """step() on `turns` sets of copies of the stored gradients, used in turn (GradientCopies.sets): shared
-    ones given GradientCopies, else copies of its own."""
-    copies = stored if isinstance(stored, GradientCopies) else GradientCopies(stored)
-    sets = itertools.cycle(copies.sets(turns))
+    """step() on `turns` sets of gradient copies, used in turn (GradientCopies.sets)."""
+    sets = itertools.cycle(grads.sets(turns))
 
     def stepped() -> object:
         for p, g in zip(params, next(sets)):

@@ -8,9 +8,8 @@ every bfloat16 write rounds by ops/rounding.py under the key tensor_key(seed, st
 the step makes (1 for the first), tensor = (the param's index in the optimizer's param list, groups in order)
 * SLOTS + the column in the op's rounding_keys, one per two writes (rounding.key_of_write: its states in spec
 order, then the previous gradient, the kept estimate, then the param itself, with param_rounding="stochastic").
-Neither depends on how params are
-bucketed nor on the backend, so a rerun with the same seed gives the same bits on any backend that rounds
-stochastically.
+Neither depends on how params are bucketed nor on the backend, so a rerun with the same seed gives the same
+bits on any backend that rounds stochastically.
 """
 from __future__ import annotations
 

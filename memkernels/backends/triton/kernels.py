@@ -146,8 +146,8 @@ def _hvp(table, row, r_col: tl.constexpr, start, mask, g, inv_scale, hvp_scale, 
          UPDATE_REFS: tl.constexpr, REUSE_HVP: tl.constexpr, STORE_HVP: tl.constexpr, ALIGNED: tl.constexpr,
          SOFT_BF16: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """H d as backends/reference.py gets it for the op math: a kept estimate (hvps, column r_col + 2), or the
-    estimate from g_ref (grad_refs, column r_col), kept in hvps when STORE_HVP (under keys[r_col - 1]: the
-    keys have no origins column)."""
+    estimate from g_ref (grad_refs, column r_col), kept in hvps when STORE_HVP (its write number r_col - 1:
+    see _step_tile)."""
     if REUSE_HVP:
         hvp = _load(_tile(table, row, r_col + 2, start, H, ALIGNED, BLOCK), mask, MASKED)
     else:
@@ -262,6 +262,8 @@ def _step_tile(table, row, start, n_el, diagnostics, inv_scale, hvp_scale, keys,
     and H d in, the op's STEP, its results out. keys: the tensor's row of rounding_keys (read if STOCHASTIC or
     STOCHASTIC_PARAMS)."""
     r_col: tl.constexpr = NCOL - 4 - KAHAN  # grad_refs, then origins, hvps, [compensations] and the numel
+    # write numbers (rounding.key_of_write), n the op's states: a state's column - 2, grad_refs n = r_col - 2,
+    # hvps n + 1 = r_col - 1, params n + 2 = r_col
     mask = tl.arange(0, BLOCK) < n_el - start
     p_ptrs = _tile(table, row, 0, start, P, ALIGNED, BLOCK)
     if HAS_ORIGIN:
