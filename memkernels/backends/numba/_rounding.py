@@ -42,15 +42,21 @@ def block_key(key, index):
 
 
 @njit(forceinline=True)
-def block_bits(k, index):
-    """rounding.random_bits from its block's k (block_key), which leaves only index's low word to mix."""
-    return mix32(np.uint32(mix32(np.uint32(np.uint32(index & 0xFFFFFFFF) + k)) ^ k))
+def block_bits(k, low):
+    """rounding.random_bits from its block's k (block_key) and the index's low word (a uint32)."""
+    return mix32(np.uint32(mix32(np.uint32(low + k)) ^ k))
+
+
+@njit(forceinline=True)
+def low_word(index):
+    """index's low 32 bits, a uint32."""
+    return np.uint32(index & 0xFFFFFFFF)
 
 
 @njit(forceinline=True)
 def random_bits(key, index):
     """rounding.random_bits for one element: key a uint32, index an int64 >= 0."""
-    return block_bits(block_key(key, index), index)
+    return block_bits(block_key(key, index), low_word(index))
 
 
 @functools.cache
@@ -83,36 +89,37 @@ def round_bf16(x, bits):
     return np.uint16((_as_uint(x) + (bits & _LOW16)) >> np.uint32(16))
 
 
-def store_rounded(a, i, value, key, shift, index):
-    """a[i] = value: a bfloat16 array's (uint16 bits) by round_bf16 of the random bits at element index under
-    its block's key (block_key), shifted down by `shift` (rounding.key_of_write), any other array's as
-    _dtypes.store rounds it. Two writes under one key hash the same (key, index): LLVM computes that once."""
+def store_rounded(a, i, value, key, shift, low):
+    """a[i] = value: a bfloat16 array's (uint16 bits) by round_bf16 of the random bits of the element whose
+    index has the low word `low` (a uint32) under its block's key (block_key), shifted down by `shift`
+    (rounding.key_of_write), any other array's as _dtypes.store rounds it. Two writes under one key hash the
+    same (key, low): LLVM computes that once."""
 
 
-def stores_rounded(arrays, i, values, keys, shifts, index):
+def stores_rounded(arrays, i, values, keys, shifts, low):
     """store_rounded() of each value into its array of a tuple of views, each under its key and shift of the
     tuples keys (chunk_keys) and shifts; nothing for an absent one (None), which still takes its write."""
 
 
 @overload(store_rounded)
-def _store_rounded(a, i, value, key, shift, index):
+def _store_rounded(a, i, value, key, shift, low):
     if a.dtype == types.uint16:
-        def store_bf16(a, i, value, key, shift, index):
-            a[i] = round_bf16(np.float32(value), np.uint32(block_bits(key, index) >> np.uint32(shift)))
+        def store_bf16(a, i, value, key, shift, low):
+            a[i] = round_bf16(np.float32(value), np.uint32(block_bits(key, low) >> np.uint32(shift)))
         return store_bf16
-    return lambda a, i, value, key, shift, index: store(a, i, value)
+    return lambda a, i, value, key, shift, low: store(a, i, value)
 
 
 @overload(stores_rounded)
-def _stores_rounded(arrays, i, values, keys, shifts, index):
+def _stores_rounded(arrays, i, values, keys, shifts, low):
     if len(arrays) == 0:
-        return lambda arrays, i, values, keys, shifts, index: None
+        return lambda arrays, i, values, keys, shifts, low: None
     if arrays[0] == types.none:
-        def absent_first(arrays, i, values, keys, shifts, index):
-            stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], index)
+        def absent_first(arrays, i, values, keys, shifts, low):
+            stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], low)
         return absent_first
 
-    def first(arrays, i, values, keys, shifts, index):
-        store_rounded(arrays[0], i, values[0], keys[0], shifts[0], index)
-        stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], index)
+    def first(arrays, i, values, keys, shifts, low):
+        store_rounded(arrays[0], i, values[0], keys[0], shifts[0], low)
+        stores_rounded(arrays[1:], i, values[1:], keys[1:], shifts[1:], low)
     return first
