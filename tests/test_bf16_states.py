@@ -20,6 +20,7 @@ import torch
 
 import memkernels as mk
 from memkernels import _ops, backends
+from memkernels.backends.numba import kernels as numba_kernels
 from memkernels.ops import SPECS
 from memkernels.ops.rounding import tensor_key, tensor_keys
 from memkernels.optim import _compact
@@ -198,6 +199,28 @@ def test_kernel_and_reference_optimizers_keep_the_same_bf16_states(backend, name
             if key != "step":
                 assert value.dtype == torch.bfloat16 and torch.equal(value, kernel.state[q][key]), key
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["plain", "trajectory"])
+def test_numba_rounds_as_the_reference_past_its_first_chunk(mode):
+    """numba counts an element's index from each block's start (a chunk's, or a 256-element sub-block's with
+    diagnostics): one param of three chunks and a part, stepped twice, keeps the reference's bf16 bits."""
+    kwargs = dict(memory_correction=-1.0, hvp="trajectory") if mode == "trajectory" else {}
+    n = 2 * numba_kernels.CHUNK + 1000
+    out = []
+    for backend in ("reference", "numba"):
+        p = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(0)))
+        opt = mk.AdamW([p], lr=1e-3, backend=backend, state_dtype=torch.bfloat16, seed=7, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the regime warning of random gradients
+            _steps(opt, [p], 2)
+        out.append((p, opt.state[p]))
+    (p_ref, ref), (p_numba, numba) = out
+    assert ref.keys() == numba.keys()
+    for key, value in ref.items():
+        if key != "step":
+            assert value.dtype == torch.bfloat16 and torch.equal(value, numba[key]), key
+    torch.testing.assert_close(p_ref, p_numba, rtol=1e-5, atol=1e-6)
 
 
 def test_an_ema_of_v_stalls_rounded_to_nearest_and_follows_float32_rounded_stochastically():
