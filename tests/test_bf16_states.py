@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 import pytest
 import torch
+import torch._dynamo
 
 import memkernels as mk
 from memkernels import _ops, backends
@@ -91,12 +93,25 @@ def test_every_pair_of_lists_of_every_param_at_every_step_has_its_own_key():
     """The optimizer's keys (_compact.keys): distinct over params, key columns (two writes each) and steps, and
     the same for a param whatever the other params of its call (bucketing)."""
     columns = _ops.KEY_COLUMNS["ademamix"]
-    calls = [_compact.keys(7, step, [0, 1, 2, 5], columns, torch.device("cpu")) for step in (1, 2, 3)]
+    cpu, cache = torch.device("cpu"), {}
+    calls = [_compact.keys(7, step, [0, 1, 2, 5], columns, cpu, cache) for step in (1, 2, 3)]
     flat = torch.cat([k.flatten() for k in calls])
     assert flat.unique().numel() == flat.numel()
-    alone = _compact.keys(7, 2, [5], columns, torch.device("cpu"))
+    alone = _compact.keys(7, 2, [5], columns, cpu, cache)
     assert torch.equal(alone[0], calls[1][3])
     assert alone[0, 0].item() == tensor_key(7, 2, 5 * _compact.SLOTS)
+
+
+@pytest.mark.parametrize("step", [1, 2, 2 ** 32 + 3, 2 ** 40 + 7])
+def test_device_mode_keys_are_host_mode_keys(step):
+    """A step count tensor (device mode) gives the keys of the same count as a host int, both of its words."""
+    columns = _ops.KEY_COLUMNS["adamw"]
+    want = _compact.keys(7, step, [0, 3], columns, torch.device("cpu"), {})
+    got = _compact.keys(7, torch.tensor(step), [0, 3], columns, torch.device("cpu"), {})
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    if step < 1 << 24:  # exact in float32, the dtype of an optimizer's count
+        assert torch.equal(_compact.keys(7, torch.tensor(float(step)), [0, 3], columns, torch.device("cpu"), {}),
+                           want)
 
 
 @pytest.mark.parametrize("op", list(SPECS))
@@ -257,6 +272,69 @@ def test_training_with_bf16_stochastic_states_tracks_float32_states():
     assert abs(losses["bf16"] / losses["fp32"] - 1) < 0.05, losses
 
 
+# ------------------------------------------------------------------ device mode
+
+
+def _compiled(opt: torch.optim.Optimizer, backend: str) -> Callable[[], object]:
+    """opt.step compiled whole (fullgraph: a graph break raises), and no recompile after its first two calls
+    (state creation, then the steady state)."""
+    torch._dynamo.reset()
+    fn = torch.compile(opt.step, fullgraph=True, backend=backend)
+    calls = []
+
+    def step() -> object:
+        calls.append(None)
+        with torch._dynamo.config.patch(error_on_recompile=len(calls) > 2):
+            return fn()
+    return step
+
+
+DEVICE_MODES = [(name, mode, dtype, "numba") for name in ("adamw", "lion") for mode in ("capturable", "compiled")
+                for dtype in (torch.float32, torch.bfloat16)] + [("adamw", "inductor", torch.float32, "numba")] + \
+    [("adamw", "capturable", dtype, backend) for backend in BACKENDS if backend != "numba"
+     for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,mode,params_dtype,backend", DEVICE_MODES,
+                         ids=[f"{n}-{m}-{str(d).removeprefix('torch.')}-{b}" for n, m, d, b in DEVICE_MODES])
+def test_device_mode_rounds_as_host_mode_bit_for_bit(name, mode, params_dtype, backend):
+    """Device mode derives the keys from its step count tensor, read by no host: capturable=True, and a step
+    compiled whole, keep host mode's bf16 states to the bit (the gradients are fixed, so the states do not
+    depend on the params, whose coefficients device mode evaluates in closed form), the trajectory correction's
+    previous gradients included; compiled by inductor too, whose int64 arithmetic the keys' products stay
+    within. Keys one step off would change about half of them. bfloat16 params written
+    stochastically: their float32 values before the rounding may differ by an ulp between the modes, which moves
+    a rounding with odds of about 2**-16, so all but a few of them keep host mode's bits too."""
+    bf16_params = params_dtype == torch.bfloat16
+    out = []
+    for device_mode in (False, True):
+        params = _params(params_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the regime warning of random gradients
+            opt = OPTIMIZERS[name](params, lr=1e-3, memory_correction=-1.0, hvp="trajectory", backend=backend,
+                                   state_dtype=torch.bfloat16, seed=9, capturable=device_mode and mode == "capturable",
+                                   param_rounding="stochastic" if bf16_params else "nearest")
+            compiler = {"compiled": "eager", "inductor": "inductor"}.get(mode) if device_mode else None
+            step = _compiled(opt, compiler) if compiler else opt.step
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(4):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(params_dtype)
+                step()
+        out.append((params, opt))
+    (host_params, host), (device_params, device) = out
+    for p, q in zip(host_params, device_params):
+        assert float(device.state[q]["step"]) == 4
+        for key, value in host.state[p].items():
+            if key != "step":
+                assert value.dtype == torch.bfloat16 and torch.equal(value, device.state[q][key]), key
+        if bf16_params:
+            assert (p != q).sum() <= 2 + p.numel() // 1000
+            torch.testing.assert_close(p, q, rtol=2 ** -7, atol=1e-6)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -266,7 +344,6 @@ def test_training_with_bf16_stochastic_states_tracks_float32_states():
     (dict(state_rounding="up"), "state_rounding must be one of"),
     (dict(seed=-1), "seed must be an integer"),
     (dict(seed=1.5), "seed must be an integer"),
-    (dict(state_dtype=torch.bfloat16, capturable=True), "state_rounding='stochastic' with capturable=True"),
 ])
 def test_bad_options_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):

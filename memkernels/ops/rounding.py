@@ -37,14 +37,17 @@ import torch
 from torch import Tensor
 
 MASK32 = 0xFFFFFFFF
-_MIX = (0x7FEB352D, 0x846CA68B)  # lowbias32's multipliers (shifts 16, 15, 16)
+# lowbias32's multipliers (shifts 16, 15, 16), the second as the integer below 2**31 in magnitude that equals it
+# modulo 2**32: a product with a 32-bit x then stays within int64, so no tensor product overflows (a compiled
+# kernel's signed overflow is undefined), and its low 32 bits are the same
+_MIX = (0x7FEB352D, 0x846CA68B - (1 << 32))
 _KEY_START = 0x6A09E667  # tensor_key's starting state: any constant; this one is sqrt(2)'s fraction
 _BF16_NAN = 0x7FC0
 
 
 def mix32(x):
     """A bijection of [0, 2**32) that scrambles every input bit into every output bit; x a Python int or an
-    int64 tensor of values in that range. A product past 2**63 wraps in int64, which keeps its low 32 bits."""
+    int64 tensor of values in that range."""
     x = x ^ (x >> 16)
     x = (x * _MIX[0]) & MASK32
     x = x ^ (x >> 15)
@@ -91,7 +94,19 @@ def tensor_keys(seed: int, step: int, tensors: Tensor) -> Tensor:
     tensor operations instead of a Python call per tensor."""
     if tensors.dtype != torch.int64 or bool((tensors < 0).any()):
         raise ValueError("tensor_keys: tensors must be int64 values >= 0")
-    return _absorb(torch.full_like(tensors, _absorbed(seed, step)), (tensors & MASK32, tensors >> 32))
+    return keys_at(seed, step, tensors)
+
+
+def keys_at(seed: int, step: int | Tensor, tensors: Tensor) -> Tensor:
+    """tensor_keys where the caller knows tensors are int64 values >= 0, and step may be a tensor of one
+    integral value >= 0 on tensors' device (a device-mode step count): then no value is read on the host, so
+    torch.compile traces the keys and a CUDA graph replays them with the count it advances."""
+    if isinstance(step, Tensor):
+        step = step.to(torch.int64)
+        state = _absorb(_absorb(_KEY_START, _word_pair("seed", seed)), (step & MASK32, step >> 32))
+    else:
+        state = _absorbed(seed, step)
+    return _absorb(state, (tensors & MASK32, tensors >> 32))
 
 
 def random_bits(key: int, index: Tensor) -> Tensor:

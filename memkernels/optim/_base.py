@@ -81,19 +81,19 @@ state_dtype (torch.dtype, optional): torch.bfloat16 keeps the op's states, the k
     copied previous gradient in bfloat16 (half the bytes; the math stays float32; params must be float32 or
     bfloat16); torch.float32: states as torch.optim keeps them, in the param's dtype (default: torch.float32).
 state_rounding (str, optional): how bfloat16 states are written: "stochastic" (unbiased: an EMA's small
-    increments survive on average; not with capturable=True; backends numba, triton and reference) or "nearest"
-    (round to nearest even: an increment below half an ulp is lost, so EMAs with beta near 1 stall)
-    (default: "stochastic").
+    increments survive on average; backends numba, triton and reference) or "nearest" (round to nearest even:
+    an increment below half an ulp is lost, so EMAs with beta near 1 stall) (default: "stochastic").
 kahan (bool, optional): bfloat16 params without float32 master weights: each step writes a param by compensated
     (Kahan) summation, keeping what the bfloat16 write lost in the state "compensation" (bfloat16, param-shaped,
     2 bytes per parameter) and adding it to the next update, so updates far below a param's precision are not
     lost; params must be bfloat16; not with param_rounding="stochastic" (default: False).
 param_rounding (str, optional): how bfloat16 params are written: "nearest" (round to nearest even: an update
     below half an ulp is lost, so a param stalls) or "stochastic" (unbiased, under the seed like the states';
-    not with capturable=True or kahan=True) (default: "nearest"). Both need backend numba, triton or reference
-    ("auto" passes over cuda for them, with a warning).
+    not with kahan=True) (default: "nearest"). Both need backend numba, triton or reference ("auto" passes
+    over cuda for them, with a warning).
 seed (int, optional): the stochastic rounding's seed (not per group): a step's bits are a function of the
-    seed, the step count and the param's index, the same on every backend (default: 0).
+    seed, the step count and the param's index, the same on every backend and in device mode, where the keys
+    are computed on the device from its step count (default: 0).
 backend (str, optional): "numba", "triton", "cuda", "reference", or "auto": cuda > triton > reference
     on CUDA tensors and numba > reference on the CPU, unless MEMKERNELS_BACKEND names one; a named
     backend that cannot run raises at the first step, saying why; "auto" passes over backends that cannot
@@ -170,6 +170,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._steps = 0  # steps taken by this object (paces the regime check off the CPU and track_memory=k)
         self._measured: set[int] = set()  # the groups whose diagnostics this step reduces
+        self._key_tensors: dict[tuple, Tensor] = {}  # the stochastic rounding's per-param numbers (_compact.keys)
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -369,12 +370,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             kwargs.update(step_scalars=self._step_scalars(bucket), found_inf=found_inf)
         kwargs.update(compensations=bucket.compensations, param_rounding=group["param_rounding"])
         if _compact.stochastic(group):
-            if bucket.n is None:  # capturable is refused by check_group: torch.compile's tracing
-                raise ValueError("state_rounding='stochastic' or param_rounding='stochastic' cannot be traced by "
-                                 "torch.compile (its keys come from the step count on the host); use 'nearest' "
-                                 "(kahan=True for bfloat16 params) or an eager step")
-            kwargs["rounding_keys"] = _compact.keys(self.seed, bucket.n + 1, bucket.indices,
-                                                    _ops.KEY_COLUMNS[self.op], bucket.params[0].device)
+            step = bucket.step + 1 if bucket.n is None else bucket.n + 1  # the count this step makes
+            kwargs["rounding_keys"] = _compact.keys(self.seed, step, bucket.indices, _ops.KEY_COLUMNS[self.op],
+                                                    bucket.params[0].device, self._key_tensors)
         bucket.kwargs = kwargs
 
     def _step_scalars(self, bucket: Bucket) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._ops import PARAM_ROUNDINGS
-from ..ops.rounding import tensor_keys
+from ..ops.rounding import keys_at
 from ..reference import compute_dtype
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -41,10 +41,6 @@ def check_group(group: dict) -> None:
         if p.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype=torch.bfloat16 needs float32 or bfloat16 params (its math is float32); "
                              f"a parameter of shape {tuple(p.shape)} is {p.dtype}")
-    if group["capturable"] and rounding == "stochastic":
-        raise ValueError("state_rounding='stochastic' with capturable=True: the rounding keys come from the step "
-                         "count on the host, which device mode never reads; use state_rounding='nearest' or "
-                         "capturable=False")
 
 
 def check_params(group: dict) -> None:
@@ -64,9 +60,6 @@ def check_params(group: dict) -> None:
         if p.dtype != torch.bfloat16:
             raise ValueError(f"{option} needs bfloat16 parameters (it is how they keep updates below their "
                              f"precision); a parameter of shape {tuple(p.shape)} is {p.dtype}")
-    if group["capturable"] and rounding == "stochastic":
-        raise ValueError("param_rounding='stochastic' with capturable=True: the rounding keys come from the step "
-                         "count on the host, which device mode never reads; use kahan=True or capturable=False")
 
 
 def check_seed(seed: object) -> int:
@@ -111,7 +104,23 @@ def cast_loaded(state: dict, p: Tensor, group: dict, state_keys: Sequence[str]) 
             state[key] = value.to(state_dtype(p, group) if key in state_keys else buffer_dtype(p, group))
 
 
-def keys(seed: int, step: int, indices: Sequence[int], columns: int, device: torch.device) -> Tensor:
-    """The op's rounding_keys for params of these indices at this step: int64 [len(indices), columns]."""
-    tensors = torch.tensor(indices, dtype=torch.int64)[:, None] * SLOTS + torch.arange(columns)
-    return tensor_keys(seed, step, tensors).to(device)
+def keys(seed: int, step: int | Tensor, indices: Sequence[int], columns: int, device: torch.device,
+         cache: dict[tuple, Tensor]) -> Tensor:
+    """The op's rounding_keys (int64 [len(indices), columns] on device) for params of these indices at this
+    step, the count it makes: a host int, or in device mode the count tensor, which no host reads
+    (rounding.keys_at); the keys are then made on its device."""
+    where = step.device if isinstance(step, Tensor) else torch.device("cpu")
+    return keys_at(seed, step, _key_tensors(indices, columns, where, cache)).to(device)
+
+
+def _key_tensors(indices: Sequence[int], columns: int, device: torch.device, cache: dict[tuple, Tensor]) -> Tensor:
+    """tensor_key's `tensor` for each key column of params of these indices, int64 [len(indices), columns] on
+    device, made once for the cache: a step that a CUDA graph captures must not copy from the host. A traced
+    step makes them in its graph (constants there): a cache filled while tracing would make it recompile."""
+    key = (tuple(indices), columns, device)
+    tensors = cache.get(key)
+    if tensors is None:
+        tensors = (torch.tensor(indices, dtype=torch.int64)[:, None] * SLOTS + torch.arange(columns)).to(device)
+        if not torch.compiler.is_compiling():
+            cache[key] = tensors
+    return tensors
