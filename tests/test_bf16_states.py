@@ -299,12 +299,12 @@ DEVICE_MODES = [(name, mode, dtype, "numba") for name in ("adamw", "lion") for m
                          ids=[f"{n}-{m}-{str(d).removeprefix('torch.')}-{b}" for n, m, d, b in DEVICE_MODES])
 def test_device_mode_rounds_as_host_mode_bit_for_bit(name, mode, params_dtype, backend):
     """Device mode derives the keys from its step count tensor, read by no host: capturable=True, and a step
-    compiled whole, keep host mode's bf16 states to the bit (the gradients are fixed, so the states do not
-    depend on the params, whose coefficients device mode evaluates in closed form), the trajectory correction's
-    previous gradients included; compiled by inductor too, whose int64 arithmetic the keys' products stay
-    within. Keys one step off would change about half of them. bfloat16 params written
-    stochastically: their float32 values before the rounding may differ by an ulp between the modes, which moves
-    a rounding with odds of about 2**-16, so all but a few of them keep host mode's bits too."""
+    compiled whole (by inductor too, whose int64 arithmetic the keys' products stay within), keep host mode's
+    bf16 states to the bit, the trajectory correction's previous gradients included (the gradients are fixed,
+    so the states do not depend on the params, whose coefficients device mode evaluates in closed form). Keys
+    one step off would change about half of them. bfloat16 params written stochastically: their float32 values
+    before the rounding may differ by an ulp between the modes, which moves a rounding with odds of about
+    2**-16, so all but a few of them keep host mode's bits too."""
     bf16_params = params_dtype == torch.bfloat16
     out = []
     for device_mode in (False, True):
