@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable
 
 import pytest
 import torch
-import torch._dynamo
 
 import memkernels as mk
 from memkernels import _ops, backends
@@ -28,6 +26,7 @@ from memkernels.ops.rounding import tensor_key, tensor_keys
 from memkernels.optim import _compact
 from test_parity import BACKENDS, PROBE_GRADIENT, TAU, TRAJECTORY, TOLERANCE, assert_close, make_inputs, run
 from _training import X, Y, batches, mlp, train
+from test_compile import compiled_step
 
 OPTIMIZERS = {"adamw": mk.AdamW, "lion": mk.Lion, "sgd": mk.SGD, "ademamix": mk.AdEMAMix}
 SEEDS = (0, 12345)
@@ -275,20 +274,6 @@ def test_training_with_bf16_stochastic_states_tracks_float32_states():
 # ------------------------------------------------------------------ device mode
 
 
-def _compiled(opt: torch.optim.Optimizer, backend: str) -> Callable[[], object]:
-    """opt.step compiled whole (fullgraph: a graph break raises), and no recompile after its first two calls
-    (state creation, then the steady state)."""
-    torch._dynamo.reset()
-    fn = torch.compile(opt.step, fullgraph=True, backend=backend)
-    calls = []
-
-    def step() -> object:
-        calls.append(None)
-        with torch._dynamo.config.patch(error_on_recompile=len(calls) > 2):
-            return fn()
-    return step
-
-
 DEVICE_MODES = [(name, mode, dtype, "numba") for name in ("adamw", "lion") for mode in ("capturable", "compiled")
                 for dtype in (torch.float32, torch.bfloat16)] + [("adamw", "inductor", torch.float32, "numba")] + \
     [("adamw", "capturable", dtype, backend) for backend in BACKENDS if backend != "numba"
@@ -315,7 +300,7 @@ def test_device_mode_rounds_as_host_mode_bit_for_bit(name, mode, params_dtype, b
                                    state_dtype=torch.bfloat16, seed=9, capturable=device_mode and mode == "capturable",
                                    param_rounding="stochastic" if bf16_params else "nearest")
             compiler = {"compiled": "eager", "inductor": "inductor"}.get(mode) if device_mode else None
-            step = _compiled(opt, compiler) if compiler else opt.step
+            step = compiled_step(opt, compiler) if compiler else opt.step
             gen = torch.Generator().manual_seed(1)
             for _ in range(4):
                 for p in params:

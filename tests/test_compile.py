@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -74,27 +75,25 @@ def test_capturable_matches_host_mode(case):
     assert isinstance(opt.param_groups[0]["prev_lr"], torch.Tensor)  # copied on the device, never read
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_compiled_step_has_no_graph_break(case):
-    """fullgraph=True raises on any graph break; after the first two calls (state creation, then the
-    steady state) lr changes in place and the step count moves without a recompile."""
+def compiled_step(opt: torch.optim.Optimizer, backend: str = "eager") -> Callable[[], object]:
+    """opt.step compiled whole (fullgraph=True: a graph break raises), and no recompile after its first two
+    calls (state creation, then the steady state)."""
     torch._dynamo.reset()
+    fn = torch.compile(opt.step, fullgraph=True, backend=backend)
     calls = []
 
-    def compiled(opt):
-        fn = torch.compile(lambda: opt.step(), fullgraph=True, backend="eager")
+    def step() -> object:
+        calls.append(None)
+        with torch._dynamo.config.patch(error_on_recompile=len(calls) > 2):
+            return fn()
+    return step
 
-        def step():
-            calls.append(None)
-            if len(calls) == 3:
-                torch._dynamo.config.error_on_recompile = True
-            fn()
-        return step
 
-    try:
-        got = _train(case, capturable=False, steps=6, step_fn=compiled)
-    finally:
-        torch._dynamo.config.error_on_recompile = False
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_step_has_no_graph_break(case):
+    """fullgraph=True raises on any graph break; after the first two calls lr changes in place and the step
+    count moves without a recompile."""
+    got = _train(case, capturable=False, steps=6, step_fn=compiled_step)
     _assert_same_run(got, _train(case, capturable=False, steps=6))
 
 

@@ -75,8 +75,14 @@ def _absorb(state, words):
     return state
 
 
-def _absorbed(seed: int, step: int) -> int:
-    return _absorb(_KEY_START, (*_word_pair("seed", seed), *_word_pair("step", step)))
+def _absorbed(seed: int, step: int | Tensor) -> int | Tensor:
+    """The state after seed and step; a tensor for a step count tensor, whose words are taken on its device."""
+    if isinstance(step, Tensor):
+        step = step.to(torch.int64)
+        words = (step & MASK32, step >> 32)
+    else:
+        words = _word_pair("step", step)
+    return _absorb(_KEY_START, (*_word_pair("seed", seed), *words))
 
 
 def tensor_key(seed: int, step: int, tensor: int) -> int:
@@ -101,12 +107,7 @@ def keys_at(seed: int, step: int | Tensor, tensors: Tensor) -> Tensor:
     """tensor_keys where the caller knows tensors are int64 values >= 0, and step may be a tensor of one
     integral value >= 0 on tensors' device (a device-mode step count): then no value is read on the host, so
     torch.compile traces the keys and a CUDA graph replays them with the count it advances."""
-    if isinstance(step, Tensor):
-        step = step.to(torch.int64)
-        state = _absorb(_absorb(_KEY_START, _word_pair("seed", seed)), (step & MASK32, step >> 32))
-    else:
-        state = _absorbed(seed, step)
-    return _absorb(state, (tensors & MASK32, tensors >> 32))
+    return _absorb(_absorbed(seed, step), (tensors & MASK32, tensors >> 32))
 
 
 def random_bits(key: int, index: Tensor) -> Tensor:
